@@ -1,0 +1,30 @@
+"""paligemma-jax: PaliGemma and PaliGemma 2 in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="paligemma-jax",
+    version="0.1.0",
+    description="PaliGemma and PaliGemma 2 vision-language models in JAX/Flax, for TPU and GPU.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["paligemma_jax*", "configs*", "checkpoints_convert*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "numpy",
+        "pillow",
+        "sentencepiece",
+        "safetensors",
+        "ml_collections",
+        "absl-py",
+        "tqdm",
+    ],
+    extras_require={
+        # transformers + torch (CPU) are the numerical reference in the tests.
+        "test": ["pytest", "pytest-xdist", "transformers==5.23.0", "torch==2.13.0", "nbclient", "nbformat", "ipykernel"],
+    },
+)
