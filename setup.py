@@ -18,6 +18,7 @@ setuptools.setup(
         "numpy",
         "pillow",
         "sentencepiece",
+        "protobuf",  # Editing tokenizer.model to add missing <loc>/<seg> tokens.
         "safetensors",
         "ml_collections",
         "absl-py",

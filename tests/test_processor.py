@@ -1,0 +1,229 @@
+"""Processor: images and prompts match transformers' PaliGemmaProcessor, built offline."""
+
+import io
+import itertools
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from paligemma_jax import processor
+from paligemma_jax.tokenizer import Tokenizer
+
+IMAGE_TOKEN_ID = 1536  # First id past the test tokenizer's pieces, as in the real model.
+NUM_IMAGE_TOKENS = 4
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def reference_image_processor(height, width):
+  """transformers' SigLIP image processor as PaliGemma checkpoints configure it (no download).
+
+  Without torchvision installed, the PaliGemma auto class resolves to the PIL backend used here.
+  """
+  from transformers.image_utils import PILImageResampling
+  from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+  image_processor = SiglipImageProcessorPil(
+    size={"height": height, "width": width}, resample=PILImageResampling.BICUBIC, do_rescale=True,
+    rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+  image_processor.image_seq_length = NUM_IMAGE_TOKENS
+  return image_processor
+
+
+@pytest.fixture(scope="module")
+def hf_processor(spm_model_path):
+  transformers = pytest.importorskip("transformers")
+  tokenizer = transformers.GemmaTokenizer.from_pretrained(os.path.dirname(spm_model_path), local_files_only=True)
+  proc = transformers.PaliGemmaProcessor(image_processor=reference_image_processor(28, 28), tokenizer=tokenizer)
+  assert proc.image_token_id == IMAGE_TOKEN_ID
+  return proc
+
+
+@pytest.fixture(scope="module")
+def tok(spm_model_path):
+  return Tokenizer(spm_model_path)
+
+
+def _image(mode, size=(37, 53), seed=0):
+  """A random image of `mode` and (width, height) `size`."""
+  rng = np.random.default_rng(seed)
+  w, h = size
+  if mode in ("RGB", "RGBA", "CMYK", "LA"):
+    return Image.fromarray(rng.integers(0, 256, (h, w, len(mode)), np.uint8), mode)
+  if mode in ("L", "1"):
+    return Image.fromarray(rng.integers(0, 256, (h, w), np.uint8), "L").convert(mode)
+  image = Image.fromarray(rng.integers(0, 16, (h, w), np.uint8), "P")
+  image.putpalette(rng.integers(0, 256, 48, np.uint8).tolist())
+  if mode == "P+transparency":
+    image.info["transparency"] = 3
+  return image
+
+
+# -- Images -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,src_size,size", [
+  ("RGB", (37, 53), 28), ("RGB", (300, 200), 56), ("RGB", (28, 28), 28), ("RGB", (10, 10), 64),
+  ("RGB", (60, 40), (28, 42)), ("L", (37, 53), 28), ("1", (37, 53), 28), ("RGBA", (37, 53), 28),
+  ("LA", (90, 31), 28), ("P", (37, 53), 28), ("P+transparency", (37, 53), 28), ("CMYK", (37, 53), 28),
+])
+def test_preprocess_matches_transformers(mode, src_size, size):
+  pytest.importorskip("transformers")
+  height, width = (size, size) if isinstance(size, int) else size
+  image = _image(mode, src_size)
+  want = reference_image_processor(height, width)(images=image, return_tensors="np")["pixel_values"][0]
+  got = processor.preprocess_image(image, size)
+  assert got.shape == (height, width, 3) and got.dtype == np.float32
+  np.testing.assert_allclose(got, want.transpose(1, 2, 0), rtol=0, atol=1e-6)
+  assert -1 <= got.min() and got.max() <= 1
+
+
+def test_preprocess_through_paligemma_processor(hf_processor):
+  image = _image("RGB", (45, 33), seed=1)
+  want = hf_processor(images=image, text="caption en", return_tensors="np")["pixel_values"][0]
+  np.testing.assert_allclose(processor.preprocess_image(image, 28), want.transpose(1, 2, 0), rtol=0, atol=1e-6)
+
+
+def test_preprocess_accepts_uint8_arrays():
+  image = _image("RGB", (20, 30))
+  np.testing.assert_array_equal(processor.preprocess_image(np.asarray(image), 28), processor.preprocess_image(image, 28))
+  grey = np.asarray(_image("L", (20, 30)))
+  assert processor.preprocess_image(grey, 14).shape == (14, 14, 3)
+  with pytest.raises(TypeError):
+    processor.preprocess_image(np.zeros((4, 4, 3), np.float32), 14)
+
+
+def test_alpha_is_composited_on_white():
+  rgba = np.array([[[200, 100, 50, 0], [200, 100, 50, 255], [0, 0, 0, 128]]], np.uint8)
+  got = np.asarray(processor.to_rgb(Image.fromarray(rgba, "RGBA")))
+  np.testing.assert_array_equal(got[0, :2], [[255, 255, 255], [200, 100, 50]])
+  assert 125 <= got[0, 2, 0] <= 128 and len(set(got[0, 2])) == 1
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P+transparency", "P", "L", "1", "CMYK"])
+def test_to_rgb_matches_transformers(mode):
+  image_transforms = pytest.importorskip("transformers.image_transforms")
+  image = _image(mode)
+  got = processor.to_rgb(image)
+  assert got.mode == "RGB"
+  np.testing.assert_array_equal(np.asarray(got), image_transforms.convert_to_rgb(image, return_numpy=True))
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped():
+  image = Image.fromarray(np.array([[0, 257 * 100, 65535, 300]], np.uint16))
+  assert image.mode.startswith("I;16")
+  np.testing.assert_array_equal(np.asarray(processor.to_rgb(image))[0, :, 0], [0, 100, 255, 1])
+
+
+# -- Loading ------------------------------------------------------------------------------------
+
+def _encoded(image, fmt, **kw):
+  buf = io.BytesIO()
+  image.save(buf, fmt, **kw)
+  return buf.getvalue()
+
+
+def test_load_image_sources(tmp_path):
+  image = _image("RGB", (20, 12))
+  data = _encoded(image, "PNG")
+  path = tmp_path / "x.png"
+  path.write_bytes(data)
+  with open(path, "rb") as f:
+    loaded = [processor.load_image(s) for s in (str(path), path, data, bytearray(data), io.BytesIO(data))]
+    loaded.append(processor.load_image(f))
+  for got in loaded:
+    assert got.mode == "RGB" and got.size == (20, 12)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(image))
+
+
+@pytest.mark.parametrize("mode,fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("P", "PNG"), ("RGBA", "PNG"),
+                                      ("LA", "PNG"), ("RGB", "WEBP"), ("RGB", "BMP"), ("P", "GIF")])
+def test_load_image_converts_to_rgb(mode, fmt):
+  source = Image.open(io.BytesIO(_encoded(_image(mode), fmt)))
+  got = processor.load_image(_encoded(_image(mode), fmt))
+  assert got.mode == "RGB" and got.size == (37, 53)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(processor.to_rgb(source)))
+
+
+def test_load_image_applies_exif_orientation():
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 3, 3), np.uint8)
+  exif = Image.Exif()
+  exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display.
+  got = processor.load_image(_encoded(Image.fromarray(pixels), "PNG", exif=exif))
+  np.testing.assert_array_equal(np.asarray(got), np.rot90(pixels, k=-1))
+
+
+def test_load_image_16_bit_png():
+  image = Image.fromarray(np.full((4, 5), 257 * 60, np.uint16))
+  np.testing.assert_array_equal(np.asarray(processor.load_image(_encoded(image, "PNG"))), 60)
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "garbage", "truncated", "empty"])
+def test_load_image_errors_name_the_file(tmp_path, case):
+  path = tmp_path / f"{case}.jpg"
+  jpeg = _encoded(_image("RGB", (64, 64)), "JPEG")
+  if case == "directory":
+    path.mkdir()
+  elif case != "missing":
+    path.write_bytes({"garbage": b"not an image", "truncated": jpeg[:len(jpeg) // 2], "empty": b""}[case])
+  with pytest.raises(processor.ImageLoadError) as e:
+    processor.load_image(path)
+  assert isinstance(e.value, ValueError)
+  assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_load_image_bytes_error():
+  with pytest.raises(ValueError, match="12-byte buffer"):
+    processor.load_image(b"not an image")
+
+
+# -- Prompts ------------------------------------------------------------------------------------
+
+PROMPTS = ["caption en", "answer en what is on the bench?", "ocr", "détecté à 12:30 ☃ 😀", "", "two lines\n",
+           "detect cat ; dog", "segment <loc0001> 12345"]
+SUFFIXES = [None, "a cat sitting on a bench", "", "😀 x\n",
+            "<loc0010><loc0020><loc0500><loc1023> cat ; <loc0000><loc0001><loc0002><loc0003> dog",
+            "<loc0010><loc0020><loc0500><loc1023><seg000><seg127><seg042> cat"]
+
+
+@pytest.mark.parametrize("prompt,suffix", itertools.product(PROMPTS, SUFFIXES))
+def test_build_prompt_matches_transformers(tok, hf_processor, prompt, suffix):
+  tokens, prefix_mask, loss_mask = processor.build_prompt(tok, prompt, NUM_IMAGE_TOKENS, IMAGE_TOKEN_ID, suffix)
+  image = _image("RGB", (8, 8))
+  for text in (prompt, "<image>" + prompt):  # transformers' two spellings give the same ids.
+    want = hf_processor(images=image, text=text, suffix=suffix, return_tensors="np")
+    np.testing.assert_array_equal(tokens, want["input_ids"][0])
+    np.testing.assert_array_equal(prefix_mask, want["token_type_ids"][0] == 0)
+    np.testing.assert_array_equal(loss_mask, want["labels"][0] != -100)
+
+
+def test_build_prompt_layout(tok):
+  tokens, prefix_mask, loss_mask = processor.build_prompt(tok, "caption en", 3, IMAGE_TOKEN_ID)
+  assert tokens.dtype == np.int32 and prefix_mask.dtype == loss_mask.dtype == bool
+  assert tokens.tolist() == [IMAGE_TOKEN_ID] * 3 + [tok.bos_id] + tok.encode("caption en\n")
+  assert prefix_mask.all() and not loss_mask.any()
+
+  tokens, prefix_mask, loss_mask = processor.build_prompt(tok, "caption en", 3, IMAGE_TOKEN_ID, suffix="a cat")
+  n_prefix = 4 + len(tok.encode("caption en\n"))
+  assert tokens[n_prefix:].tolist() == tok.encode("a cat") + [tok.eos_id]
+  assert prefix_mask.tolist() == [True] * n_prefix + [False] * (len(tokens) - n_prefix)
+  np.testing.assert_array_equal(loss_mask, ~prefix_mask)
+
+
+def test_prompt_newline_is_always_appended(tok):
+  """Like transformers: a prompt ending in "\\n" still gets one more."""
+  tokens, _, _ = processor.build_prompt(tok, "ocr\n", 1, IMAGE_TOKEN_ID)
+  assert tok.decode(tokens) == "ocr\n\n"
+
+
+def test_num_image_tokens():
+  assert [processor.num_image_tokens(s, 14) for s in (224, 448, 896)] == [256, 1024, 4096]
+  with pytest.raises(ValueError):
+    processor.num_image_tokens(225, 14)
+
+
+def test_importable_without_transformers_or_torch():
+  code = ("import sys; sys.modules.update(transformers=None, torch=None); "
+          "import paligemma_jax.processor, paligemma_jax.tokenizer")
+  subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
