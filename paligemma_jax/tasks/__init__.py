@@ -1,0 +1,1 @@
+"""Task-specific answer formats: detection boxes and segmentation masks."""
