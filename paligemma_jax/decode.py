@@ -54,7 +54,7 @@ class Decoder:
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    prefill, loop = self._compiled(int(max_new_tokens), sampler)
+    prefill, loop = self.compiled(int(max_new_tokens), sampler)
     state = prefill(self.params, tokens, images, input_mask, prefix_mask, rng)
     state = loop(self.params, state)
     out_tokens, logprobs = jax.device_get((state["tokens"], state["logprobs"]))
@@ -63,7 +63,8 @@ class Decoder:
     return Generation(out_tokens, logprobs, lengths, is_eos.any(1))
 
   @functools.lru_cache(maxsize=None)
-  def _compiled(self, max_new_tokens: int, sampler: sampling.Sampler):
+  def compiled(self, max_new_tokens: int, sampler: sampling.Sampler):
+    """The jitted (prefill, loop) pair; jax.jit caches their executables per input shape."""
     model, eos_id, pad_id = self.model, self.eos_id, self.pad_id
 
     def choose(logits, rng, done):

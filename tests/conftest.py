@@ -15,3 +15,24 @@ import spm_fixture  # noqa: E402
 def spm_model_path(tmp_path_factory):
   """A small Gemma-style tokenizer.model with loc/seg tokens (ids as in tests/spm_fixture.py)."""
   return str(spm_fixture.build_spm_model(tmp_path_factory.mktemp("spm") / "tokenizer.model"))
+
+
+@pytest.fixture(scope="session")
+def converted_checkpoint(tmp_path_factory, spm_model_path):
+  """converted_checkpoint(version) -> (checkpoint dir, transformers model): a tiny random PaliGemma
+  `version` (1 or 2) saved by transformers, converted by our converter, with the test tokenizer."""
+  from paligemma_jax import checkpoint, hf  # Imported late: jax start-up is not needed by all tests.
+  import hf_fixtures
+  built = {}
+
+  def get(version=1):
+    if version not in built:
+      root = tmp_path_factory.mktemp(f"paligemma{version}")
+      reference = hf_fixtures.make_hf_paligemma(str(root / "hf"), version=version,
+                                                tokenizer_model=spm_model_path)
+      params, config, tokenizer = hf.load_hf(reference.path)
+      checkpoint.save(str(root / "checkpoint"), params, config, tokenizer)
+      built[version] = (str(root / "checkpoint"), reference.model)
+    return built[version]
+
+  return get

@@ -1,0 +1,189 @@
+r"""Generation speed, ours against transformers, on the same machine and checkpoint, in one run.
+
+  python -m paligemma_jax.benchmark --variant=pg1-3b --vision_layers=2 --text_layers=2
+
+Builds a random-weight transformers PaliGemma at the variant's real widths with reduced depth,
+converts it with our converter, and times both on the same prompt (image + text tokens):
+prefill latency, decode ms/token at each batch size, decode tokens/s, and our compile time, each
+with the ratio transformers / ours (> 1 means we are faster). Batch-1 decode is also reported as
+a fraction of the memory-bandwidth limit: bytes of weights read per step / measured bandwidth.
+Medians over --repeats. Results go to docs/benchmarks.md by hand.
+"""
+
+import os
+import statistics
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import paligemma as presets
+from paligemma_jax import decode
+from paligemma_jax import hf
+from paligemma_jax import paligemma
+from paligemma_jax import sampling
+
+_VARIANT = flags.DEFINE_string("variant", "pg1-3b", "Preset whose widths to use (configs/paligemma.py).")
+_VISION_LAYERS = flags.DEFINE_integer("vision_layers", 2, "SigLIP depth (real: 27).")
+_TEXT_LAYERS = flags.DEFINE_integer("text_layers", 2, "Gemma depth (real: 18/26/42/46).")
+_TEXT_TOKENS = flags.DEFINE_integer("text_tokens", 12, "Prompt tokens after the image tokens.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Tokens generated per row.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to time decode at.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (medians are reported).")
+_SKIP_TORCH = flags.DEFINE_bool("skip_transformers", False, "Time ours only (e.g. on a GPU host).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Our compute/param dtype.")
+
+
+def median_seconds(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def memory_bandwidth_gbs(repeats=5):
+  """GB/s of a float32 matrix-vector product over a 1 GiB matrix: the decode roofline."""
+  w = jnp.ones((16384, 16384), jnp.float32)
+  x = jnp.ones((16384,), jnp.float32)
+  matvec = jax.jit(lambda w, x: w @ x)
+  matvec(w, x).block_until_ready()
+  return w.nbytes / median_seconds(lambda: matvec(w, x).block_until_ready(), repeats) / 1e9
+
+
+def build_reference(variant, vision_layers, text_layers, directory):
+  """A random transformers PaliGemma at real widths, saved in the Hub's format."""
+  import torch  # Benchmark-only dependency, like the tests.
+  import transformers
+  cfg = presets.get_config(variant)
+  v, t = cfg.vision, cfg.text
+  text = dict(model_type=t.family, vocab_size=t.vocab_size, hidden_size=t.width,
+              num_hidden_layers=text_layers, num_attention_heads=t.num_heads,
+              num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim, intermediate_size=t.mlp_dim)
+  if t.family == "gemma2":
+    text.update(query_pre_attn_scalar=int(t.query_pre_attn_scalar), sliding_window=t.sliding_window,
+                attn_logit_softcapping=t.attn_logit_softcap, final_logit_softcapping=t.final_logit_softcap)
+  config = transformers.PaliGemmaConfig(
+      vision_config=dict(model_type="siglip_vision_model", hidden_size=v.width, intermediate_size=v.mlp_dim,
+                         num_hidden_layers=vision_layers, num_attention_heads=v.num_heads,
+                         patch_size=v.patch_size, image_size=v.image_size, vision_use_head=False),
+      text_config=text, image_token_index=cfg.image_token_id, projection_dim=t.width, hidden_size=t.width)
+  torch.manual_seed(0)
+  model = transformers.PaliGemmaForConditionalGeneration(config).eval()
+  model.save_pretrained(directory)
+  return model
+
+
+def time_ours(config, params, inputs, batch, new_tokens, repeats):
+  decoder = decode.Decoder(config, params, eos_id=-1)  # -1: never stop early.
+  prefill, loop = decoder.compiled(new_tokens, sampling.Sampler())
+  args = [np.repeat(x, batch, axis=0) for x in inputs]
+  rng = jax.random.PRNGKey(0)
+  start = time.perf_counter()
+  jax.block_until_ready(loop(params, prefill(params, *args, rng)))
+  first_call = time.perf_counter() - start
+  prefill_s = median_seconds(lambda: jax.block_until_ready(prefill(params, *args, rng)), repeats)
+  loop_times = []
+  for _ in range(repeats):
+    state = jax.block_until_ready(prefill(params, *args, rng))
+    start = time.perf_counter()
+    jax.block_until_ready(loop(params, state))
+    loop_times.append(time.perf_counter() - start)
+  decode_s = statistics.median(loop_times) / (new_tokens - 1)
+  return dict(prefill=prefill_s, decode=decode_s, first_call=first_call)
+
+
+def time_transformers(model, inputs, batch, new_tokens, repeats):
+  import torch
+  tokens, images, input_mask, prefix_mask = (np.repeat(x, batch, axis=0) for x in inputs)
+  kwargs = dict(input_ids=torch.tensor(tokens, dtype=torch.long),
+                pixel_values=torch.tensor(images.transpose(0, 3, 1, 2)),
+                attention_mask=torch.tensor(input_mask, dtype=torch.long),
+                token_type_ids=torch.tensor(~prefix_mask, dtype=torch.long), do_sample=False)
+
+  def run(n):
+    with torch.no_grad():
+      model.generate(**kwargs, max_new_tokens=n, min_new_tokens=n)
+
+  run(2)  # Warm-up.
+  prefill_s = median_seconds(lambda: run(1), repeats)
+  total_s = median_seconds(lambda: run(new_tokens), repeats)
+  return dict(prefill=prefill_s, decode=(total_s - prefill_s) / (new_tokens - 1))
+
+
+def compile_seconds(variant):
+  """Compile time of prefill + decode loop for the full-depth preset (no weights allocated)."""
+  config = presets.get_config(variant)
+  shapes = paligemma.param_shapes(config)
+  prefill, loop = decode.Decoder(config, None).compiled(32, sampling.Sampler())
+  n, s = paligemma.num_image_tokens(config), config.vision.image_size
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
+  args = (shapes, spec((1, n + 32), jnp.int32), spec((1, s, s, 3), jnp.float32),
+          spec((1, n + 32), bool), spec((1, n + 32), bool), jax.random.PRNGKey(0))
+  start = time.perf_counter()
+  prefill.lower(*args).compile()
+  loop.lower(shapes, jax.eval_shape(prefill, *args)).compile()
+  return time.perf_counter() - start
+
+
+def main(argv):
+  del argv
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+  with tempfile.TemporaryDirectory() as directory:
+    model = build_reference(_VARIANT.value, _VISION_LAYERS.value, _TEXT_LAYERS.value, directory)
+    params, config, _ = hf.load_hf(directory, dtype=_DTYPE.value)
+  config.dtype = _DTYPE.value
+  if _SKIP_TORCH.value:
+    del model
+  params = jax.device_put(params)
+
+  n = paligemma.num_image_tokens(config)
+  rng = np.random.RandomState(0)
+  text = rng.randint(10, 1000, size=_TEXT_TOKENS.value)
+  tokens = np.concatenate([np.full(n, config.image_token_id), [2], text])[None].astype(np.int32)
+  images = rng.uniform(-1, 1, (1, config.vision.image_size, config.vision.image_size, 3)).astype(np.float32)
+  ones = np.ones(tokens.shape, bool)
+  inputs = (tokens, images, ones, ones)
+
+  llm_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params["llm"]))
+  bandwidth = memory_bandwidth_gbs()
+  limit_ms = llm_bytes / bandwidth / 1e6
+  print(f"model: {_VARIANT.value} widths, {_VISION_LAYERS.value}+{_TEXT_LAYERS.value} layers, "
+        f"prompt {tokens.shape[1]} tokens, {_NEW_TOKENS.value} new; decoder weights "
+        f"{llm_bytes / 1e9:.2f} GB; bandwidth {bandwidth:.1f} GB/s -> limit {limit_ms:.1f} ms/token")
+  rows = []
+  for batch in map(int, _BATCH_SIZES.value):
+    ours = time_ours(config, params, inputs, batch, _NEW_TOKENS.value, _REPEATS.value)
+    ref = None if _SKIP_TORCH.value else time_transformers(model, inputs, batch, _NEW_TOKENS.value,
+                                                           _REPEATS.value)
+    rows.append((batch, ours, ref))
+
+  ratio = lambda ref, ours: f"{ref / ours:.2f}x" if ref else "-"
+  fmt = lambda s: f"{s * 1e3:.1f}" if s is not None else "-"
+  print("\n| batch | metric | ours | transformers | transformers / ours |")
+  print("|---|---|---|---|---|")
+  for batch, ours, ref in rows:
+    ref = ref or {}
+    print(f"| {batch} | prefill ms | {fmt(ours['prefill'])} | {fmt(ref.get('prefill'))} | "
+          f"{ratio(ref.get('prefill'), ours['prefill'])} |")
+    print(f"| {batch} | decode ms/token | {fmt(ours['decode'])} | {fmt(ref.get('decode'))} | "
+          f"{ratio(ref.get('decode'), ours['decode'])} |")
+    tps = lambda d: f"{batch / d:.1f}" if d else "-"
+    print(f"| {batch} | decode tokens/s | {tps(ours['decode'])} | {tps(ref.get('decode'))} | "
+          f"{ratio(ref.get('decode'), ours['decode'])} |")
+    print(f"| {batch} | first call (compile + run) s | {ours['first_call']:.1f} | - | - |")
+  batch1 = next((ours for b, ours, _ in rows if b == 1), None)
+  if batch1:
+    print(f"\nbatch-1 decode at {limit_ms / (batch1['decode'] * 1e3):.0%} of the bandwidth limit "
+          f"({limit_ms:.1f} ms/token)")
+  print(f"compile time, full {_VARIANT.value} config (prefill + decode loop): "
+        f"{compile_seconds(_VARIANT.value):.1f} s")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,129 @@
+r"""Answers prompts about images with a converted PaliGemma checkpoint.
+
+One example:
+  python -m paligemma_jax.generate --checkpoint=/ckpt/pg2-3b-224 --image=cat.jpg --prompt="caption en"
+Many, in batches:
+  python -m paligemma_jax.generate --checkpoint=/ckpt/pg2-3b-224 --input_jsonl=in.jsonl \
+      --output_jsonl=out.jsonl --batch_size=8
+where each input line is {"image": path, "prompt": str} (other fields are copied through).
+Each output line holds image, prompt, text, tokens (generated ids, <eos> excluded), logprobs
+(log-softmax of the raw logits at each chosen token), stop_reason ("eos" | "length"), or error.
+"""
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from paligemma_jax import inference
+from paligemma_jax import sampling
+
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Converted checkpoint directory (checkpoints_convert.hf_to_orbax), or a "
+    "Hugging Face PaliGemma directory.", required=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Optional model config overriding the checkpoint's, e.g. "
+    "configs/paligemma.py:pg2-3b-448 --config.text.sliding_window=0. Shapes must match.",
+    lock_config=False)
+_IMAGE = flags.DEFINE_string("image", None, "Image path, for a single example (with --prompt).")
+_PROMPT = flags.DEFINE_string("prompt", None, 'Prompt, e.g. "caption en", "answer en what is '
+                              'this?", "ocr", "detect cat ; dog", "segment cat".')
+_INPUT = flags.DEFINE_string("input_jsonl", None, 'Many examples: lines {"image": path, "prompt": str}.')
+_OUTPUT = flags.DEFINE_string("output_jsonl", None, "Write one result line per input, in input order.")
+_BATCH = flags.DEFINE_integer("batch_size", 1, "Examples per compiled batch (the last is padded).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Most tokens to generate per example.")
+_SAMPLER = flags.DEFINE_enum("sampler", "greedy", list(sampling.METHODS), "How to pick each token.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature (all but greedy).")
+_TOP_K = flags.DEFINE_integer("top_k", 40, "Tokens kept by --sampler=top_k.")
+_TOP_P = flags.DEFINE_float("top_p", 0.95, "Probability mass kept by --sampler=top_p.")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed reproduces sampled outputs.")
+_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                           "Compute and parameter dtype; auto = float32 on CPU, bfloat16 on TPU/GPU.")
+
+
+def read_examples(path: str):
+  """Yields Example or, for an unusable line, an error dict naming the line."""
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        image, prompt = record.pop("image"), record.pop("prompt")
+        if not isinstance(image, str) or not isinstance(prompt, str):
+          raise TypeError("'image' and 'prompt' must be strings")
+      except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        reason = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        yield {"line": number, "error": f"{path}:{number}: bad input line: {reason}"}
+        continue
+      yield inference.Example(image, prompt, extra=record)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str):
+  """A text file that appears at `path` only once complete (written aside, then renamed)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      yield f
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _merge_in_order(items, predictions):
+  """Interleaves bad-line errors with predictions, keeping the input order."""
+  predictions = iter(predictions)
+  for item in items:
+    yield item if isinstance(item, dict) else next(predictions)
+
+
+def main(argv):
+  del argv
+  if bool(_INPUT.value) == bool(_IMAGE.value or _PROMPT.value):
+    raise app.UsageError("Give either --image and --prompt, or --input_jsonl.")
+  if _IMAGE.value and not _PROMPT.value or _PROMPT.value and not _IMAGE.value:
+    raise app.UsageError("--image and --prompt go together.")
+  dtype = None if _DTYPE.value == "auto" else _DTYPE.value
+  params, config, tokenizer = inference.load_model(_CHECKPOINT.value, dtype, _CONFIG.value)
+  predictor = inference.Predictor(config, params, tokenizer, batch_size=_BATCH.value)
+  sampler = sampling.Sampler(_SAMPLER.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+
+  if _INPUT.value:
+    items = list(read_examples(_INPUT.value))
+  else:
+    items = [inference.Example(_IMAGE.value, _PROMPT.value)]
+  examples = [x for x in items if not isinstance(x, dict)]
+  for e in examples:  # Refuse impossible requests before any work is done.
+    error = predictor.length_error(len(predictor.prompt_tokens(e.prompt)[0]), _MAX_NEW.value)
+    if error:
+      raise app.UsageError(f"{e.image}: {error}")
+
+  predictions = predictor.predict(examples, max_new_tokens=_MAX_NEW.value, sampler=sampler,
+                                  seed=_SEED.value, progress=len(examples) > 1, total=len(examples))
+  with atomic_writer(_OUTPUT.value) if _OUTPUT.value else contextlib.nullcontext() as out:
+    failures = 0
+    for result in _merge_in_order(items, predictions):
+      if "error" in result:
+        failures += 1
+        logging.error("%s", result["error"])
+      else:
+        print(f"{result['image']}\t{result['prompt']!r}\t{result['text']}", flush=True)
+      if out:
+        out.write(json.dumps(result, ensure_ascii=False) + "\n")
+  if failures:
+    logging.warning("%d of %d inputs failed (see the messages above).", failures, len(items))
+  return 1 if failures == len(items) else 0
+
+
+if __name__ == "__main__":
+  app.run(main)
