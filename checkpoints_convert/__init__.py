@@ -1,0 +1,1 @@
+"""Converters from other PaliGemma checkpoint formats to ours (see paligemma_jax/checkpoint.py)."""
