@@ -8,7 +8,8 @@
 
 Rows are independent: each has its own cache end and RoPE positions, and a row that has
 stopped emits `pad_id` from then on. Compiled functions are cached per (batch, prompt bucket,
-max_new_tokens, sampler) by `jax.jit`, so equal shapes never compile twice.
+max_new_tokens) by `jax.jit`, so equal shapes never compile twice; sampler settings are traced
+values and never cause a compile.
 """
 
 import dataclasses
@@ -21,6 +22,7 @@ import numpy as np
 
 from paligemma_jax import paligemma
 from paligemma_jax import sampling
+from paligemma_jax import sharding
 
 
 @dataclasses.dataclass
@@ -42,10 +44,13 @@ class Decoder:
   """Generates from a PaliGemma checkpoint; reuses its compiled functions across calls."""
 
   def __init__(self, config: ml_collections.ConfigDict, params, *, eos_id: int = 1, pad_id: int = 0,
-               cache_dtype=None):
+               cache_dtype=None, mesh=None):
+    """mesh (default: the one `params` are sharded over, if any): batches and the KV cache are
+    split over it (sharding.py) and results come back replicated, readable on every host."""
     self.config, self.params = config, params
     self.eos_id, self.pad_id = eos_id, pad_id
     self.cache_dtype = cache_dtype or config.dtype
+    self.mesh = sharding.mesh_of(params) if mesh is None else mesh
     self.model = paligemma.PaliGemma(config)
 
   def generate(self, tokens, images, input_mask, prefix_mask, *, max_new_tokens: int,
@@ -54,35 +59,44 @@ class Decoder:
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    prefill, loop = self.compiled(int(max_new_tokens), sampler)
-    state = prefill(self.params, tokens, images, input_mask, prefix_mask, rng)
+    prefill, loop = self.compiled(int(max_new_tokens))
+    settings = sampler.as_arrays()
+    if self.mesh is not None:  # Every host passes the same global batch.
+      tokens, images, input_mask, prefix_mask = sharding.shard_batch(
+          (tokens, images, input_mask, prefix_mask), self.mesh)
+      rng, settings = jax.device_put((rng, settings), sharding.replicated(self.mesh))
+    state = prefill(self.params, tokens, images, input_mask, prefix_mask, rng, settings)
     state = loop(self.params, state)
-    out_tokens, logprobs = jax.device_get((state["tokens"], state["logprobs"]))
+    out_tokens, logprobs = sharding.fetch((state["tokens"], state["logprobs"]))  # Any host.
     is_eos = out_tokens == self.eos_id
     lengths = np.where(is_eos.any(1), is_eos.argmax(1), max_new_tokens).astype(np.int32)
     return Generation(out_tokens, logprobs, lengths, is_eos.any(1))
 
   @functools.lru_cache(maxsize=None)
-  def compiled(self, max_new_tokens: int, sampler: sampling.Sampler):
+  def compiled(self, max_new_tokens: int, sampler=None):  # TODO(cleanup): drop `sampler`.
     """The jitted (prefill, loop) pair; jax.jit caches their executables per input shape."""
-    model, eos_id, pad_id = self.model, self.eos_id, self.pad_id
+    model, eos_id, pad_id, mesh = self.model, self.eos_id, self.pad_id, self.mesh
+    split_cache = lambda cache: sharding.constrain(cache, sharding.cache_shardings, mesh)
+    replicate = lambda x: sharding.constrain(x, lambda x, m: sharding.replicated(m), mesh)
 
-    def choose(logits, rng, done):
+    def choose(logits, rng, sampler, done):
       token = sampling.sample(logits, rng, sampler)
       logprob = sampling.chosen_logprobs(logits, token)
       return jnp.where(done, pad_id, token), jnp.where(done, 0.0, logprob)
 
-    def prefill(params, tokens, images, input_mask, prefix_mask, rng):
+    def prefill(params, tokens, images, input_mask, prefix_mask, rng, sampler):
       batch, length = tokens.shape
-      cache = paligemma.init_cache(self.config, batch, length + max_new_tokens, self.cache_dtype)
+      cache = split_cache(paligemma.init_cache(self.config, batch, length + max_new_tokens,
+                                               self.cache_dtype))
       logits, cache = model.apply({"params": params}, tokens, images, input_mask, prefix_mask,
                                   cache, method=model.prefill)
       done = jnp.zeros((batch,), bool)
-      token, logprob = choose(logits, jax.random.fold_in(rng, 0), done)
+      token, logprob = choose(logits, jax.random.fold_in(rng, 0), sampler, done)
       out_tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
       out_logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(logprob)
-      return dict(step=jnp.int32(1), token=token, done=token == eos_id, cache=cache, rng=rng,
-                  tokens=out_tokens, logprobs=out_logprobs)
+      return dict(step=jnp.int32(1), token=token, done=token == eos_id, cache=split_cache(cache),
+                  rng=rng, sampler=sampler, tokens=replicate(out_tokens),
+                  logprobs=replicate(out_logprobs))
 
     def loop(params, state):
       def cond(s):
@@ -91,11 +105,13 @@ class Decoder:
       def body(s):
         logits, cache = model.apply({"params": params}, s["token"], s["cache"],
                                     method=model.decode_step)
-        token, logprob = choose(logits, jax.random.fold_in(s["rng"], s["step"]), s["done"])
+        token, logprob = choose(logits, jax.random.fold_in(s["rng"], s["step"]), s["sampler"],
+                                s["done"])
         write = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None], (0, s["step"]))
         return dict(step=s["step"] + 1, token=token, done=s["done"] | (token == eos_id),
-                    cache=cache, rng=s["rng"], tokens=write(s["tokens"], token),
-                    logprobs=write(s["logprobs"], logprob))
+                    cache=split_cache(cache), rng=s["rng"], sampler=s["sampler"],
+                    tokens=replicate(write(s["tokens"], token)),
+                    logprobs=replicate(write(s["logprobs"], logprob)))
 
       return jax.lax.while_loop(cond, body, state)  # Returned whole, so every buffer aliases.
 

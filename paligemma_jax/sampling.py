@@ -1,7 +1,8 @@
 """Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus).
 
-Pure functions of (logits [B, V], PRNG key), so a seed reproduces its output and the choice
-can run inside the jitted decode loop.
+Pure functions of (logits [B, V], PRNG key, sampler values), so a seed reproduces its output
+and the choice runs inside the jitted decode loop. The sampler's values are traced, not static:
+one compiled loop serves every method, temperature, k and p.
 """
 
 import dataclasses
@@ -14,7 +15,7 @@ METHODS = ("greedy", "temperature", "top_k", "top_p")
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-  """How to pick tokens. Hashable: it is a static argument of the compiled decode loop."""
+  """How to pick tokens; validated here, handed to the compiled loop as `as_arrays()`."""
   method: str = "greedy"
   temperature: float = 1.0
   top_k: int = 0  # For "top_k": keep the k most likely tokens.
@@ -30,29 +31,37 @@ class Sampler:
     if self.method == "top_p" and not 0 < self.top_p <= 1:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
 
-
-def sample(logits, rng, sampler: Sampler):
-  """logits [B, V] float32 -> token ids [B] int32."""
-  if sampler.method == "greedy":
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / sampler.temperature
-  if sampler.method == "top_k":
-    top_logits, top_ids = jax.lax.top_k(logits, sampler.top_k)
-    choice = jax.random.categorical(rng, top_logits, axis=-1)
-    return jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-  if sampler.method == "top_p":
-    logits = _nucleus(logits, sampler.top_p)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  def as_arrays(self) -> dict:
+    return dict(method=jnp.int32(METHODS.index(self.method)), temperature=jnp.float32(self.temperature),
+                top_k=jnp.int32(self.top_k), top_p=jnp.float32(self.top_p))
 
 
-def _nucleus(logits, top_p: float):
-  """Masks every token outside the smallest most-likely set whose probability reaches top_p."""
-  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-  cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-  # The set ends at the first token whose cumulative probability reaches top_p; keep it too.
-  cutoff_index = jnp.minimum(jnp.sum(cumulative < top_p, axis=-1, keepdims=True), logits.shape[-1] - 1)
-  cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
-  return jnp.where(logits < cutoff, -jnp.inf, logits)
+def sample(logits, rng, sampler: dict):
+  """logits [B, V] float32, sampler = `Sampler.as_arrays()` -> token ids [B] int32."""
+  method = sampler["method"]
+
+  def greedy(logits):
+    return jnp.argmax(logits, axis=-1)
+
+  def stochastic(logits):
+    logits = logits / sampler["temperature"]
+    no_threshold = lambda l: jnp.full(l.shape[:1] + (1,), -jnp.inf)
+    threshold = jax.lax.cond(method == METHODS.index("temperature"), no_threshold, kept_minimum,
+                             logits)
+    return jax.random.categorical(rng, jnp.where(logits < threshold, -jnp.inf, logits), axis=-1)
+
+  def kept_minimum(logits):
+    """The smallest logit that top-k or top-p keeps: [B, 1]."""
+    ranked = -jnp.sort(-logits, axis=-1)
+    last = logits.shape[-1] - 1
+    k_index = jnp.clip(sampler["top_k"] - 1, 0, last)
+    cumulative = jnp.cumsum(jax.nn.softmax(ranked, axis=-1), axis=-1)
+    # The nucleus ends at the first token whose cumulative probability reaches p; keep it too.
+    p_index = jnp.minimum(jnp.sum(cumulative < sampler["top_p"], axis=-1, keepdims=True), last)
+    index = jnp.where(method == METHODS.index("top_k"), k_index, p_index)
+    return jnp.take_along_axis(ranked, jnp.broadcast_to(index, logits.shape[:1] + (1,)), axis=-1)
+
+  return jax.lax.cond(method == METHODS.index("greedy"), greedy, stochastic, logits).astype(jnp.int32)
 
 
 def chosen_logprobs(logits, tokens):
