@@ -7,7 +7,15 @@ Many, in batches:
       --output_jsonl=out.jsonl --batch_size=8
 where each input line is {"image": path, "prompt": str} (other fields are copied through).
 Each output line holds image, prompt, text, tokens (generated ids, <eos> excluded), logprobs
-(log-softmax of the raw logits at each chosen token), stop_reason ("eos" | "length"), or error.
+(log-softmax of the raw logits at each chosen token), stop_reason ("eos" | "length"),
+image_size ([width, height]), or error.
+
+Detection and segmentation answers, read into pixel coordinates of the original image:
+  --task=detect --prompt="detect cat ; dog" [--draw_dir=out/]
+  --task=segment --prompt="segment cat" --vae_npz=vae-oid.npz [--draw_dir=out/]
+add boxes ([[x1, y1, x2, y2]] pixels), labels, skipped (malformed objects dropped) and, for
+segment, masks (COCO uncompressed run-length encoding, see `rle_encode`) to each line;
+--draw_dir writes each image with its boxes (and masks) drawn, named in the line's `drawing`.
 """
 
 import contextlib
@@ -21,9 +29,13 @@ from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+import numpy as np
 
 from paligemma_jax import inference
+from paligemma_jax import processor
 from paligemma_jax import sampling
+from paligemma_jax.tasks import detection
+from paligemma_jax.tasks import segmentation
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Converted checkpoint directory (checkpoints_convert.hf_to_orbax), or a "
@@ -46,6 +58,12 @@ _TOP_P = flags.DEFINE_float("top_p", 0.95, "Probability mass kept by --sampler=t
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed reproduces sampled outputs.")
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                            "Compute and parameter dtype; auto = float32 on CPU, bfloat16 on TPU/GPU.")
+_TASK = flags.DEFINE_enum("task", None, ["detect", "segment"], "Also read the answers as boxes "
+                          "(detect) or boxes and masks (segment) into each output line.")
+_VAE = flags.DEFINE_string("vae_npz", None, "Mask decoder weights (big_vision's vae-oid.npz), for "
+                           "--task=segment.")
+_DRAW_DIR = flags.DEFINE_string("draw_dir", None, "With --task: write each image with its boxes "
+                                "(and masks) drawn here, as NNNNN_<image name>.png.")
 
 
 def read_examples(path: str):
@@ -80,6 +98,55 @@ def atomic_writer(path: str):
       os.remove(tmp)
 
 
+def rle_encode(mask) -> dict:
+  """COCO's uncompressed RLE of a bool [h, w] mask: {"size": [h, w], "counts": run lengths},
+  runs taken down the columns (Fortran order), alternately 0s and 1s, starting with 0s."""
+  mask = np.asarray(mask, bool)
+  flat = mask.ravel(order="F")
+  edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+  counts = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+  return {"size": list(mask.shape), "counts": ([0] if flat.size and flat[0] else []) + counts}
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+  """The bool [h, w] mask of `rle_encode`'s output (pycocotools reads it too)."""
+  height, width = rle["size"]
+  flat = np.repeat(np.arange(len(rle["counts"])) % 2 == 1, rle["counts"])
+  return flat.reshape(width, height).T
+
+
+def task_outputs(task: str, text: str, width: int, height: int, vae_params=None):
+  """(fields for the output line, Detections or Segmentations for drawing) of one answer."""
+  if task == "detect":
+    objects = detection.parse_detections(text, width, height)
+  else:
+    objects = segmentation.decode_masks(text, width, height, vae_params)
+  fields = {"boxes": np.round(objects.boxes.astype(np.float64), 2).tolist(),
+            "labels": objects.labels, "skipped": objects.skipped}
+  if task == "segment":
+    fields["masks"] = [rle_encode(m) for m in objects.masks]
+  return fields, objects
+
+
+def draw(task: str, image_path: str, objects, out_path: str):
+  """Saves the image with `objects` drawn on it."""
+  image = processor.load_image(image_path)
+  draw_fn = detection.draw_boxes if task == "detect" else segmentation.draw_masks
+  draw_fn(image, objects).save(out_path)
+
+
+def add_task_outputs(index: int, result: dict, vae_params=None) -> dict:
+  """`result` with --task's fields (and --draw_dir's `drawing`) added; errors pass unchanged."""
+  if not _TASK.value or "error" in result:
+    return result
+  fields, objects = task_outputs(_TASK.value, result["text"], *result["image_size"], vae_params)
+  if _DRAW_DIR.value:
+    stem = os.path.splitext(os.path.basename(result["image"]))[0]
+    fields["drawing"] = os.path.join(_DRAW_DIR.value, f"{index:05d}_{stem}.png")
+    draw(_TASK.value, result["image"], objects, fields["drawing"])
+  return {**result, **fields}
+
+
 def _merge_in_order(items, predictions):
   """Interleaves bad-line errors with predictions, keeping the input order."""
   predictions = iter(predictions)
@@ -93,6 +160,13 @@ def main(argv):
     raise app.UsageError("Give either --image and --prompt, or --input_jsonl.")
   if _IMAGE.value and not _PROMPT.value or _PROMPT.value and not _IMAGE.value:
     raise app.UsageError("--image and --prompt go together.")
+  if _TASK.value == "segment" and not _VAE.value:
+    raise app.UsageError("--task=segment needs --vae_npz (big_vision's vae-oid.npz).")
+  if _DRAW_DIR.value and not _TASK.value:
+    raise app.UsageError("--draw_dir draws boxes and masks: give --task=detect or --task=segment.")
+  vae_params = segmentation.load_vae_npz(_VAE.value) if _TASK.value == "segment" else None
+  if _DRAW_DIR.value:
+    os.makedirs(_DRAW_DIR.value, exist_ok=True)
   dtype = None if _DTYPE.value == "auto" else _DTYPE.value
   params, config, tokenizer = inference.load_model(_CHECKPOINT.value, dtype, _CONFIG.value)
   predictor = inference.Predictor(config, params, tokenizer, batch_size=_BATCH.value)
@@ -112,7 +186,8 @@ def main(argv):
                                   seed=_SEED.value, progress=len(examples) > 1, total=len(examples))
   with atomic_writer(_OUTPUT.value) if _OUTPUT.value else contextlib.nullcontext() as out:
     failures = 0
-    for result in _merge_in_order(items, predictions):
+    for index, result in enumerate(_merge_in_order(items, predictions)):
+      result = add_task_outputs(index, result, vae_params)
       if "error" in result:
         failures += 1
         logging.error("%s", result["error"])

@@ -1,8 +1,8 @@
 """From (image path, prompt) examples to answers: the path every entry point shares.
 
-  load + preprocess images (background threads) -> build prompt tokens -> right-pad into
-  fixed-shape batches (prompt length rounded up to a bucket, last batch padded with dummy rows)
-  -> Decoder.generate -> detokenize.
+  load + preprocess images (background threads, one batch ahead of the model) -> build prompt
+  tokens -> right-pad into fixed-shape batches (prompt length rounded up to a bucket, last batch
+  padded with dummy rows) -> Decoder.generate -> detokenize.
 
 An example that cannot be prepared (missing or corrupt image) gets an `error` instead of an
 answer; the others in its batch run as usual.
@@ -140,8 +140,9 @@ class Predictor:
     """Yields one result dict per example, in input order."""
     rng = jax.random.PRNGKey(seed)
     bar = tqdm.tqdm(total=total, unit="ex", disable=not progress, desc="generate")
-    for batch_index, batch in enumerate(_chunks(examples, self.batch_size)):
-      prepared = list(self._pool.map(lambda e: self.prepare(e, max_new_tokens), batch))
+    prepare = lambda e: self.prepare(e, max_new_tokens)
+    batches = prefetch(self._pool, prepare, chunks(examples, self.batch_size))
+    for batch_index, prepared in enumerate(batches):
       ready = [p for p in prepared if p.error is None]
       answers = {}
       if ready:
@@ -150,7 +151,7 @@ class Predictor:
             sampler=sampler, rng=jax.random.fold_in(rng, batch_index))
         for i, p in enumerate(ready):
           answers[id(p)] = generation.row(i)
-      bar.update(len(batch))
+      bar.update(len(prepared))
       if bar.n == total:
         bar.close()
       for p in prepared:
@@ -166,7 +167,8 @@ class Predictor:
             "stop_reason": stop_reason, "image_size": list(p.image_size)}
 
 
-def _chunks(items: Iterable, size: int):
+def chunks(items: Iterable, size: int) -> Iterator[list]:
+  """Consecutive lists of `size` items; the last may be shorter."""
   chunk = []
   for item in items:
     chunk.append(item)
@@ -175,3 +177,16 @@ def _chunks(items: Iterable, size: int):
       chunk = []
   if chunk:
     yield chunk
+
+
+def prefetch(pool: concurrent.futures.Executor, fn, batches: Iterable[list]) -> Iterator[list]:
+  """Yields [fn(x) for x in batch] per batch, computed in `pool`; batch k + 1 is submitted before
+  batch k is handed over, so its images decode while the caller runs the model on batch k."""
+  ahead = None
+  for batch in batches:
+    futures = [pool.submit(fn, x) for x in batch]
+    if ahead is not None:
+      yield [f.result() for f in ahead]
+    ahead = futures
+  if ahead is not None:
+    yield [f.result() for f in ahead]
