@@ -24,7 +24,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 
 from absl import app
 from absl import flags
@@ -34,6 +33,7 @@ import numpy as np
 from PIL import Image
 import tqdm
 
+from paligemma_jax import files
 from paligemma_jax import inference
 from paligemma_jax import metrics as metrics_lib
 from paligemma_jax import scoring
@@ -295,19 +295,6 @@ def _json_safe(x):
 # ----------------------------------------------------------------------------------------------
 # The predictions file: append-only, resumable.
 
-def write_atomically(path: str, text: str):
-  """Writes `text` beside `path`, then renames it over `path`: readers never see half a file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def read_predictions(path: str) -> dict:
   """{dataset line: prediction} of the complete lines of an earlier run.
 
@@ -333,7 +320,7 @@ def read_predictions(path: str) -> dict:
     kept.append(text.decode("utf-8"))
   if dropped or (raw and not raw.endswith(b"\n")):
     logging.warning("%s: dropping %d incomplete or unreadable line(s) of an earlier run.", path, dropped)
-    write_atomically(path, "".join(t + "\n" for t in kept))
+    files.write_atomically(path, "".join(t + "\n" for t in kept))
   return done
 
 
@@ -433,7 +420,7 @@ class Evaluator:
     }
     result = _json_safe({**summary, **compute_metrics(task, lines)})
     if metrics_path:
-      write_atomically(metrics_path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+      files.write_atomically(metrics_path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
 
 

@@ -14,7 +14,7 @@ Detection and segmentation answers, read into pixel coordinates of the original 
   --task=detect --prompt="detect cat ; dog" [--draw_dir=out/]
   --task=segment --prompt="segment cat" --vae_npz=vae-oid.npz [--draw_dir=out/]
 add boxes ([[x1, y1, x2, y2]] pixels), labels, skipped (malformed objects dropped) and, for
-segment, masks (COCO uncompressed run-length encoding, see `rle_encode`) to each line;
+segment, masks (COCO uncompressed run-length encoding, see `segmentation.rle_encode`) to each line;
 --draw_dir writes each image with its boxes (and masks) drawn, named in the line's `drawing`.
 """
 
@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 
 from absl import app
 from absl import flags
@@ -31,39 +30,46 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
+from paligemma_jax import files
 from paligemma_jax import inference
 from paligemma_jax import processor
 from paligemma_jax import sampling
 from paligemma_jax.tasks import detection
 from paligemma_jax.tasks import segmentation
 
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Converted checkpoint directory (checkpoints_convert.hf_to_orbax), or a "
-    "Hugging Face PaliGemma directory.", required=True)
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Optional model config overriding the checkpoint's, e.g. "
-    "configs/paligemma.py:pg2-3b-448 --config.text.sliding_window=0. Shapes must match.",
-    lock_config=False)
-_IMAGE = flags.DEFINE_string("image", None, "Image path, for a single example (with --prompt).")
-_PROMPT = flags.DEFINE_string("prompt", None, 'Prompt, e.g. "caption en", "answer en what is '
-                              'this?", "ocr", "detect cat ; dog", "segment cat".')
-_INPUT = flags.DEFINE_string("input_jsonl", None, 'Many examples: lines {"image": path, "prompt": str}.')
-_OUTPUT = flags.DEFINE_string("output_jsonl", None, "Write one result line per input, in input order.")
-_BATCH = flags.DEFINE_integer("batch_size", 1, "Examples per compiled batch (the last is padded).")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Most tokens to generate per example.")
-_SAMPLER = flags.DEFINE_enum("sampler", "greedy", list(sampling.METHODS), "How to pick each token.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature (all but greedy).")
-_TOP_K = flags.DEFINE_integer("top_k", 40, "Tokens kept by --sampler=top_k.")
-_TOP_P = flags.DEFINE_float("top_p", 0.95, "Probability mass kept by --sampler=top_p.")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed reproduces sampled outputs.")
-_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
-                           "Compute and parameter dtype; auto = float32 on CPU, bfloat16 on TPU/GPU.")
-_TASK = flags.DEFINE_enum("task", None, ["detect", "segment"], "Also read the answers as boxes "
-                          "(detect) or boxes and masks (segment) into each output line.")
-_VAE = flags.DEFINE_string("vae_npz", None, "Mask decoder weights (big_vision's vae-oid.npz), for "
-                           "--task=segment.")
-_DRAW_DIR = flags.DEFINE_string("draw_dir", None, "With --task: write each image with its boxes "
-                                "(and masks) drawn here, as NNNNN_<image name>.png.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command-line flags; defined only when this module runs as a program, so that
+  library code and tests can import it beside the other entry points."""
+  flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory "
+                      "(checkpoints_convert.hf_to_orbax), or a Hugging Face PaliGemma directory.",
+                      required=True)
+  config_flags.DEFINE_config_file(
+      "config", None, "Optional model config overriding the checkpoint's, e.g. "
+      "configs/paligemma.py:pg2-3b-448 --config.text.sliding_window=0. Shapes must match.",
+      lock_config=False)
+  flags.DEFINE_string("image", None, "Image path, for a single example (with --prompt).")
+  flags.DEFINE_string("prompt", None, 'Prompt, e.g. "caption en", "answer en what is this?", '
+                      '"ocr", "detect cat ; dog", "segment cat".')
+  flags.DEFINE_string("input_jsonl", None, 'Many examples: lines {"image": path, "prompt": str}.')
+  flags.DEFINE_string("output_jsonl", None, "Write one result line per input, in input order.")
+  flags.DEFINE_integer("batch_size", 1, "Examples per compiled batch (the last is padded).")
+  flags.DEFINE_integer("max_new_tokens", 64, "Most tokens to generate per example.")
+  flags.DEFINE_enum("sampler", "greedy", list(sampling.METHODS), "How to pick each token.")
+  flags.DEFINE_float("temperature", 1.0, "Softmax temperature (all but greedy).")
+  flags.DEFINE_integer("top_k", 40, "Tokens kept by --sampler=top_k.")
+  flags.DEFINE_float("top_p", 0.95, "Probability mass kept by --sampler=top_p.")
+  flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed reproduces sampled outputs.")
+  flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                    "Compute and parameter dtype; auto = float32 on CPU, bfloat16 on TPU/GPU.")
+  flags.DEFINE_enum("task", None, ["detect", "segment"], "Also read the answers as boxes "
+                    "(detect) or boxes and masks (segment) into each output line.")
+  flags.DEFINE_string("vae_npz", None, "Mask decoder weights (big_vision's vae-oid.npz), for "
+                      "--task=segment.")
+  flags.DEFINE_string("draw_dir", None, "With --task: write each image with its boxes (and "
+                      "masks) drawn here, as NNNNN_<image name>.png.")
 
 
 def read_examples(path: str):
@@ -84,37 +90,6 @@ def read_examples(path: str):
       yield inference.Example(image, prompt, extra=record)
 
 
-@contextlib.contextmanager
-def atomic_writer(path: str):
-  """A text file that appears at `path` only once complete (written aside, then renamed)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      yield f
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def rle_encode(mask) -> dict:
-  """COCO's uncompressed RLE of a bool [h, w] mask: {"size": [h, w], "counts": run lengths},
-  runs taken down the columns (Fortran order), alternately 0s and 1s, starting with 0s."""
-  mask = np.asarray(mask, bool)
-  flat = mask.ravel(order="F")
-  edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-  counts = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
-  return {"size": list(mask.shape), "counts": ([0] if flat.size and flat[0] else []) + counts}
-
-
-def rle_decode(rle: dict) -> np.ndarray:
-  """The bool [h, w] mask of `rle_encode`'s output (pycocotools reads it too)."""
-  height, width = rle["size"]
-  flat = np.repeat(np.arange(len(rle["counts"])) % 2 == 1, rle["counts"])
-  return flat.reshape(width, height).T
-
-
 def task_outputs(task: str, text: str, width: int, height: int, vae_params=None):
   """(fields for the output line, Detections or Segmentations for drawing) of one answer."""
   if task == "detect":
@@ -124,7 +99,7 @@ def task_outputs(task: str, text: str, width: int, height: int, vae_params=None)
   fields = {"boxes": np.round(objects.boxes.astype(np.float64), 2).tolist(),
             "labels": objects.labels, "skipped": objects.skipped}
   if task == "segment":
-    fields["masks"] = [rle_encode(m) for m in objects.masks]
+    fields["masks"] = [segmentation.rle_encode(m) for m in objects.masks]
   return fields, objects
 
 
@@ -137,13 +112,13 @@ def draw(task: str, image_path: str, objects, out_path: str):
 
 def add_task_outputs(index: int, result: dict, vae_params=None) -> dict:
   """`result` with --task's fields (and --draw_dir's `drawing`) added; errors pass unchanged."""
-  if not _TASK.value or "error" in result:
+  if not FLAGS.task or "error" in result:
     return result
-  fields, objects = task_outputs(_TASK.value, result["text"], *result["image_size"], vae_params)
-  if _DRAW_DIR.value:
+  fields, objects = task_outputs(FLAGS.task, result["text"], *result["image_size"], vae_params)
+  if FLAGS.draw_dir:
     stem = os.path.splitext(os.path.basename(result["image"]))[0]
-    fields["drawing"] = os.path.join(_DRAW_DIR.value, f"{index:05d}_{stem}.png")
-    draw(_TASK.value, result["image"], objects, fields["drawing"])
+    fields["drawing"] = os.path.join(FLAGS.draw_dir, f"{index:05d}_{stem}.png")
+    draw(FLAGS.task, result["image"], objects, fields["drawing"])
   return {**result, **fields}
 
 
@@ -156,35 +131,35 @@ def _merge_in_order(items, predictions):
 
 def main(argv):
   del argv
-  if bool(_INPUT.value) == bool(_IMAGE.value or _PROMPT.value):
+  if bool(FLAGS.input_jsonl) == bool(FLAGS.image or FLAGS.prompt):
     raise app.UsageError("Give either --image and --prompt, or --input_jsonl.")
-  if _IMAGE.value and not _PROMPT.value or _PROMPT.value and not _IMAGE.value:
+  if FLAGS.image and not FLAGS.prompt or FLAGS.prompt and not FLAGS.image:
     raise app.UsageError("--image and --prompt go together.")
-  if _TASK.value == "segment" and not _VAE.value:
+  if FLAGS.task == "segment" and not FLAGS.vae_npz:
     raise app.UsageError("--task=segment needs --vae_npz (big_vision's vae-oid.npz).")
-  if _DRAW_DIR.value and not _TASK.value:
+  if FLAGS.draw_dir and not FLAGS.task:
     raise app.UsageError("--draw_dir draws boxes and masks: give --task=detect or --task=segment.")
-  vae_params = segmentation.load_vae_npz(_VAE.value) if _TASK.value == "segment" else None
-  if _DRAW_DIR.value:
-    os.makedirs(_DRAW_DIR.value, exist_ok=True)
-  dtype = None if _DTYPE.value == "auto" else _DTYPE.value
-  params, config, tokenizer = inference.load_model(_CHECKPOINT.value, dtype, _CONFIG.value)
-  predictor = inference.Predictor(config, params, tokenizer, batch_size=_BATCH.value)
-  sampler = sampling.Sampler(_SAMPLER.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  vae_params = segmentation.load_vae_npz(FLAGS.vae_npz) if FLAGS.task == "segment" else None
+  if FLAGS.draw_dir:
+    os.makedirs(FLAGS.draw_dir, exist_ok=True)
+  dtype = None if FLAGS.dtype == "auto" else FLAGS.dtype
+  params, config, tokenizer = inference.load_model(FLAGS.checkpoint, dtype, FLAGS.config)
+  predictor = inference.Predictor(config, params, tokenizer, batch_size=FLAGS.batch_size)
+  sampler = sampling.Sampler(FLAGS.sampler, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
 
-  if _INPUT.value:
-    items = list(read_examples(_INPUT.value))
+  if FLAGS.input_jsonl:
+    items = list(read_examples(FLAGS.input_jsonl))
   else:
-    items = [inference.Example(_IMAGE.value, _PROMPT.value)]
+    items = [inference.Example(FLAGS.image, FLAGS.prompt)]
   examples = [x for x in items if not isinstance(x, dict)]
   for e in examples:  # Refuse impossible requests before any work is done.
-    error = predictor.length_error(len(predictor.prompt_tokens(e.prompt)[0]), _MAX_NEW.value)
+    error = predictor.length_error(len(predictor.prompt_tokens(e.prompt)[0]), FLAGS.max_new_tokens)
     if error:
       raise app.UsageError(f"{e.image}: {error}")
 
-  predictions = predictor.predict(examples, max_new_tokens=_MAX_NEW.value, sampler=sampler,
-                                  seed=_SEED.value, progress=len(examples) > 1, total=len(examples))
-  with atomic_writer(_OUTPUT.value) if _OUTPUT.value else contextlib.nullcontext() as out:
+  predictions = predictor.predict(examples, max_new_tokens=FLAGS.max_new_tokens, sampler=sampler,
+                                  seed=FLAGS.seed, progress=len(examples) > 1, total=len(examples))
+  with files.atomic_writer(FLAGS.output_jsonl) if FLAGS.output_jsonl else contextlib.nullcontext() as out:
     failures = 0
     for index, result in enumerate(_merge_in_order(items, predictions)):
       result = add_task_outputs(index, result, vae_params)
@@ -201,4 +176,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -364,6 +364,7 @@ GENERATE_SCRIPT = """
 import json, sys
 from absl import flags
 from paligemma_jax import generate, inference
+from paligemma_jax.tasks import segmentation
 
 texts = json.loads(sys.argv[1])
 
@@ -388,8 +389,9 @@ class Fake:
 
 import numpy as np
 for mask in (np.random.default_rng(0).random((5, 7)) > 0.5, np.ones((2, 3), bool), np.zeros((3, 1), bool)):
-  assert (generate.rle_decode(generate.rle_encode(mask)) == mask).all()
+  assert (segmentation.rle_decode(segmentation.rle_encode(mask)) == mask).all()
 
+generate.define_flags()
 inference.Predictor = Fake
 inference.load_model = lambda *a, **k: (None, None, None)
 for argv in json.loads(sys.argv[2]):

@@ -190,3 +190,20 @@ def draw_masks(image: Image.Image, segmentations, alpha: float = 0.5) -> Image.I
   for mask, label in zip(segmentations.masks, segmentations.labels):
     out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(detection.color_for(label), np.float32)
   return detection.draw_boxes(Image.fromarray(out.round().astype(np.uint8)), segmentations)
+
+
+def rle_encode(mask) -> dict:
+  """COCO's uncompressed RLE of a bool [h, w] mask: {"size": [h, w], "counts": run lengths},
+  runs taken down the columns (Fortran order), alternately 0s and 1s, starting with 0s."""
+  mask = np.asarray(mask, bool)
+  flat = mask.ravel(order="F")
+  edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+  counts = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+  return {"size": list(mask.shape), "counts": ([0] if flat.size and flat[0] else []) + counts}
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+  """The bool [h, w] mask of `rle_encode`'s output (pycocotools reads it too)."""
+  height, width = rle["size"]
+  flat = np.repeat(np.arange(len(rle["counts"])) % 2 == 1, rle["counts"])
+  return flat.reshape(width, height).T
