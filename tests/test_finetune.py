@@ -1,0 +1,361 @@
+"""Fine-tuning: what trains, schedules, accumulation, and end to end on a tiny random checkpoint:
+overfitting until greedy generation reproduces the suffixes (full and LoRA), and a run stopped,
+crashed and resumed that ends exactly where an uninterrupted command-line run does.
+
+The command line registers absl flags, so it runs in a subprocess. A persistent compilation cache
+shared by the runs (and the subprocess) keeps identical programs from compiling twice.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import flax.traverse_util as traverse_util
+import jax
+import jax.numpy as jnp
+from jax.experimental.compilation_cache import compilation_cache
+import numpy as np
+import optax
+import pytest
+from PIL import Image
+
+from configs import finetune as finetune_config
+from configs.paligemma import get_config
+from paligemma_jax import checkpoint
+from paligemma_jax import data
+from paligemma_jax import finetune
+from paligemma_jax import inference
+from paligemma_jax import lora
+from paligemma_jax import paligemma
+from paligemma_jax import training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = [("caption en", "red car"), ("caption en", "blue tree near house"),
+            ("answer en what is this?", "a dog"), ("caption en", "two white cats"),
+            ("caption en", "a man on a bench")]
+_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  saved = {k: getattr(jax.config, k) for k in _CACHE_OPTIONS}
+  compilation_cache.set_cache_dir(path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  compilation_cache.reset_cache()
+  yield path
+  for k, v in saved.items():
+    jax.config.update(k, v)
+  compilation_cache.reset_cache()
+
+
+def _random_params(config, seed=0):
+  """Fan-in scaled random weights, so image features differ between images from the start.
+
+  The embedding table (also the LM head) is wide enough for confident logits through the final
+  norm, which LoRA leaves frozen.
+  """
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, s):
+    name, joined = path[-1].key, "/".join(k.key for k in path)
+    if name == "bias":
+      return np.zeros(s.shape, np.float32)
+    if name == "scale":  # LayerNorm (vision) multiplies by scale; RMSNorm by 1 + scale.
+      return (np.ones if joined.startswith("img/") else np.zeros)(s.shape, np.float32)
+    std = 0.02
+    if name == "input_embedding":
+      std = 0.25
+    elif name == "kernel":
+      lead, fan_in, _ = lora.matrix_axes(joined, len(s.shape))
+      std = math.prod(s.shape[lead:lead + fan_in]) ** -0.5
+    return (rng.standard_normal(s.shape) * std).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(leaf, paligemma.param_shapes(config))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, spm_model_path):
+  """A tiny random PaliGemma 1 checkpoint (with the test tokenizer) and a training set of five
+  distinct images plus two bad lines."""
+  root = tmp_path_factory.mktemp("finetune")
+  config = get_config("tiny-pg1")
+  checkpoint.save(str(root / "base"), _random_params(config), config, spm_model_path)
+  rng = np.random.default_rng(0)
+  lines = []
+  for i, (prefix, suffix) in enumerate(EXAMPLES):
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), np.uint8)).save(root / f"img{i}.png")
+    lines.append(json.dumps({"image": f"img{i}.png", "prefix": prefix, "suffix": suffix}))
+  (root / "clean.jsonl").write_text("\n".join(lines) + "\n")
+  bad = lines[:2] + ["{broken", json.dumps({"image": "gone.png", "prefix": "p", "suffix": "s"})]
+  (root / "train.jsonl").write_text("\n".join(bad + lines[2:]) + "\n")
+  return root
+
+
+def _config(preset, **overrides):
+  """Small, fast settings; the same values as `_cli_overrides` writes for the command line."""
+  c = finetune_config.get_config(preset)
+  c.update(dict(total_steps=40, batch_size=4, max_text_len=32, remat=False, log_every=10,
+                checkpoint_every=5, eval_batch_size=4, eval_max_new_tokens=12, num_threads=2))
+  c.update(overrides)
+  return c
+
+
+def _cli_overrides(config):
+  defaults = finetune_config.get_config(config.trainable).to_dict()
+  return [f"--config.{k}={v}" for k, v in config.to_dict().items() if not isinstance(v, dict)
+          and v != defaults[k]]
+
+
+def _generate(export_dir, image_dir, examples=EXAMPLES):
+  """Greedy answers of an exported checkpoint, the way `python -m paligemma_jax.generate` runs."""
+  params, config, tokenizer = inference.load_model(export_dir)
+  predictor = inference.Predictor(config, params, tokenizer, batch_size=4)
+  inputs = [inference.Example(str(image_dir / f"img{i}.png"), p) for i, (p, _) in enumerate(examples)]
+  return [r["text"] for r in predictor.predict(inputs, max_new_tokens=12)]
+
+
+# ----------------------------------------------------------------------------------------------
+# What trains, and the optimizer.
+
+@pytest.fixture(scope="module")
+def tiny_params():
+  return _random_params(get_config("tiny-pg2"))
+
+
+def _paths(tree):
+  return set(traverse_util.flatten_dict(tree, sep="/"))
+
+
+def test_trainable_presets(tiny_params):
+  everything = _paths(tiny_params)
+  for spec, want in [
+      ("all", everything),
+      ("llm", {p for p in everything if p.startswith("llm/")}),
+      ("attn", {f"llm/layers/attn/{n}/kernel" for n in "qkvo"}),
+      (r"projector/.*|llm/final_norm/scale", {"projector/kernel", "projector/bias",
+                                              "llm/final_norm/scale"})]:
+    trainable, frozen = training.split(tiny_params, training.trainable_regex(spec))
+    assert _paths(trainable) == want, spec
+    assert _paths(frozen) == everything - want
+  restored = training.combine(*training.split(tiny_params, r"llm/.*"))
+  jax.tree.map(np.testing.assert_array_equal, restored, tiny_params)
+
+
+def test_trainable_float32_frozen_bfloat16(tiny_params):
+  config = _config("attn")
+  par, trainable, frozen = training.init_trainable(config, tiny_params, jax.random.PRNGKey(0),
+                                                   jnp.bfloat16)
+  assert not par.use_lora
+  assert {x.dtype for x in jax.tree.leaves(trainable)} == {jnp.dtype(jnp.float32)}
+  assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype(jnp.bfloat16)}
+
+  config = _config("lora")
+  par, adapters, frozen = training.init_trainable(config, tiny_params, jax.random.PRNGKey(0),
+                                                  jnp.bfloat16)
+  assert par.use_lora and par.lora_alpha == config.lora.alpha
+  assert _paths(frozen) == _paths(tiny_params)  # The whole base is frozen.
+  assert {p.rsplit("/", 2)[0] for p in _paths(adapters)} == {
+      f"llm/layers/{n}" for n in ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up",
+                                  "mlp/down")}
+  with pytest.raises(ValueError, match="matches no parameter"):
+    training.init_trainable(_config("attn", trainable="nothing/.*"), tiny_params,
+                            jax.random.PRNGKey(0), jnp.float32)
+
+
+def test_schedules():
+  config = _config("attn", lr=0.5, total_steps=100, warmup_percent=0.1, end_lr_factor=0.1)
+  cosine = training.make_schedule(config)
+  np.testing.assert_allclose([cosine(0), cosine(5), cosine(10)], [0.0, 0.25, 0.5], rtol=1e-6)
+  np.testing.assert_allclose(cosine(55), 0.05 + 0.45 * 0.5, rtol=1e-5)  # Half way down.
+  np.testing.assert_allclose(cosine(100), 0.05, rtol=1e-5)
+  config.schedule = "linear"
+  np.testing.assert_allclose(training.make_schedule(config)(55), 0.05 + 0.45 * 0.5, rtol=1e-5)
+  config.schedule = "constant"
+  np.testing.assert_allclose([training.make_schedule(config)(s) for s in (5, 10, 99)],
+                             [0.25, 0.5, 0.5], rtol=1e-6)
+  with pytest.raises(ValueError, match="schedule"):
+    config.schedule = "step"
+    training.make_schedule(config)
+
+
+def test_optimizers_and_clipping():
+  params = {"w": {"kernel": jnp.ones((2, 2))}, "n": {"scale": jnp.ones(2)}}
+  grads = jax.tree.map(lambda x: 3.0 * x, params)  # Global norm sqrt(6 * 9) > clip.
+  config = _config("attn", optimizer="sgd", lr=0.1, warmup_percent=0.0, schedule="constant",
+                   grad_clip=1.0)
+  tx, _ = training.make_optimizer(config)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  clipped = 3.0 / math.sqrt(6 * 9)
+  np.testing.assert_allclose(updates["w"]["kernel"], -0.1 * clipped * np.ones((2, 2)), rtol=1e-5)
+
+  config.update(dict(optimizer="adamw", weight_decay=0.5, grad_clip=0.0))
+  tx, _ = training.make_optimizer(config)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # First Adam step: -lr * sign(g); decay (lr * wd * w) on kernels only, not on norm scales.
+  np.testing.assert_allclose(updates["w"]["kernel"], -0.1 * (1 + 0.5), rtol=1e-5)
+  np.testing.assert_allclose(updates["n"]["scale"], -0.1, rtol=1e-5)
+  with pytest.raises(ValueError, match="optimizer"):
+    training.make_optimizer(_config("attn", optimizer="lion"))
+
+
+def test_token_loss_targets_the_next_token():
+  tokens = jnp.array([[5, 6, 7, 8, 0]])
+  loss_mask = jnp.array([[False, False, True, True, False]])  # Targets: 7 and 8.
+  logits = jax.nn.one_hot(jnp.array([[6, 7, 8, 0, 0]]), 10) * 100.0  # Position t predicts t + 1.
+  total, count = training.token_loss(logits, tokens, loss_mask)
+  assert count == 2 and total < 1e-6
+  wrong = jax.nn.one_hot(jnp.zeros((1, 5), int), 10) * 100.0
+  assert training.token_loss(wrong, tokens, loss_mask)[0] > 100
+  assert training.token_loss(wrong, tokens, loss_mask, weight=jnp.array([False]))[1] == 0
+
+
+class _ToyModel(nn.Module):
+  """Stands in for PaliGemma in train_step: same call signature, fast to compile."""
+
+  @nn.compact
+  def __call__(self, tokens, images, input_mask, prefix_mask):
+    x = nn.Embed(16, 8)(tokens) + nn.Dense(8)(images.reshape(images.shape[0], 1, -1))
+    return nn.Dense(16)(jnp.tanh(x))
+
+
+def test_gradient_accumulation_matches_the_full_batch():
+  """Micro-batches with different target counts still give the full batch's token-mean update."""
+  model = _ToyModel()
+  rng = np.random.default_rng(0)
+  batch = dict(tokens=rng.integers(0, 16, (4, 6)).astype(np.int32),
+               images=rng.normal(size=(4, 2, 2, 3)).astype(np.float32),
+               input_mask=np.ones((4, 6), bool), prefix_mask=np.zeros((4, 6), bool),
+               loss_mask=np.array([[0, 1, 1, 1, 1, 1]] * 2 + [[0, 0, 0, 0, 1, 1]] * 2, bool))
+  params = model.init(jax.random.PRNGKey(0), *(batch[k] for k in ("tokens", "images", "input_mask",
+                                                                   "prefix_mask")))["params"]
+  tx, schedule = training.make_optimizer(_config("all", lr=0.1, warmup_percent=0.0))
+  results = []
+  for accum_steps in (1, 2):
+    state = training.init_state(params, tx, jax.random.PRNGKey(1))
+    step = jax.jit(lambda s, b, a=accum_steps: training.train_step(
+        s, {}, b, model=model, parametrization=training.Parametrization(), tx=tx,
+        schedule=schedule, accum_steps=a))
+    for _ in range(3):
+      state, metrics = step(state, batch)
+    results.append((state, metrics))
+  (one, m1), (two, m2) = results
+  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+  assert m1["tokens"] == m2["tokens"] == 14
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), one["params"],
+               two["params"])
+  assert int(two["step"]) == 3
+
+
+def test_metric_writer_trims_to_the_restored_step(tmp_path):
+  """Lines past the checkpoint, and a line cut short by a kill, are dropped on resume."""
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "eval_loss": 2.5}\n{"step": 3, "loss": 2.0}\n'
+                  '{"step": 4, "lo')
+  writer = finetune.MetricWriter(str(path), start_step=2)
+  writer.write(3, loss=1.5)
+  writer.close()
+  assert finetune.read_metrics(str(path)) == [
+      {"step": 1, "loss": 3.0}, {"step": 2, "eval_loss": 2.5}, {"step": 3, "loss": 1.5}]
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end.
+
+def test_full_finetune_overfits_until_generation_reproduces_the_suffixes(base, compile_cache,
+                                                                         tmp_path):
+  config = _config("all", optimizer="adamw", lr=3e-3, checkpoint_every=100)
+  result = finetune.train(config, base=str(base / "base"), train_jsonl=str(base / "clean.jsonl"),
+                          workdir=str(tmp_path / "work"), export_dir=str(tmp_path / "export"))
+  metrics = finetune.read_metrics(str(tmp_path / "work" / "metrics.jsonl"))
+  assert [m["step"] for m in metrics] == list(range(1, 41))
+  assert metrics[0]["loss"] > 5 and metrics[-1]["loss"] < 0.5
+  assert all(m["examples_per_s"] > 0 and m["step_time_s"] > 0 for m in metrics)
+  schedule = training.make_schedule(config)
+  np.testing.assert_allclose([m["lr"] for m in metrics], [schedule(s) for s in range(40)], rtol=1e-5)
+
+  assert _generate(tmp_path / "export", base) == [s for _, s in EXAMPLES]
+  exported, exported_config = checkpoint.load(str(tmp_path / "export"))
+  assert exported_config.variant == "tiny-pg1" and not exported_config.remat
+  assert jax.tree.structure(exported) == jax.tree.structure(result["state"]["params"])
+
+
+def test_lora_overfits_and_exports_merged(base, compile_cache, tmp_path):
+  config = _config("lora", lr=1e-2, checkpoint_every=100)
+  result = finetune.train(config, base=str(base / "base"), train_jsonl=str(base / "clean.jsonl"),
+                          eval_jsonl=str(base / "clean.jsonl"), workdir=str(tmp_path / "work"),
+                          export_dir=str(tmp_path / "export"))
+  assert result["eval"]["eval_exact_match"] == 1.0 and result["eval"]["eval_examples"] == 5
+  metrics = finetune.read_metrics(str(tmp_path / "work" / "metrics.jsonl"))
+  assert metrics[-1]["step"] == 40 and metrics[-1]["eval_loss"] < 0.5 * metrics[0]["loss"]
+  assert _generate(tmp_path / "export", base) == [s for _, s in EXAMPLES]
+
+  exported, _ = checkpoint.load(str(tmp_path / "export"))
+  original, _ = checkpoint.load(str(base / "base"))
+  adapters = traverse_util.flatten_dict(result["state"]["params"], sep="/")
+  targets = {p.rsplit("/", 1)[0] for p in adapters}
+  flat_exported = traverse_util.flatten_dict(exported, sep="/")
+  for path, w in traverse_util.flatten_dict(original, sep="/").items():
+    if path in targets:
+      want = w + lora.delta(path, w.shape, adapters[path + "/a"], adapters[path + "/b"],
+                            config.lora.alpha)
+      np.testing.assert_allclose(flat_exported[path], want, rtol=1e-6, atol=1e-6)
+      assert not np.allclose(flat_exported[path], w)
+    else:
+      np.testing.assert_array_equal(flat_exported[path], w)  # Frozen: untouched.
+
+
+def test_stopped_and_crashed_runs_resume_to_the_uninterrupted_result(base, compile_cache, tmp_path,
+                                                                     monkeypatch):
+  config = _config("lora", lr=1e-2)  # As in the LoRA test: its compiled step is reused.
+  common = dict(base=str(base / "base"), train_jsonl=str(base / "train.jsonl"))
+
+  # Reference: one uninterrupted run of the command line.
+  cmd = [sys.executable, "-m", "paligemma_jax.finetune", "--config=configs/finetune.py:lora",
+         *_cli_overrides(config), f"--checkpoint={common['base']}",
+         f"--train_jsonl={common['train_jsonl']}", f"--workdir={tmp_path / 'ref'}",
+         f"--export_dir={tmp_path / 'ref_export'}"]
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=compile_cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "train.jsonl:3: bad line, skipped" in proc.stderr
+  assert "train.jsonl:4: bad line, skipped: image not found" in proc.stderr
+  assert "step 40/40: loss" in proc.stderr
+
+  # The same run stopped after 13 steps (checkpoints at 5, 10, 13) ...
+  work = str(tmp_path / "work")
+  stopped = finetune.train(config, workdir=work, max_steps_this_run=13, **common)
+  assert int(stopped["state"]["step"]) == 13 and not os.path.exists(tmp_path / "export")
+
+  # ... resumed, then killed while fetching the data of step 23 (last checkpoint: step 20) ...
+  next_batch = data.TrainLoader.__next__
+
+  def crash(self):
+    if self.position >= 22 * config.batch_size:
+      raise KeyboardInterrupt("killed")
+    return next_batch(self)
+
+  monkeypatch.setattr(data.TrainLoader, "__next__", crash)
+  with pytest.raises(KeyboardInterrupt):
+    finetune.train(config, workdir=work, **common)
+  assert max(m["step"] for m in finetune.read_metrics(os.path.join(work, "metrics.jsonl"))) == 22
+  monkeypatch.setattr(data.TrainLoader, "__next__", next_batch)
+
+  # ... and resumed to the end.
+  final = finetune.train(config, workdir=work, export_dir=str(tmp_path / "export"), **common)
+
+  got = finetune.read_metrics(os.path.join(work, "metrics.jsonl"))
+  want = finetune.read_metrics(str(tmp_path / "ref" / "metrics.jsonl"))
+  assert [m["step"] for m in got] == list(range(1, 41))
+  for key in ("loss", "lr", "grad_norm"):
+    np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=1e-6, atol=1e-6)
+  ref_export, _ = checkpoint.load(str(tmp_path / "ref_export"))
+  our_export, _ = checkpoint.load(str(tmp_path / "export"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), our_export,
+               ref_export)
+  assert int(final["state"]["step"]) == 40
+  jax.tree.map(lambda a: np.testing.assert_array_equal(np.isfinite(a), True), final["state"]["params"])
