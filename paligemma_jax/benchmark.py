@@ -81,16 +81,17 @@ def build_reference(variant, vision_layers, text_layers, directory):
 
 def time_ours(config, params, inputs, batch, new_tokens, repeats):
   decoder = decode.Decoder(config, params, eos_id=-1)  # -1: never stop early.
-  prefill, loop = decoder.compiled(new_tokens, sampling.Sampler())
+  prefill, loop = decoder.compiled(new_tokens)
   args = [np.repeat(x, batch, axis=0) for x in inputs]
   rng = jax.random.PRNGKey(0)
   start = time.perf_counter()
-  jax.block_until_ready(loop(params, prefill(params, *args, rng)))
+  sampler = sampling.Sampler().as_arrays()
+  jax.block_until_ready(loop(params, prefill(params, *args, rng, sampler)))
   first_call = time.perf_counter() - start
-  prefill_s = median_seconds(lambda: jax.block_until_ready(prefill(params, *args, rng)), repeats)
+  prefill_s = median_seconds(lambda: jax.block_until_ready(prefill(params, *args, rng, sampler)), repeats)
   loop_times = []
   for _ in range(repeats):
-    state = jax.block_until_ready(prefill(params, *args, rng))
+    state = jax.block_until_ready(prefill(params, *args, rng, sampler))
     start = time.perf_counter()
     jax.block_until_ready(loop(params, state))
     loop_times.append(time.perf_counter() - start)
@@ -120,11 +121,12 @@ def compile_seconds(variant):
   """Compile time of prefill + decode loop for the full-depth preset (no weights allocated)."""
   config = presets.get_config(variant)
   shapes = paligemma.param_shapes(config)
-  prefill, loop = decode.Decoder(config, None).compiled(32, sampling.Sampler())
+  prefill, loop = decode.Decoder(config, None).compiled(32)
   n, s = paligemma.num_image_tokens(config), config.vision.image_size
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
   args = (shapes, spec((1, n + 32), jnp.int32), spec((1, s, s, 3), jnp.float32),
-          spec((1, n + 32), bool), spec((1, n + 32), bool), jax.random.PRNGKey(0))
+          spec((1, n + 32), bool), spec((1, n + 32), bool), jax.random.PRNGKey(0),
+          sampling.Sampler().as_arrays())
   start = time.perf_counter()
   prefill.lower(*args).compile()
   loop.lower(shapes, jax.eval_shape(prefill, *args)).compile()
