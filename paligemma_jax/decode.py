@@ -59,6 +59,8 @@ class Decoder:
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     rng = jax.random.PRNGKey(0) if rng is None else rng
+    if self.mesh is None:  # `params` may have been set after construction (fine-tuning evaluation).
+      self.mesh = sharding.mesh_of(self.params)
     prefill, loop = self.compiled(int(max_new_tokens))
     settings = sampler.as_arrays()
     if self.mesh is not None:  # Every host passes the same global batch.
@@ -73,7 +75,7 @@ class Decoder:
     return Generation(out_tokens, logprobs, lengths, is_eos.any(1))
 
   @functools.lru_cache(maxsize=None)
-  def compiled(self, max_new_tokens: int, sampler=None):  # TODO(cleanup): drop `sampler`.
+  def compiled(self, max_new_tokens: int):
     """The jitted (prefill, loop) pair; jax.jit caches their executables per input shape."""
     model, eos_id, pad_id, mesh = self.model, self.eos_id, self.pad_id, self.mesh
     split_cache = lambda cache: sharding.constrain(cache, sharding.cache_shardings, mesh)

@@ -45,7 +45,7 @@ BATCH = ("data", "fsdp")  # The batch dimension is split over both.
 _REST_ORDER = ("fsdp", "data", "tensor")  # Which unnamed axis takes the remaining devices.
 
 F, T = "fsdp", "tensor"
-# (regex searched in the path, one entry per dimension). Entries: None (whole), a mesh axis, or a
+# (regex for the end of the path, one entry per dimension). Entries: None (whole), a mesh axis, or a
 # tuple of axes. Widths (D, W) go to fsdp; heads, MLP width and vocabulary to tensor.
 RULES = (
     # SigLIP. Kernels [L, W, N, H] / [L, N, H, W] / [L, W, F] / [L, F, W]; biases and norms are small.
@@ -146,8 +146,9 @@ def path_str(path) -> str:
 
 
 def rule_for(path: str):
-  """The RULES template whose regex matches the '/'-joined path, or None."""
-  return next((template for pattern, template in RULES if re.search(pattern, path)), None)
+  """The template of the first RULES regex matching whole components at the end of the
+  '/'-joined path (`opt_state/0/mu/llm/...` matches like `llm/...`), or None."""
+  return next((template for pattern, template in RULES if re.search(f"(^|/){pattern}", path)), None)
 
 
 def param_specs(tree, mesh: Mesh, strict: bool = True):
@@ -186,10 +187,13 @@ def state_shardings(state, mesh: Mesh):
 
 
 def load(directory: str, mesh: Mesh, dtype=None):
-  """(params, config) of a converted checkpoint, each device restoring only its own slices."""
-  config = checkpoint.load_config(directory)
-  shardings = param_shardings(paligemma.param_shapes(config), mesh)
-  return checkpoint.load(directory, dtype=dtype, shardings=shardings)
+  """(params, config) of a converted checkpoint, each device restoring only its own slices.
+  `dtype` becomes the parameter and the compute dtype, as in `inference.load_model`."""
+  shardings = param_shardings(paligemma.param_shapes(checkpoint.load_config(directory)), mesh)
+  params, config = checkpoint.load(directory, dtype=dtype, shardings=shardings)
+  if dtype is not None:
+    config.dtype = config.param_dtype
+  return params, config
 
 
 def cache_shardings(cache: kv_cache_lib.KVCache, mesh: Mesh) -> kv_cache_lib.KVCache:
