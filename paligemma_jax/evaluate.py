@@ -19,6 +19,7 @@ The module defines its flags only when run as a program, so the library part (`E
 """
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import json
@@ -37,6 +38,7 @@ from paligemma_jax import files
 from paligemma_jax import inference
 from paligemma_jax import metrics as metrics_lib
 from paligemma_jax import scoring
+from paligemma_jax import sharding
 from paligemma_jax.tasks import detection
 from paligemma_jax.tasks import segmentation
 
@@ -318,7 +320,7 @@ def read_predictions(path: str) -> dict:
       continue
     done[prediction["line"]] = prediction
     kept.append(text.decode("utf-8"))
-  if dropped or (raw and not raw.endswith(b"\n")):
+  if (dropped or (raw and not raw.endswith(b"\n"))) and sharding.is_writer():
     logging.warning("%s: dropping %d incomplete or unreadable line(s) of an earlier run.", path, dropped)
     files.write_atomically(path, "".join(t + "\n" for t in kept))
   return done
@@ -387,7 +389,8 @@ class Evaluator:
     if todo:
       bar = tqdm.tqdm(total=len(rows), initial=len(rows) - len(todo), unit="ex", desc=task,
                       disable=not progress)
-      with open(predictions, "a", encoding="utf-8") as out:
+      writer = sharding.is_writer()  # On a multi-host job every host decodes, the first writes.
+      with open(predictions, "a", encoding="utf-8") if writer else contextlib.nullcontext() as out:
         for row, result in zip(todo, self._results(task, todo, max_new_tokens)):
           bar.update(1)
           try:
@@ -405,8 +408,9 @@ class Evaluator:
           prediction = {"line": row.line, "task": task, "image": row.record["image"],
                         "prompt": row.record["prompt"], "image_size": list(result["image_size"]),
                         **fields, "reference": row.reference}
-          out.write(json.dumps(prediction, ensure_ascii=False) + "\n")
-          out.flush()
+          if out:
+            out.write(json.dumps(prediction, ensure_ascii=False) + "\n")
+            out.flush()
           done[row.line] = prediction
       bar.close()
     skips.sort(key=lambda s: s.line)
@@ -419,7 +423,7 @@ class Evaluator:
                     "lines": [{"line": s.line, "error": s.message} for s in skips[:MAX_SKIPPED_LINES]]},
     }
     result = _json_safe({**summary, **compute_metrics(task, lines)})
-    if metrics_path:
+    if metrics_path and sharding.is_writer():
       files.write_atomically(metrics_path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
 
@@ -450,16 +454,18 @@ def define_flags():
                       "the dataset file's directory).")
   flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                     "Compute and parameter dtype; auto = float32 on CPU, bfloat16 on TPU/GPU.")
+  sharding.define_flags()
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
+  mesh = sharding.mesh_from_flags()  # Before anything touches a device.
   if f.task == "segment" and not f.vae_npz:
     raise app.UsageError("--task=segment needs --vae_npz (big_vision's vae-oid.npz).")
   vae_params = segmentation.load_vae_npz(f.vae_npz) if f.task == "segment" else None
   dtype = None if f.dtype == "auto" else f.dtype
-  load = lambda: inference.load_model(f.checkpoint, dtype, f.config)
+  load = lambda: inference.load_model(f.checkpoint, dtype, f.config, mesh)
   evaluator = Evaluator(load, batch_size=f.batch_size, vae_params=vae_params)
   result = evaluator.run(f.dataset, f.task, f.predictions, f.metrics,
                          max_new_tokens=f.max_new_tokens, image_dir=f.image_dir)

@@ -34,6 +34,7 @@ from paligemma_jax import files
 from paligemma_jax import inference
 from paligemma_jax import processor
 from paligemma_jax import sampling
+from paligemma_jax import sharding
 from paligemma_jax.tasks import detection
 from paligemma_jax.tasks import segmentation
 
@@ -70,6 +71,7 @@ def define_flags():
                       "--task=segment.")
   flags.DEFINE_string("draw_dir", None, "With --task: write each image with its boxes (and "
                       "masks) drawn here, as NNNNN_<image name>.png.")
+  sharding.define_flags()
 
 
 def read_examples(path: str):
@@ -115,7 +117,7 @@ def add_task_outputs(index: int, result: dict, vae_params=None) -> dict:
   if not FLAGS.task or "error" in result:
     return result
   fields, objects = task_outputs(FLAGS.task, result["text"], *result["image_size"], vae_params)
-  if FLAGS.draw_dir:
+  if FLAGS.draw_dir and sharding.is_writer():
     stem = os.path.splitext(os.path.basename(result["image"]))[0]
     fields["drawing"] = os.path.join(FLAGS.draw_dir, f"{index:05d}_{stem}.png")
     draw(FLAGS.task, result["image"], objects, fields["drawing"])
@@ -135,6 +137,7 @@ def main(argv):
     raise app.UsageError("Give either --image and --prompt, or --input_jsonl.")
   if FLAGS.image and not FLAGS.prompt or FLAGS.prompt and not FLAGS.image:
     raise app.UsageError("--image and --prompt go together.")
+  mesh = sharding.mesh_from_flags()  # Before anything touches a device.
   if FLAGS.task == "segment" and not FLAGS.vae_npz:
     raise app.UsageError("--task=segment needs --vae_npz (big_vision's vae-oid.npz).")
   if FLAGS.draw_dir and not FLAGS.task:
@@ -143,7 +146,7 @@ def main(argv):
   if FLAGS.draw_dir:
     os.makedirs(FLAGS.draw_dir, exist_ok=True)
   dtype = None if FLAGS.dtype == "auto" else FLAGS.dtype
-  params, config, tokenizer = inference.load_model(FLAGS.checkpoint, dtype, FLAGS.config)
+  params, config, tokenizer = inference.load_model(FLAGS.checkpoint, dtype, FLAGS.config, mesh)
   predictor = inference.Predictor(config, params, tokenizer, batch_size=FLAGS.batch_size)
   sampler = sampling.Sampler(FLAGS.sampler, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
 
@@ -159,14 +162,16 @@ def main(argv):
 
   predictions = predictor.predict(examples, max_new_tokens=FLAGS.max_new_tokens, sampler=sampler,
                                   seed=FLAGS.seed, progress=len(examples) > 1, total=len(examples))
-  with files.atomic_writer(FLAGS.output_jsonl) if FLAGS.output_jsonl else contextlib.nullcontext() as out:
+  writer = sharding.is_writer()  # On a multi-host job only the first host writes.
+  write_file = FLAGS.output_jsonl and writer
+  with files.atomic_writer(FLAGS.output_jsonl) if write_file else contextlib.nullcontext() as out:
     failures = 0
     for index, result in enumerate(_merge_in_order(items, predictions)):
       result = add_task_outputs(index, result, vae_params)
       if "error" in result:
         failures += 1
         logging.error("%s", result["error"])
-      else:
+      elif writer:
         print(f"{result['image']}\t{result['prompt']!r}\t{result['text']}", flush=True)
       if out:
         out.write(json.dumps(result, ensure_ascii=False) + "\n")

@@ -24,6 +24,7 @@ from paligemma_jax import hf
 from paligemma_jax import paligemma
 from paligemma_jax import processor
 from paligemma_jax import sampling
+from paligemma_jax import sharding
 from paligemma_jax.tokenizer import Tokenizer
 
 DEFAULT_BUCKET = 32  # Prompt lengths are rounded up to a multiple of this: one compile per bucket.
@@ -34,19 +35,24 @@ def default_dtype() -> str:
   return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def load_model(path: str, dtype: str | None = None, config: ml_collections.ConfigDict | None = None):
+def load_model(path: str, dtype: str | None = None, config: ml_collections.ConfigDict | None = None,
+               mesh=None):
   """(params, config, tokenizer) from a converted checkpoint or a Hugging Face directory.
 
   `dtype` (default: `default_dtype()`) becomes both the parameter and the compute dtype.
   `config` replaces the stored config (e.g. to turn the sliding window off); its parameter
-  shapes must match the checkpoint's.
+  shapes must match the checkpoint's. With a `mesh` the parameters are sharded over it (a
+  converted checkpoint is restored straight into its shards) and decoding follows them.
   """
   dtype = dtype or default_dtype()
   if os.path.exists(os.path.join(path, checkpoint.PARAMS)):
-    params, stored = checkpoint.load(path, dtype=dtype)
+    params, stored = (checkpoint.load(path, dtype=dtype) if mesh is None
+                      else sharding.load(path, mesh, dtype))
     tokenizer_file = checkpoint.tokenizer_path(path)
   elif os.path.exists(os.path.join(path, "config.json")):
     params, stored, tokenizer_file = hf.load_hf(path, dtype=dtype, progress=True)
+    if mesh is not None:
+      params = sharding.shard_params(params, mesh)
     if tokenizer_file is None:
       raise FileNotFoundError(f"{path} has no tokenizer.model.")
   else:

@@ -293,3 +293,20 @@ def host_slice(items: Iterable, index: int | None = None, count: int | None = No
 def is_writer() -> bool:
   """Whether this process writes outputs (files, logs): process 0."""
   return jax.process_index() == 0
+
+
+def define_flags():
+  """`--mesh` and `--distributed`, shared by the command-line entry points."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("mesh", None, "Shard the model, batch and KV cache over the devices, e.g. "
+                      "'fsdp:-1', 'data:2,fsdp:4', 'fsdp:4,tensor:2' (axes data, fsdp, tensor; "
+                      "-1 = the rest; see docs/scaling.md). Default: one device.")
+  flags.DEFINE_bool("distributed", None, "Join a multi-host job (jax.distributed.initialize); "
+                    "default: $PALIGEMMA_DISTRIBUTED.")
+
+
+def mesh_from_flags() -> Mesh | None:
+  """Joins the multi-host job if asked, then builds --mesh (None: one device). Call it first."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  initialize_distributed(flags.FLAGS.distributed)
+  return mesh_from_string(flags.FLAGS.mesh) if flags.FLAGS.mesh else None

@@ -81,8 +81,33 @@ def test_single_example_and_refusals(converted_checkpoint, tmp_path):
   assert usage.returncode != 0 and "--image and --prompt" in usage.stderr
 
 
+def test_mesh_flag_shards_and_gives_the_same_answers(converted_checkpoint, tmp_path):
+  directory, _ = converted_checkpoint(2)
+  rng = np.random.RandomState(1)
+  lines = []
+  for i in range(3):
+    Image.fromarray(rng.randint(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    lines.append(json.dumps({"image": str(tmp_path / f"{i}.png"), "prompt": f"caption {'en ' * i}"}))
+  (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+  outputs = {}
+  for mesh in (None, "data:2,tensor:2"):
+    out = tmp_path / f"{mesh}.jsonl"
+    args = [f"--checkpoint={directory}", f"--input_jsonl={tmp_path / 'in.jsonl'}", f"--output_jsonl={out}",
+            "--batch_size=2", "--max_new_tokens=5"] + ([f"--mesh={mesh}"] if mesh else [])
+    proc = subprocess.run([sys.executable, "-m", "paligemma_jax.generate", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=ROOT,
+                                   XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outputs[mesh] = [json.loads(line) for line in out.read_text().splitlines()]
+  for single, sharded in zip(outputs[None], outputs["data:2,tensor:2"]):
+    assert single["tokens"] == sharded["tokens"]
+    np.testing.assert_allclose(single["logprobs"], sharded["logprobs"], atol=1e-5)
+
+
 def test_help_explains_every_flag():
-  proc = run("--helpshort")
+  proc = run("--help")
   for flag in ("checkpoint", "config", "image", "prompt", "input_jsonl", "output_jsonl", "batch_size",
-               "max_new_tokens", "sampler", "temperature", "top_k", "top_p", "seed", "dtype", "task"):
+               "max_new_tokens", "sampler", "temperature", "top_k", "top_p", "seed", "dtype", "task",
+               "mesh", "distributed"):
     assert f"--{flag}" in proc.stdout + proc.stderr, flag
