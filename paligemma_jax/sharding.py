@@ -28,9 +28,11 @@ that writes outputs.
 import itertools
 import math
 import os
+import sys
 import re
 from typing import Iterable, Sequence
 
+from absl import flags
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -297,16 +299,15 @@ def is_writer() -> bool:
 
 def define_flags():
   """`--mesh` and `--distributed`, shared by the command-line entry points."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  main = dict(module_name=sys.argv[0])  # Listed by --help with the entry point's own flags.
   flags.DEFINE_string("mesh", None, "Shard the model, batch and KV cache over the devices, e.g. "
                       "'fsdp:-1', 'data:2,fsdp:4', 'fsdp:4,tensor:2' (axes data, fsdp, tensor; "
-                      "-1 = the rest; see docs/scaling.md). Default: one device.")
+                      "-1 = the rest; see docs/scaling.md). Default: one device.", **main)
   flags.DEFINE_bool("distributed", None, "Join a multi-host job (jax.distributed.initialize); "
-                    "default: $PALIGEMMA_DISTRIBUTED.")
+                    "default: $PALIGEMMA_DISTRIBUTED.", **main)
 
 
 def mesh_from_flags() -> Mesh | None:
   """Joins the multi-host job if asked, then builds --mesh (None: one device). Call it first."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   initialize_distributed(flags.FLAGS.distributed)
   return mesh_from_string(flags.FLAGS.mesh) if flags.FLAGS.mesh else None
