@@ -28,8 +28,8 @@ that writes outputs.
 import itertools
 import math
 import os
-import sys
 import re
+import sys
 from typing import Iterable, Sequence
 
 from absl import flags
