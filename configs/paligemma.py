@@ -80,4 +80,5 @@ def get_config(arg: str = "pg2-3b-224") -> ml_collections.ConfigDict:
   cfg.dtype = "float32"  # Compute dtype: "bfloat16" on TPU/GPU.
   cfg.param_dtype = "float32"
   cfg.remat = False  # Rematerialise layer activations in the backward pass (fine-tuning).
+  cfg.scan_layers = True  # Stacked decoder weights under nn.scan (decoding unstacks them).
   return cfg

@@ -120,7 +120,7 @@ def time_transformers(model, inputs, batch, new_tokens, repeats):
 def compile_seconds(variant):
   """Compile time of prefill + decode loop for the full-depth preset (no weights allocated)."""
   config = presets.get_config(variant)
-  shapes = paligemma.param_shapes(config)
+  shapes = jax.eval_shape(paligemma.unstack_layers, paligemma.param_shapes(config))
   prefill, loop = decode.Decoder(config, None).compiled(32)
   n, s = paligemma.num_image_tokens(config), config.vision.image_size
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)

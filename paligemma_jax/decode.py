@@ -47,11 +47,24 @@ class Decoder:
                cache_dtype=None, mesh=None):
     """mesh (default: the one `params` are sharded over, if any): batches and the KV cache are
     split over it (sharding.py) and results come back replicated, readable on every host."""
-    self.config, self.params = config, params
+    # Decoding runs the decoder layers one by one over separate weights (gemma.Decoder.scan_layers).
+    self.config = config.copy_and_resolve_references()
+    self.config.scan_layers = False
+    self.params = params
     self.eos_id, self.pad_id = eos_id, pad_id
     self.cache_dtype = cache_dtype or config.dtype
     self.mesh = sharding.mesh_of(params) if mesh is None else mesh
-    self.model = paligemma.PaliGemma(config)
+    self.model = paligemma.PaliGemma(self.config)
+
+  @property
+  def params(self):
+    return self._params
+
+  @params.setter
+  def params(self, params):
+    """Takes the checkpoint layout (stacked layers) and keeps the per-layer one."""
+    stacked = params is not None and "layers" in params["llm"]
+    self._params = paligemma.unstack_layers(params) if stacked else params
 
   def generate(self, tokens, images, input_mask, prefix_mask, *, max_new_tokens: int,
                sampler: sampling.Sampler = sampling.Sampler(), rng=None) -> Generation:

@@ -128,14 +128,23 @@ class Decoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  # True: one scanned block over stacked [L, ...] weights (`layers`), so compile time does not
+  # grow with depth. False: separate blocks `layers_0`..`layers_{L-1}`, for decoding: XLA on CPU
+  # copies a weight sliced out of a stacked array before a matrix-vector product, which costs
+  # more than the product itself (`paligemma.unstack_layers` converts the parameters).
+  scan_layers: bool = True
 
   def setup(self):
     cfg = self.config
     self.embedder = Embedder(cfg.vocab_size, cfg.width, self.dtype, self.param_dtype)
     block = nn.remat(Block, prevent_cse=False) if self.remat else Block
-    self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.depth)(
-                              cfg, self.dtype, self.param_dtype)
+    if self.scan_layers:
+      self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.depth)(
+                                cfg, self.dtype, self.param_dtype)
+    else:
+      self.blocks = [block(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")
+                     for i in range(cfg.depth)]
     self.final_norm = RMSNorm(cfg.norm_eps, self.param_dtype)
 
   def embed(self, tokens):
@@ -144,9 +153,14 @@ class Decoder(nn.Module):
   def __call__(self, x, positions, full_mask, sliding_mask=None, cache=None):
     """x [B, T, D] embeddings -> hidden [B, T, D], and the cache with this step written."""
     cfg = self.config
-    layer_inputs = (jnp.arange(cfg.depth), jnp.asarray(layer_is_sliding(cfg)))
-    (x, cache), _ = self.layers((x.astype(self.dtype), cache), layer_inputs, positions, full_mask,
-                                sliding_mask)
+    carry = (x.astype(self.dtype), cache)
+    if self.scan_layers:
+      layer_inputs = (jnp.arange(cfg.depth), jnp.asarray(layer_is_sliding(cfg)))
+      carry, _ = self.layers(carry, layer_inputs, positions, full_mask, sliding_mask)
+    else:
+      for layer, (block, is_sliding) in enumerate(zip(self.blocks, layer_is_sliding(cfg))):
+        carry, _ = block(carry, (layer, is_sliding), positions, full_mask, sliding_mask)
+    x, cache = carry
     return self.final_norm(x), cache
 
   def logits(self, hidden):

@@ -176,6 +176,7 @@ def config_from_hf(hf_config: dict) -> ml_collections.ConfigDict:
   cfg.dtype = "float32"  # Compute dtype: a runtime choice, not the checkpoint's.
   cfg.param_dtype = _param_dtype(hf_config)
   cfg.remat = False
+  cfg.scan_layers = True
   return cfg
 
 

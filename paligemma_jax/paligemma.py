@@ -32,7 +32,7 @@ class PaliGemma(nn.Module):
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), remat=cfg.remat)
     self.img = siglip.Encoder(cfg.vision, **kw)
     self.projector = nn.Dense(cfg.text.width, dtype=kw["dtype"], param_dtype=kw["param_dtype"])
-    self.llm = gemma.Decoder(cfg.text, **kw)
+    self.llm = gemma.Decoder(cfg.text, **kw, scan_layers=cfg.get("scan_layers", True))
 
   def embed_image(self, images):
     """[B, S, S, 3] -> [B, N, D]: image features in the text embedding space."""
@@ -111,6 +111,17 @@ def dummy_inputs(config: ml_collections.ConfigDict, batch: int = 1):
 def init_params(config: ml_collections.ConfigDict, rng):
   """Random parameters with the layout of a converted checkpoint."""
   return PaliGemma(config).init(rng, *dummy_inputs(config))["params"]
+
+
+def unstack_layers(params):
+  """Splits the stacked decoder weights `llm/layers` [L, ...] into `llm/layers_0`.. (each [...]),
+  the layout of a model whose config has `scan_layers=False` (see gemma.Decoder)."""
+  llm = dict(params["llm"])
+  stacked = llm.pop("layers")
+  depth = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+  for i in range(depth):
+    llm[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+  return {**params, "llm": llm}
 
 
 def param_shapes(config: ml_collections.ConfigDict):
