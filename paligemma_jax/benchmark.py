@@ -81,6 +81,7 @@ def build_reference(variant, vision_layers, text_layers, directory):
 
 def time_ours(config, params, inputs, batch, new_tokens, repeats):
   decoder = decode.Decoder(config, params, eos_id=-1)  # -1: never stop early.
+  params = decoder.params  # The decoding layout (per-layer weights).
   prefill, loop = decoder.compiled(new_tokens)
   args = [np.repeat(x, batch, axis=0) for x in inputs]
   rng = jax.random.PRNGKey(0)

@@ -5,7 +5,9 @@
   DIR/tokenizer.model  SentencePiece model (optional)
 
 `save` writes into a temporary sibling directory and renames it into place, so DIR either holds a
-complete checkpoint or does not exist.
+complete checkpoint or does not exist. On a multi-host job every process calls it (each writes the
+slices of the sharded parameters it holds, into a shared directory); only process 0 creates,
+fills in and renames the directory.
 """
 
 import json
@@ -16,9 +18,16 @@ import uuid
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 PARAMS, CONFIG, TOKENIZER = "params", "config.json", "tokenizer.model"
+
+
+def _sync(name: str):
+  """A barrier across the processes of a multi-host job (nothing to wait for in one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def save(directory: str, params, config: ml_collections.ConfigDict, tokenizer_path: str | None = None):
@@ -29,21 +38,32 @@ def save(directory: str, params, config: ml_collections.ConfigDict, tokenizer_pa
   if tokenizer_path is not None and not os.path.isfile(tokenizer_path):
     raise FileNotFoundError(f"Tokenizer file {tokenizer_path} does not exist.")
   parent, name = os.path.split(directory)
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")  # Same filesystem: atomic rename.
-  os.mkdir(tmp)
+  writer, shared = jax.process_index() == 0, jax.process_count() > 1
+  # Same filesystem: atomic rename. Processes of one job must agree on the name without talking.
+  tmp = os.path.join(parent, f".{name}.tmp-{'shared' if shared else uuid.uuid4().hex[:8]}")
+  if writer:
+    os.makedirs(parent, exist_ok=True)
+    if shared:
+      shutil.rmtree(tmp, ignore_errors=True)  # Left by a killed job.
+    os.mkdir(tmp)
+  _sync(f"checkpoint.save {directory}: created")
   try:
-    with ocp.StandardCheckpointer() as ckpt:
+    with ocp.StandardCheckpointer() as ckpt:  # Every process: Orbax writes each shard once.
       ckpt.save(os.path.join(tmp, PARAMS), params)
       ckpt.wait_until_finished()
-    with open(os.path.join(tmp, CONFIG), "w") as f:
-      f.write(config.to_json(indent=2, sort_keys=True))
-    if tokenizer_path is not None:
-      shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER))
-    os.rename(tmp, directory)
+    if writer:
+      with open(os.path.join(tmp, CONFIG), "w") as f:
+        f.write(config.to_json(indent=2, sort_keys=True))
+      if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER))
+    _sync(f"checkpoint.save {directory}: written")
+    if writer:
+      os.rename(tmp, directory)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if writer:
+      shutil.rmtree(tmp, ignore_errors=True)
     raise
+  _sync(f"checkpoint.save {directory}: renamed")  # Nobody returns before the directory exists.
 
 
 def _check(directory, name):

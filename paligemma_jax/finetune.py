@@ -10,6 +10,10 @@ training state (trainable parameters, optimizer state, step, PRNG key, data posi
 training config and metrics.jsonl (one line per step, plus evaluation lines). Running the same
 command again resumes from the last checkpoint and continues exactly where the run would have
 been. When the last step is done, the model (LoRA merged) is written to `--export_dir`.
+
+`--mesh` shards the model, the training state and the batches over the devices (see
+docs/scaling.md); the numbers are those of one device. On a multi-host job (`--distributed`)
+every host runs the same command with the same data; only the first writes metrics and logs.
 """
 
 import json
@@ -31,6 +35,7 @@ from paligemma_jax import data
 from paligemma_jax import hf
 from paligemma_jax import inference
 from paligemma_jax import paligemma
+from paligemma_jax import sharding
 from paligemma_jax import training
 from paligemma_jax.tokenizer import Tokenizer
 
@@ -52,19 +57,27 @@ def define_flags():
   flags.DEFINE_string("export_dir", None, "Where the fine-tuned checkpoint goes at the end.")
   flags.DEFINE_integer("max_steps_this_run", None, "Stop (with a checkpoint) after this many "
                        "steps; rerun to go on.")
+  sharding.define_flags()
 
 
-def load_base(path: str):
-  """(params as stored, model config, tokenizer file) from either checkpoint format."""
+def load_base(path: str, mesh=None):
+  """(params as stored, model config, tokenizer file) from either checkpoint format; with a
+  mesh, sharded over it (a converted checkpoint is restored straight into its shards)."""
   if os.path.exists(os.path.join(path, checkpoint.PARAMS)):
-    params, config = checkpoint.load(path)
+    params, config = checkpoint.load(path) if mesh is None else sharding.load(path, mesh)
     return params, config, checkpoint.tokenizer_path(path)
   if os.path.exists(os.path.join(path, "config.json")):
-    params, config, tokenizer_file = hf.load_hf(path, progress=True)
+    params, config, tokenizer_file = hf.load_hf(path, progress=sharding.is_writer())
     if tokenizer_file is None:
       raise FileNotFoundError(f"{path} has no tokenizer.model.")
-    return params, config, tokenizer_file
+    return params if mesh is None else sharding.shard_params(params, mesh), config, tokenizer_file
   raise FileNotFoundError(f"{path} is neither a converted checkpoint nor a Hugging Face directory.")
+
+
+def _info(*args):
+  """Logs on the writing process only (every host of a multi-host job runs the same steps)."""
+  if sharding.is_writer():
+    logging.info(*args)
 
 
 def _step_of(line: str):
@@ -106,8 +119,9 @@ class Evaluator:
   """Held-out loss over every usable example, and greedy exact match of the generated text
   against the suffix on the first `eval_num_generate` of them."""
 
-  def __init__(self, records, layout, config, model_config, tokenizer, model, parametrization):
-    self.records, self.layout, self.config = records, layout, config
+  def __init__(self, records, layout, config, model_config, tokenizer, model, parametrization,
+               mesh=None):
+    self.records, self.layout, self.config, self.mesh = records, layout, config, mesh
     self.parametrization = parametrization
     self.loss_fn = jax.jit(lambda t, f, b: training.eval_step(
         t, f, b, model=model, parametrization=parametrization))
@@ -118,7 +132,9 @@ class Evaluator:
     total, count = 0.0, 0.0
     for batch in data.eval_batches(self.records, self.layout, self.config.eval_batch_size,
                                    self.config.num_threads):
-      loss_sum, n = jax.device_get(self.loss_fn(trainable, frozen, batch))
+      if self.mesh is not None:
+        batch = sharding.shard_batch(batch, self.mesh)
+      loss_sum, n = sharding.fetch(self.loss_fn(trainable, frozen, batch))
       total, count = total + float(loss_sum), count + float(n)
     params = self.parametrization.full(trainable, frozen)
     if self.predictor is None:
@@ -136,8 +152,8 @@ class Evaluator:
       scored += 1
       hits += result["text"].strip() == record.suffix.strip()
       if scored <= 3:
-        logging.info("eval %s: %r -> %r (target %r)", record.where, record.prefix, result["text"],
-                     record.suffix)
+        _info("eval %s: %r -> %r (target %r)", record.where, record.prefix, result["text"],
+              record.suffix)
     return dict(eval_loss=total / max(count, 1.0), eval_exact_match=hits / max(scored, 1),
                 eval_examples=scored)
 
@@ -171,18 +187,23 @@ def _check_config(workdir: str, config: ml_collections.ConfigDict):
 
 def train(config: ml_collections.ConfigDict, *, base: str, train_jsonl: str, workdir: str,
           eval_jsonl: str | None = None, export_dir: str | None = None,
-          max_steps_this_run: int | None = None) -> dict:
-  """Runs (or resumes) training; returns the final state and the last evaluation metrics."""
-  workdir = os.path.abspath(workdir)
+          max_steps_this_run: int | None = None, mesh=None) -> dict:
+  """Runs (or resumes) training; returns the final state and the last evaluation metrics.
+
+  mesh: shard the parameters, the training state and the batches over it. On a multi-host job
+  every process calls this with the same arguments; only `sharding.is_writer()` writes files.
+  """
+  workdir, writer = os.path.abspath(workdir), sharding.is_writer()
   if export_dir and os.path.exists(export_dir):
     raise FileExistsError(f"--export_dir {export_dir} already exists; refusing to overwrite it.")
   if config.batch_size % config.accum_steps:
     raise ValueError(f"batch_size {config.batch_size} is not a multiple of accum_steps "
                      f"{config.accum_steps}.")
-  os.makedirs(workdir, exist_ok=True)
-  _check_config(workdir, config)
+  if writer:
+    os.makedirs(workdir, exist_ok=True)
+    _check_config(workdir, config)
 
-  params, model_config, tokenizer_file = load_base(base)
+  params, model_config, tokenizer_file = load_base(base, mesh)
   param_dtype = config.param_dtype or inference.default_dtype()
   model_config.dtype = config.dtype or inference.default_dtype()
   model_config.param_dtype, model_config.remat = param_dtype, config.remat
@@ -203,10 +224,19 @@ def train(config: ml_collections.ConfigDict, *, base: str, train_jsonl: str, wor
   tx, schedule = training.make_optimizer(config)
   state = training.init_state(trainable, tx, state_rng)
   # Committed like the step's outputs (and restored arrays), so the step compiles once.
-  state, frozen = jax.device_put((state, frozen), jax.local_devices()[0])
-  logging.info("Training %d parameters (%s), %d frozen; %d training examples, %d held out.",
-               sum(x.size for x in jax.tree.leaves(trainable)), config.trainable,
-               sum(x.size for x in jax.tree.leaves(frozen)), len(train_records), len(eval_records))
+  if mesh is None:
+    state, frozen = jax.device_put((state, frozen), jax.local_devices()[0])
+    out_shardings = None
+  else:
+    state_shardings = sharding.state_shardings(state, mesh)
+    state, frozen = jax.device_put(state, state_shardings), sharding.shard_params(frozen, mesh)
+    out_shardings = (state_shardings, sharding.replicated(mesh))
+    _info("Sharded over %s: %.1f MiB of training state and frozen parameters per device.",
+          dict(mesh.shape), (sharding.bytes_per_device(state, mesh, strict=False)
+                             + sharding.bytes_per_device(frozen, mesh)) / 2**20)
+  _info("Training %d parameters (%s), %d frozen; %d training examples, %d held out.",
+        sum(x.size for x in jax.tree.leaves(trainable)), config.trainable,
+        sum(x.size for x in jax.tree.leaves(frozen)), len(train_records), len(eval_records))
 
   manager = ocp.CheckpointManager(
       os.path.join(workdir, "checkpoints"),
@@ -218,73 +248,83 @@ def train(config: ml_collections.ConfigDict, *, base: str, train_jsonl: str, wor
   if manager.latest_step() is not None:
     state, saved = _restore(manager, state)
     position = saved["position"]
-    if {k: saved.get(k) for k in data_info} != data_info:
+    if {k: saved.get(k) for k in data_info} != data_info and writer:
       logging.warning("The training data or seed changed since the checkpoint (%s, now %s): the "
                       "data order will differ.", saved, data_info)
-    logging.info("Resumed from step %d (data position %d).", int(state["step"]), position)
+    _info("Resumed from step %d (data position %d).", int(state["step"]), position)
   start = int(state["step"])
   stop = config.total_steps if max_steps_this_run is None else min(
       config.total_steps, start + max_steps_this_run)
 
   step_fn = jax.jit(lambda s, f, b: training.train_step(
       s, f, b, model=model, parametrization=parametrization, tx=tx, schedule=schedule,
-      accum_steps=config.accum_steps), donate_argnums=0)
+      accum_steps=config.accum_steps), out_shardings=out_shardings, donate_argnums=0)
   evaluator = Evaluator(eval_records, layout, config, model_config, tokenizer, model,
-                        parametrization) if eval_records else None
-  writer = MetricWriter(os.path.join(workdir, "metrics.jsonl"), start)
+                        parametrization, mesh) if eval_records else None
+  metric_writer = MetricWriter(os.path.join(workdir, "metrics.jsonl"), start) if writer else None
+  # The same seeded loader on every host: each copies its devices' rows of the global batch.
   loader = data.TrainLoader(train_records, layout, batch_size=config.batch_size, seed=config.seed,
                             position=position, num_threads=config.num_threads)
-  bar = tqdm.tqdm(total=config.total_steps, initial=start, unit="step", desc="finetune")
+  bar = tqdm.tqdm(total=config.total_steps, initial=start, unit="step", desc="finetune",
+                  disable=not writer)
   eval_metrics = {}
   try:
     for step in range(start + 1, stop + 1):
       t0 = time.perf_counter()
       batch, position = next(loader)
+      if mesh is not None:
+        batch = sharding.shard_batch(batch, mesh)
       state, metrics = step_fn(state, frozen, batch)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      metrics = {k: float(v) for k, v in sharding.fetch(metrics).items()}
       dt = time.perf_counter() - t0
-      writer.write(step, loss=metrics["loss"], lr=metrics["lr"], grad_norm=metrics["grad_norm"],
-                   examples_per_s=config.batch_size / dt, step_time_s=dt)
+      if metric_writer:
+        metric_writer.write(step, loss=metrics["loss"], lr=metrics["lr"],
+                            grad_norm=metrics["grad_norm"], examples_per_s=config.batch_size / dt,
+                            step_time_s=dt)
       bar.update()
       bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.3g}")
       if step % config.log_every == 0 or step == stop:
-        logging.info("step %d/%d: loss %.4f, lr %.3g, grad norm %.3g, %.1f examples/s, %.3f s/step",
-                     step, config.total_steps, metrics["loss"], metrics["lr"],
-                     metrics["grad_norm"], config.batch_size / dt, dt)
+        _info("step %d/%d: loss %.4f, lr %.3g, grad norm %.3g, %.1f examples/s, %.3f s/step",
+              step, config.total_steps, metrics["loss"], metrics["lr"], metrics["grad_norm"],
+              config.batch_size / dt, dt)
       if step % config.checkpoint_every == 0 or step == stop:
         _save(manager, state, position, data_info)
       if evaluator and (config.eval_every and step % config.eval_every == 0
                         or step == config.total_steps):
         eval_metrics = evaluator(state["params"], frozen)
-        writer.write(step, **eval_metrics)
-        logging.info("step %d: held-out loss %.4f, exact match %.3f on %d examples", step,
-                     eval_metrics["eval_loss"], eval_metrics["eval_exact_match"],
-                     eval_metrics["eval_examples"])
+        if metric_writer:
+          metric_writer.write(step, **eval_metrics)
+        _info("step %d: held-out loss %.4f, exact match %.3f on %d examples", step,
+              eval_metrics["eval_loss"], eval_metrics["eval_exact_match"],
+              eval_metrics["eval_examples"])
   finally:
     bar.close()
     loader.close()
-    writer.close()
+    if metric_writer:
+      metric_writer.close()
     manager.wait_until_finished()
     manager.close()
 
   if int(state["step"]) < config.total_steps:
-    logging.info("Stopped at step %d of %d; run again with the same --workdir to continue.",
-                 int(state["step"]), config.total_steps)
+    _info("Stopped at step %d of %d; run again with the same --workdir to continue.",
+          int(state["step"]), config.total_steps)
   elif export_dir:
     export_config = ml_collections.ConfigDict(model_config.to_dict())
     export_config.dtype, export_config.remat = param_dtype, False
     params = parametrization.full(state["params"], frozen, dtype=jnp.dtype(param_dtype))
-    checkpoint.save(export_dir, params, export_config, tokenizer_file)
-    logging.info("Exported the fine-tuned model to %s.", export_dir)
+    checkpoint.save(export_dir, params, export_config, tokenizer_file)  # Every process: its shards.
+    _info("Exported the fine-tuned model to %s.", export_dir)
   return dict(state=state, frozen=frozen, parametrization=parametrization, eval=eval_metrics)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  mesh = sharding.mesh_from_flags()  # Before anything touches a device.
   f = flags.FLAGS
   train(f.config, base=f.checkpoint, train_jsonl=f.train_jsonl, workdir=f.workdir,
-        eval_jsonl=f.eval_jsonl, export_dir=f.export_dir, max_steps_this_run=f.max_steps_this_run)
+        eval_jsonl=f.eval_jsonl, export_dir=f.export_dir, max_steps_this_run=f.max_steps_this_run,
+        mesh=mesh)
 
 
 if __name__ == "__main__":

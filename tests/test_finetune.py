@@ -1,6 +1,7 @@
 """Fine-tuning: what trains, schedules, accumulation, and end to end on a tiny random checkpoint:
-overfitting until greedy generation reproduces the suffixes (full and LoRA), and a run stopped,
-crashed and resumed that ends exactly where an uninterrupted command-line run does.
+overfitting until greedy generation reproduces the suffixes (full and LoRA), a run stopped,
+crashed and resumed that ends exactly where an uninterrupted command-line run does, and a
+command-line run sharded over 8 simulated devices that matches one device.
 
 The command line registers absl flags, so it runs in a subprocess. A persistent compilation cache
 shared by the runs (and the subprocess) keeps identical programs from compiling twice.
@@ -359,3 +360,53 @@ def test_stopped_and_crashed_runs_resume_to_the_uninterrupted_result(base, compi
                ref_export)
   assert int(final["state"]["step"]) == 40
   jax.tree.map(lambda a: np.testing.assert_array_equal(np.isfinite(a), True), final["state"]["params"])
+
+
+def test_sharded_command_line_run_matches_one_device(base, compile_cache, tmp_path):
+  """`--mesh` on 8 simulated CPU devices (a subprocess: the device count is fixed when jax starts),
+  stopped after 2 steps and resumed from its sharded checkpoint, trains, evaluates and exports
+  what one device does."""
+  # eps: Adam's first step is lr * g / (|g| + eps); the default 1e-8 would turn float noise in
+  # near-zero gradients (zero-initialised biases) into full-size updates of either sign.
+  config = _config("all", total_steps=4, checkpoint_every=2, lr=3e-3, eps=1e-3,
+                   eval_num_generate=2, eval_max_new_tokens=4)
+  common = dict(base=str(base / "base"), train_jsonl=str(base / "clean.jsonl"),
+                eval_jsonl=str(base / "clean.jsonl"))
+  cmd = [sys.executable, "-m", "paligemma_jax.finetune", "--config=configs/finetune.py:all",
+         *_cli_overrides(config), "--mesh=data:2,fsdp:2,tensor:2", f"--checkpoint={common['base']}",
+         f"--train_jsonl={common['train_jsonl']}", f"--eval_jsonl={common['eval_jsonl']}",
+         f"--workdir={tmp_path / 'work'}", f"--export_dir={tmp_path / 'export'}"]
+  # Less LLVM optimisation halves the compile time, which dominates these runs.
+  flags = ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
+           "--xla_llvm_disable_expensive_passes=true"]
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags),
+             JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+  def start(name, *extra):  # The log goes to a file: a full pipe would stall the run.
+    with open(tmp_path / name, "w") as log:
+      return subprocess.Popen(cmd + list(extra), cwd=ROOT, env=env, stderr=log), tmp_path / name
+
+  def finish(proc, log):
+    proc.wait(timeout=600)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    return log.read_text()
+
+  stopped = start("stopped.log", "--max_steps_this_run=2")  # Runs while the reference trains here.
+  finetune.train(config, workdir=str(tmp_path / "ref"), export_dir=str(tmp_path / "ref_export"),
+                 **common)
+  logs = [finish(*stopped)]
+  assert not os.path.exists(tmp_path / "export")
+  logs.append(finish(*start("resumed.log")))
+  assert "Sharded over {'data': 2, 'fsdp': 2, 'tensor': 2}" in logs[0]
+  assert "Resumed from step 2" in logs[1]
+
+  got = finetune.read_metrics(str(tmp_path / "work" / "metrics.jsonl"))
+  want = finetune.read_metrics(str(tmp_path / "ref" / "metrics.jsonl"))
+  assert [sorted(m) for m in got] == [sorted(m) for m in want] and len(got) == 5  # 4 steps, 1 eval.
+  for key in ("loss", "lr", "grad_norm", "eval_loss", "eval_exact_match"):
+    np.testing.assert_allclose([m[key] for m in got if key in m], [m[key] for m in want if key in m],
+                               rtol=1e-5, atol=1e-5, err_msg=key)
+  ours, _ = checkpoint.load(str(tmp_path / "export"))
+  ref, _ = checkpoint.load(str(tmp_path / "ref_export"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), ours, ref)
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # No temporaries left.
