@@ -34,6 +34,7 @@ def convert(hf_dir: str, output_dir: str, dtype: str | None = None, progress: bo
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  checkpoint.quiet_orbax_logs()
   convert(_HF_DIR.value, _OUTPUT_DIR.value, _DTYPE.value)
 
 

@@ -11,10 +11,12 @@ fills in and renames the directory.
 """
 
 import json
+import logging as std_logging
 import os
 import shutil
 import uuid
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,6 +24,21 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 PARAMS, CONFIG, TOKENIZER = "params", "config.json", "tokenizer.model"
+
+
+class _OrbaxInfoFilter(std_logging.Filter):
+  """Drops Orbax's INFO lines (some twenty per save or restore) unless --v=1 or more."""
+
+  def filter(self, record):
+    return (record.levelno > std_logging.INFO or logging.get_verbosity() > logging.INFO
+            or f"{os.sep}orbax{os.sep}" not in record.pathname)
+
+
+def quiet_orbax_logs():
+  """For the command-line entry points: keeps Orbax's warnings and errors, not its progress."""
+  logger = logging.get_absl_logger()
+  if not any(isinstance(f, _OrbaxInfoFilter) for f in logger.filters):
+    logger.addFilter(_OrbaxInfoFilter())
 
 
 def _sync(name: str):

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 import tqdm
 
+from paligemma_jax import checkpoint
 from paligemma_jax import files
 from paligemma_jax import inference
 from paligemma_jax import metrics as metrics_lib
@@ -460,6 +461,7 @@ def define_flags():
 def main(argv):
   del argv
   f = flags.FLAGS
+  checkpoint.quiet_orbax_logs()
   mesh = sharding.mesh_from_flags()  # Before anything touches a device.
   if f.task == "segment" and not f.vae_npz:
     raise app.UsageError("--task=segment needs --vae_npz (big_vision's vae-oid.npz).")

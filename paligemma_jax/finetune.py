@@ -320,6 +320,7 @@ def train(config: ml_collections.ConfigDict, *, base: str, train_jsonl: str, wor
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  checkpoint.quiet_orbax_logs()
   mesh = sharding.mesh_from_flags()  # Before anything touches a device.
   f = flags.FLAGS
   train(f.config, base=f.checkpoint, train_jsonl=f.train_jsonl, workdir=f.workdir,

@@ -30,6 +30,7 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
+from paligemma_jax import checkpoint
 from paligemma_jax import files
 from paligemma_jax import inference
 from paligemma_jax import processor
@@ -137,6 +138,7 @@ def main(argv):
     raise app.UsageError("Give either --image and --prompt, or --input_jsonl.")
   if FLAGS.image and not FLAGS.prompt or FLAGS.prompt and not FLAGS.image:
     raise app.UsageError("--image and --prompt go together.")
+  checkpoint.quiet_orbax_logs()
   mesh = sharding.mesh_from_flags()  # Before anything touches a device.
   if FLAGS.task == "segment" and not FLAGS.vae_npz:
     raise app.UsageError("--task=segment needs --vae_npz (big_vision's vae-oid.npz).")

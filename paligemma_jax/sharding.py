@@ -33,6 +33,7 @@ import sys
 from typing import Iterable, Sequence
 
 from absl import flags
+from absl import logging
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -308,6 +309,12 @@ def define_flags():
 
 
 def mesh_from_flags() -> Mesh | None:
-  """Joins the multi-host job if asked, then builds --mesh (None: one device). Call it first."""
+  """Joins the multi-host job if asked, then builds --mesh (None: one device). Call it first.
+
+  On a multi-host job only the writing process logs below ERROR: every host runs the same steps
+  and reads the same data, so the others would repeat each line (and each bad-line warning).
+  """
   initialize_distributed(flags.FLAGS.distributed)
+  if not is_writer():
+    logging.set_verbosity(logging.ERROR)
   return mesh_from_string(flags.FLAGS.mesh) if flags.FLAGS.mesh else None

@@ -370,6 +370,8 @@ def test_cli(tmp_path, tokenizer_file):
   result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Converting" in result.stderr  # The tqdm bar.
+  # Our log lines, not Orbax's twenty per save (they name its temporary directory).
+  assert "Wrote" in result.stderr and "orbax-checkpoint-tmp" not in result.stderr
   params, config = checkpoint.load(str(tmp_path / "out"))
   assert config.param_dtype == "bfloat16" and config.text.family == "gemma2"
   assert_params_equal(params, src.model.to(torch.bfloat16), "bfloat16")

@@ -248,7 +248,11 @@ def runs(tmp_path_factory):
   embedder = params["llm"]["embedder"]
   embedder["input_embedding"] = embedder["input_embedding"] * 0.1  # As sharded_check.model_params.
   checkpoint.save(str(tmp / "ckpt"), params, config)
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  # No shared on-disk compilation cache: the 2-process job and the 8-device process compile
+  # programs over the same global device ids. Sharing one cache, the 8-device process at times
+  # aborted in a collective rendezvous (its devices at different collectives), as if it had
+  # loaded a program compiled for the 2-process job.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false")
   run = lambda script, args=(), **extra: subprocess.Popen(
       [sys.executable, os.path.join(TESTS, script), *args], env=dict(env, **extra),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
