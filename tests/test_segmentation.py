@@ -196,3 +196,16 @@ def test_draw_masks_tints_inside_only():
   color = np.array(detection.color_for("cat"))
   np.testing.assert_array_equal(out[22, 30], np.round(color * 0.5))  # Black tinted halfway.
   assert out[35, 30].max() == 0 and out[22, 58].max() == 0  # Outside the mask and box.
+
+
+def test_object_counts_share_compiles_and_padding_changes_no_mask(params):
+  rng = np.random.RandomState(0)
+  groups = [f"<loc0100><loc0100><loc0900><loc0900>"
+            + "".join(f"<seg{c:03d}>" for c in rng.randint(0, 128, 16)) + f" obj{i}" for i in range(4)]
+  alone = [segmentation.decode_masks(g, 30, 20, params).masks[0] for g in groups]
+  assert any(m.any() for m in alone) and not all(m.all() for m in alone)  # Masks worth comparing.
+  before = segmentation.reconstruct_masks._cache_size()
+  for n in (3, 4):  # Both run as 4 objects.
+    out = segmentation.decode_masks(" ; ".join(groups[:n]), 30, 20, params)
+    np.testing.assert_array_equal(out.masks, alone[:n])
+  assert segmentation.reconstruct_masks._cache_size() - before <= 1

@@ -178,7 +178,10 @@ def decode_masks(text: str, width: int, height: int, vae_params: dict) -> Segmen
     pixel_boxes.append(box)
   masks = np.zeros((len(codes), height, width), bool)
   if codes:
-    logits = np.asarray(reconstruct_masks(vae_params, jnp.asarray(codes, jnp.int32)))
+    # Padded to a power of two objects: one compile per size class, not per object count.
+    padded = np.zeros((1 << (len(codes) - 1).bit_length(), NUM_CODES), np.int32)
+    padded[:len(codes)] = codes
+    logits = np.asarray(reconstruct_masks(vae_params, jnp.asarray(padded)))
     for i, (m, box) in enumerate(zip(logits, pixel_boxes)):
       masks[i] = paste_mask(m, box, width, height)
   return Segmentations(np.asarray(boxes, np.float32).reshape(-1, 4), labels, masks, skipped)
