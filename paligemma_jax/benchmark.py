@@ -121,8 +121,11 @@ def time_transformers(model, inputs, batch, new_tokens, repeats):
 def compile_seconds(variant):
   """Compile time of prefill + decode loop for the full-depth preset (no weights allocated)."""
   config = presets.get_config(variant)
-  shapes = jax.eval_shape(paligemma.unstack_layers, paligemma.param_shapes(config))
-  prefill, loop = decode.Decoder(config, None).compiled(32)
+  decoder = decode.Decoder(config, None)
+  shapes = paligemma.param_shapes(config)
+  if decoder.unstack_layers:
+    shapes = jax.eval_shape(paligemma.unstack_layers, shapes)
+  prefill, loop = decoder.compiled(32)
   n, s = paligemma.num_image_tokens(config), config.vision.image_size
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
   args = (shapes, spec((1, n + 32), jnp.int32), spec((1, s, s, 3), jnp.float32),

@@ -55,9 +55,9 @@ def inputs(config, rng):
   return dict(tokens=tokens * input_mask, images=images, input_mask=input_mask, prefix_mask=prefix_mask)
 
 
-def generate(config, params, batch, sampler, mesh=None):
+def generate(config, params, batch, sampler, mesh=None, unstack_layers=None):
   n = paligemma.num_image_tokens(config) + 1 + PROMPT  # Prompts only: drop the suffix columns.
-  decoder = decode.Decoder(config, params, mesh=mesh)
+  decoder = decode.Decoder(config, params, mesh=mesh, unstack_layers=unstack_layers)
   prompt = [batch["tokens"][:, :n], batch["images"], batch["input_mask"][:, :n],
             batch["prefix_mask"][:, :n]]
   out = decoder.generate(*prompt, max_new_tokens=NEW_TOKENS, sampler=sampler,
@@ -141,11 +141,15 @@ def main(meshes):
                  restore_diff=max_diff(sharded, params),
                  split_leaves=sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(sharded)),
                  generate={}, train={})
-        for name, sampler in samplers.items():
-          if name != "greedy" and spec != last:
-            continue
-          out, decoder = generate(config, sharded, batch, sampler)  # Mesh taken from the params.
-          ref = reference[name]
+        # Greedy on every mesh; on the last, every sampler and the stacked-layer weight layout
+        # (the GPU/TPU default) too.
+        runs = [(name, sampler, None) for name, sampler in samplers.items()
+                if name == "greedy" or spec == last]
+        runs += [("greedy_stacked_layers", SAMPLERS["greedy"], False)] if spec == last else []
+        for name, sampler, unstack in runs:
+          # Mesh taken from the params.
+          out, decoder = generate(config, sharded, batch, sampler, unstack_layers=unstack)
+          ref = reference[name.removesuffix("_stacked_layers")]
           r["generate"][name] = dict(
               tokens_equal=bool(np.array_equal(out.tokens, ref.tokens)), tokens=out.tokens.tolist(),
               logprob_diff=float(np.max(np.abs(out.logprobs - ref.logprobs))))

@@ -71,6 +71,21 @@ def test_greedy_padded_batch_matches_transformers_row_by_row(model):
     np.testing.assert_allclose(single.row(0)[1], our_logprobs, atol=1e-5)
 
 
+def test_both_weight_layouts_decode_alike(model):
+  """Stacked layers (GPU/TPU default) and per-layer weights (CPU default) give the same tokens."""
+  _, params, config, _ = model
+  n = paligemma.num_image_tokens(config)
+  batch = prompts(config, [n + 9, n + 3], seed=3)
+  unstacked, stacked = (decode.Decoder(config, params, unstack_layers=u) for u in (True, False))
+  assert "layers_0" in unstacked.params["llm"] and "layers" in stacked.params["llm"]
+  a, b = (d.generate(*batch, max_new_tokens=MAX_NEW) for d in (unstacked, stacked))
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+  with pytest.raises(ValueError, match="stacked layers"):
+    decode.Decoder(config, unstacked.params, unstack_layers=False)
+  assert decode.Decoder(config, None).unstack_layers == (jax.default_backend() == "cpu")
+
+
 def test_rows_stop_at_eos_like_transformers(model):
   reference, params, config, _ = model
   n = paligemma.num_image_tokens(config)

@@ -319,6 +319,8 @@ def test_sharded_generate_matches_one_device(sharded_results, run):
   r = sharded_results[run]
   assert r["mesh_detected"] and r["out_spec"] == "P()"
   assert r["generate"]["greedy"]["tokens_equal"], r["generate"]
+  if run.endswith("data:2,fsdp:2,tensor:2"):
+    assert "greedy_stacked_layers" in r["generate"]
   for name, g in r["generate"].items():
     assert g["tokens_equal"], (name, g)
     assert g["logprob_diff"] < 1e-5, (name, g)
