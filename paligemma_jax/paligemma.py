@@ -6,11 +6,12 @@ Inputs, for a batch of B examples of T tokens (see `processor.build_prompt`):
   input_mask  [B, T] bool: real tokens (False for padding)
   prefix_mask [B, T] bool: the full-attention prefix (image + prompt); suffix tokens are causal
 
-Three entry points share one layer stack:
-  __call__     all-position logits, no cache (training, scoring);
+Four entry points share one layer stack:
+  __call__     all-position logits, no cache (training);
   prefill      runs the image and the right-padded prompt, fills a KV cache, returns each row's
                last-token logits;
-  decode_step  one new token per row, read from and written to the cache.
+  extend       causal tokens after the cached ones (scoring suffixes against one cached prompt);
+  decode_step  one new token per row, read from and written to the cache (`extend` by one).
 """
 
 import flax.linen as nn
@@ -79,14 +80,20 @@ class PaliGemma(nn.Module):
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
     return self.llm.logits(last)[:, 0], cache.replace(end=lengths)
 
+  def extend(self, tokens, cache: kv_cache_lib.KVCache):
+    """Causal text tokens [B, S] written from slot cache.end on -> (hidden [B, S, D], cache
+    advanced by S slots). They see the cached prompt and each other causally, as suffix tokens."""
+    slots = cache.end[:, None] + jnp.arange(tokens.shape[1])  # [B, S]
+    kv_valid = jnp.arange(cache.max_len)[None, :] <= slots[:, -1:]
+    no_prefix = jnp.zeros_like(kv_valid)
+    masks = self._masks(slots, jnp.zeros(tokens.shape, bool), kv_valid, no_prefix)
+    hidden, cache = self.llm(self.embed(tokens, None), slots, *masks, cache=cache)
+    return hidden, cache.replace(end=cache.end + tokens.shape[1])
+
   def decode_step(self, tokens, cache: kv_cache_lib.KVCache):
     """tokens [B] at slot cache.end -> (logits [B, V], cache advanced by one slot)."""
-    slot = cache.end[:, None]  # [B, 1]
-    kv_valid = jnp.arange(cache.max_len)[None, :] <= slot
-    no_prefix = jnp.zeros_like(kv_valid)
-    masks = self._masks(slot, no_prefix[:, :1], kv_valid, no_prefix)
-    hidden, cache = self.llm(self.embed(tokens[:, None], None), slot, *masks, cache=cache)
-    return self.llm.logits(hidden)[:, 0], cache.replace(end=cache.end + 1)
+    hidden, cache = self.extend(tokens[:, None], cache)
+    return self.llm.logits(hidden)[:, 0], cache
 
 
 def num_image_tokens(config: ml_collections.ConfigDict) -> int:

@@ -2,13 +2,15 @@
 
 Each (image, prompt, suffix) row is laid out as in training (`processor.build_prompt`):
 image + `<bos>` + prompt + "\\n" attend to each other fully, the suffix and its `<eos>` are
-causal, and every suffix token and the `<eos>` is a target. One forward pass per batch of rows,
-no decoding.
+causal, and every suffix token and the `<eos>` is a target. The image and prompt of an example
+run once (`PaliGemma.prefill`, into a KV cache); each of its suffixes then runs on a copy of that
+cache (`PaliGemma.extend`), so ranking k answers costs one prompt and k short suffixes, not k
+whole rows. No decoding.
 
-The vocabulary head is applied only at the target positions: the hidden states there are
-gathered first ([B, K, D] -> [B, K, V]), so a 257k vocabulary never makes a [B, T, V] array.
-Rows are right-padded to bucketed lengths (T to `bucket`, K to `target_bucket`) and every
-batch has `batch_size` rows (dummy rows are masked out), so compiled shapes repeat.
+The vocabulary head is applied only where a target is predicted ([R, K, V], K suffix slots), so
+a 257k vocabulary never makes an array over the prompt. Prompts are right-padded to bucketed
+lengths (`bucket`), suffixes to `target_bucket`, and every batch has `batch_size` rows and
+prompt slots (dummies are masked out), so compiled shapes repeat.
 """
 
 import collections
@@ -51,41 +53,57 @@ class Prepared:
   error: str | None = None
 
 
-def suffix_logprobs(model: paligemma.PaliGemma, params, tokens, images, input_mask, prefix_mask,
-                    target_pos, target_mask):
-  """log p(tokens[b, target_pos[b, k]] | everything before it) -> [B, K] float32, 0 where masked.
+def suffix_logprobs(model: paligemma.PaliGemma, params, prompt_tokens, images, prompt_mask,
+                    suffix_tokens, suffix_mask, source):
+  """log p(suffix_tokens[r, j] | image, prompt, suffix_tokens[r, :j]) -> [R, K] float32, 0 where
+  masked.
 
-  target_pos [B, K] int: positions of the target tokens (>= 1); target_mask [B, K] bool.
+  prompt_tokens [P, T] int, images [P, S, S, 3], prompt_mask [P, T] bool: right-padded prompts
+    (image tokens, <bos>, prompt, "\\n"), each run once.
+  suffix_tokens [R, K] int, suffix_mask [R, K] bool: each row's suffix + <eos>, right-padded.
+  source [R] int: the prompt each row continues.
   """
-  hidden = model.apply({"params": params}, tokens, images, input_mask, prefix_mask, return_hidden=True)
-  before = jnp.maximum(target_pos - 1, 0)  # The position whose output predicts the target.
-  hidden = jnp.take_along_axis(hidden, before[..., None], axis=1)  # [B, K, D]
-  logits = model.apply({"params": params}, hidden, method=lambda m, h: m.llm.logits(h))  # [B, K, V]
-  targets = jnp.take_along_axis(tokens, target_pos, axis=1)
-  chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  logprobs = chosen - jax.nn.logsumexp(logits, axis=-1)
-  return jnp.where(target_mask, logprobs, 0.0)
+  cache = paligemma.init_cache(model.config, prompt_tokens.shape[0],
+                               prompt_tokens.shape[1] + suffix_tokens.shape[1])
+  last, cache = model.apply({"params": params}, prompt_tokens, images, prompt_mask, prompt_mask,
+                            cache, method=model.prefill)  # last: [P, V], predicts suffix token 0.
+  cache = cache.replace(k=cache.k[:, source], v=cache.v[:, source], end=cache.end[source])
+  hidden, _ = model.apply({"params": params}, suffix_tokens[:, :-1], cache, method=model.extend)
+  rest = model.apply({"params": params}, hidden, method=lambda m, h: m.llm.logits(h))  # [R, K-1, V]
+  logits = jnp.concatenate([last[source][:, None], rest], axis=1)  # [R, K, V]
+  chosen = jnp.take_along_axis(logits, suffix_tokens[..., None], axis=-1)[..., 0]
+  return jnp.where(suffix_mask, chosen - jax.nn.logsumexp(logits, axis=-1), 0.0)
 
 
 def collate(rows: list, batch_size: int, bucket: int, target_bucket: int):
-  """Right-pads (tokens, prefix_mask, num_targets, pixels) rows to fixed shapes; dummy rows
-  repeat row 0 with no targets."""
-  length = inference.bucket_length(max(len(r[0]) for r in rows), bucket)
-  k = inference.bucket_length(max(r[2] for r in rows), target_bucket)
-  tokens = np.zeros((batch_size, length), np.int32)
-  input_mask = np.zeros((batch_size, length), bool)
-  prefix_mask = np.zeros((batch_size, length), bool)
-  target_pos = np.ones((batch_size, k), np.int32)
-  target_mask = np.zeros((batch_size, k), bool)
-  for i in range(batch_size):
-    row_tokens, row_prefix, n_targets, _ = rows[i] if i < len(rows) else rows[0]
-    n = len(row_tokens)
-    tokens[i, :n], input_mask[i, :n], prefix_mask[i, :n] = row_tokens, True, row_prefix
-    if i < len(rows):
-      target_pos[i, :n_targets] = np.arange(n - n_targets, n)
-      target_mask[i, :n_targets] = True
-  pixels = np.stack([(rows[i] if i < len(rows) else rows[0])[3] for i in range(batch_size)])
-  return tokens, pixels, input_mask, prefix_mask, target_pos, target_mask
+  """(tokens, prefix_mask, num_targets, pixels, group) rows -> the fixed-shape arguments of
+  `suffix_logprobs`. Rows of one group (one example) share one prompt. There are `batch_size`
+  rows (dummy rows read prompt 0 with no targets) and a power of two of prompts, at most
+  `batch_size` (dummy prompts repeat the first): a few shapes, and little work on dummies
+  when each example has several suffixes."""
+  prompts = {}  # group -> (prompt index, its row)
+  for r in rows:
+    prompts.setdefault(r[4], (len(prompts), r))
+  num_prompts = min(batch_size, 1 << (len(prompts) - 1).bit_length())
+  length = inference.bucket_length(max(int(r[1].sum()) for r in rows), bucket)
+  # At least 2: suffix token 0 is predicted by the prompt, the others by `extend`.
+  k = max(2, inference.bucket_length(max(r[2] for r in rows), target_bucket))
+  firsts = [r for _, r in prompts.values()]
+  firsts += firsts[:1] * (num_prompts - len(firsts))
+  prompt_tokens = np.zeros((num_prompts, length), np.int32)
+  prompt_mask = np.zeros((num_prompts, length), bool)
+  for i, (row_tokens, row_prefix, *_) in enumerate(firsts):
+    n = int(row_prefix.sum())
+    prompt_tokens[i, :n], prompt_mask[i, :n] = row_tokens[:n], True
+  images = np.stack([r[3] for r in firsts])
+  suffix_tokens = np.zeros((batch_size, k), np.int32)
+  suffix_mask = np.zeros((batch_size, k), bool)
+  source = np.zeros((batch_size,), np.int32)
+  for i, (row_tokens, row_prefix, n_targets, _, group) in enumerate(rows):
+    suffix_tokens[i, :n_targets] = row_tokens[int(row_prefix.sum()):]
+    suffix_mask[i, :n_targets] = True
+    source[i] = prompts[group][0]
+  return prompt_tokens, images, prompt_mask, suffix_tokens, suffix_mask, source
 
 
 class Scorer:
@@ -126,7 +144,7 @@ class Scorer:
 
   def logprobs(self, rows: list) -> list:
     """Per-token target log-probs (float32 arrays) of up to batch_size (tokens, prefix_mask,
-    num_targets, pixels) rows, in one compiled call."""
+    num_targets, pixels, group) rows, in one compiled call; rows of one group share a prompt."""
     batch = collate(rows, self.batch_size, self.bucket, self.target_bucket)
     out = np.asarray(self.logprobs_fn(self.params, *batch))
     return [out[i, :r[2]] for i, r in enumerate(rows)]
@@ -141,7 +159,7 @@ class Scorer:
 
     def run(n):
       chunk, queue[:] = queue[:n], queue[n:]
-      rows = [(*e[0].rows[j], e[0].pixels) for e, j in chunk]
+      rows = [(*e[0].rows[j], e[0].pixels, id(e)) for e, j in chunk]
       for (entry, j), lp in zip(chunk, self.logprobs(rows)):
         entry[1][j] = lp
 
