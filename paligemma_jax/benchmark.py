@@ -81,7 +81,7 @@ def build_reference(variant, vision_layers, text_layers, directory):
 
 def time_ours(config, params, inputs, batch, new_tokens, repeats):
   decoder = decode.Decoder(config, params, eos_id=-1)  # -1: never stop early.
-  params = decoder.params  # The decoding layout (per-layer weights).
+  params = decoder.params  # The decoding layout (per-layer weights on CPU).
   prefill, loop = decoder.compiled(new_tokens)
   args = [np.repeat(x, batch, axis=0) for x in inputs]
   rng = jax.random.PRNGKey(0)
@@ -122,9 +122,7 @@ def compile_seconds(variant):
   """Compile time of prefill + decode loop for the full-depth preset (no weights allocated)."""
   config = presets.get_config(variant)
   decoder = decode.Decoder(config, None)
-  shapes = paligemma.param_shapes(config)
-  if decoder.unstack_layers:
-    shapes = jax.eval_shape(paligemma.unstack_layers, shapes)
+  shapes = jax.eval_shape(decoder.decoding_layout, paligemma.param_shapes(config))
   prefill, loop = decoder.compiled(32)
   n, s = paligemma.num_image_tokens(config), config.vision.image_size
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)

@@ -72,11 +72,16 @@ class Decoder:
   @params.setter
   def params(self, params):
     """Takes the checkpoint layout (stacked layers) and keeps the decoding one."""
-    if params is not None and "layers" in params["llm"] and self.unstack_layers:
-      params = paligemma.unstack_layers(params)
-    elif params is not None and "layers" not in params["llm"] and not self.unstack_layers:
+    self._params = None if params is None else self.decoding_layout(params)
+
+  def decoding_layout(self, params):
+    """Checkpoint-layout params (or their shapes, under jax.eval_shape) in this decoder's layout."""
+    stacked = "layers" in params["llm"]
+    if stacked and self.unstack_layers:
+      return paligemma.unstack_layers(params)
+    if not stacked and not self.unstack_layers:
       raise ValueError("This decoder takes the checkpoint's stacked layers (`llm/layers`).")
-    self._params = params
+    return params
 
   def generate(self, tokens, images, input_mask, prefix_mask, *, max_new_tokens: int,
                sampler: sampling.Sampler = sampling.Sampler(), rng=None) -> Generation:

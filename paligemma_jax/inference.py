@@ -88,6 +88,11 @@ def bucket_length(length: int, bucket: int = DEFAULT_BUCKET) -> int:
   return -(-length // bucket) * bucket
 
 
+def power_of_two_bucket(count: int) -> int:
+  """`count` (>= 1) rounded up to a power of two: few distinct shapes for a varying count."""
+  return 1 << (count - 1).bit_length()
+
+
 def collate(rows: list[Prepared], batch_size: int, bucket: int = DEFAULT_BUCKET):
   """Right-pads `rows` (all prepared) to [batch_size, bucketed T]; dummy rows repeat row 0."""
   length = bucket_length(max(len(r.tokens) for r in rows), bucket)

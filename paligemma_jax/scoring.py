@@ -9,8 +9,8 @@ whole rows. No decoding.
 
 The vocabulary head is applied only where a target is predicted ([R, K, V], K suffix slots), so
 a 257k vocabulary never makes an array over the prompt. Prompts are right-padded to bucketed
-lengths (`bucket`), suffixes to `target_bucket`, and every batch has `batch_size` rows and
-prompt slots (dummies are masked out), so compiled shapes repeat.
+lengths (`bucket`), suffixes to `target_bucket`, and every batch has `batch_size` rows and a
+power of two of prompts (dummies are masked out), so compiled shapes repeat.
 """
 
 import collections
@@ -84,7 +84,7 @@ def collate(rows: list, batch_size: int, bucket: int, target_bucket: int):
   prompts = {}  # group -> (prompt index, its row)
   for r in rows:
     prompts.setdefault(r[4], (len(prompts), r))
-  num_prompts = min(batch_size, 1 << (len(prompts) - 1).bit_length())
+  num_prompts = min(batch_size, inference.power_of_two_bucket(len(prompts)))
   length = inference.bucket_length(max(int(r[1].sum()) for r in rows), bucket)
   # At least 2: suffix token 0 is predicted by the prompt, the others by `extend`.
   k = max(2, inference.bucket_length(max(r[2] for r in rows), target_bucket))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from paligemma_jax import inference
 from paligemma_jax.tasks import detection
 
 NUM_CODES = 16  # Seg tokens per object: a 4x4 grid.
@@ -179,7 +180,7 @@ def decode_masks(text: str, width: int, height: int, vae_params: dict) -> Segmen
   masks = np.zeros((len(codes), height, width), bool)
   if codes:
     # Padded to a power of two objects: one compile per size class, not per object count.
-    padded = np.zeros((1 << (len(codes) - 1).bit_length(), NUM_CODES), np.int32)
+    padded = np.zeros((inference.power_of_two_bucket(len(codes)), NUM_CODES), np.int32)
     padded[:len(codes)] = codes
     logits = np.asarray(reconstruct_masks(vae_params, jnp.asarray(padded)))
     for i, (m, box) in enumerate(zip(logits, pixel_boxes)):
