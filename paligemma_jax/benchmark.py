@@ -4,12 +4,14 @@ r"""Generation speed, ours against transformers, on the same machine and checkpo
 
 Builds a random-weight transformers PaliGemma at the variant's real widths with reduced depth,
 converts it with our converter, and times both on the same prompt (image + text tokens):
-prefill latency, decode ms/token at each batch size, decode tokens/s, and our compile time, each
+prefill latency, decode ms/token at each batch size, decode tokens/s, the teacher-forced scoring
+of --choices answers to the prompt (evaluate --task=score), and our compile time, each
 with the ratio transformers / ours (> 1 means we are faster). Batch-1 decode is also reported as
 a fraction of the memory-bandwidth limit: bytes of weights read per step / measured bandwidth.
 Medians over --repeats. Results go to docs/benchmarks.md by hand.
 """
 
+import functools
 import os
 import statistics
 import tempfile
@@ -24,8 +26,10 @@ import numpy as np
 from configs import paligemma as presets
 from paligemma_jax import decode
 from paligemma_jax import hf
+from paligemma_jax import inference
 from paligemma_jax import paligemma
 from paligemma_jax import sampling
+from paligemma_jax import scoring
 
 _VARIANT = flags.DEFINE_string("variant", "pg1-3b", "Preset whose widths to use (configs/paligemma.py).")
 _VISION_LAYERS = flags.DEFINE_integer("vision_layers", 2, "SigLIP depth (real: 27).")
@@ -34,6 +38,7 @@ _TEXT_TOKENS = flags.DEFINE_integer("text_tokens", 12, "Prompt tokens after the 
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Tokens generated per row.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to time decode at.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (medians are reported).")
+_CHOICES = flags.DEFINE_integer("choices", 4, "Suffixes scored per example (multiple choice).")
 _SKIP_TORCH = flags.DEFINE_bool("skip_transformers", False, "Time ours only (e.g. on a GPU host).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Our compute/param dtype.")
 
@@ -118,6 +123,43 @@ def time_transformers(model, inputs, batch, new_tokens, repeats):
   return dict(prefill=prefill_s, decode=(total_s - prefill_s) / (new_tokens - 1))
 
 
+def scoring_rows(inputs, choices, rng, suffix_tokens=8):
+  """`choices` rows (tokens, prefix_mask, num_targets, pixels, group) continuing one prompt, each
+  with `suffix_tokens` random tokens and <eos> (id 1)."""
+  prompt, pixels = inputs[0][0], inputs[1][0]
+  rows = []
+  for _ in range(choices):
+    tokens = np.concatenate([prompt, rng.randint(10, 1000, size=suffix_tokens), [1]]).astype(np.int32)
+    rows.append((tokens, np.arange(len(tokens)) < len(prompt), suffix_tokens + 1, pixels, 0))
+  return rows
+
+
+def time_scoring_ours(config, params, rows, repeats):
+  """One example's answers: the prompt once into a KV cache, each answer on a copy."""
+  fn = jax.jit(functools.partial(scoring.suffix_logprobs, paligemma.PaliGemma(config)))
+  batch = scoring.collate(rows, len(rows), inference.DEFAULT_BUCKET, scoring.DEFAULT_TARGET_BUCKET)
+  jax.block_until_ready(fn(params, *batch))
+  return median_seconds(lambda: jax.block_until_ready(fn(params, *batch)), repeats)
+
+
+def time_scoring_transformers(model, rows, repeats):
+  """The same answers as one forward over whole rows, logits only where a target is predicted."""
+  import torch
+  tokens = torch.tensor(np.stack([r[0] for r in rows]), dtype=torch.long)
+  kwargs = dict(input_ids=tokens, pixel_values=torch.tensor(np.stack([r[3] for r in rows]).transpose(0, 3, 1, 2)),
+                attention_mask=torch.ones_like(tokens),
+                token_type_ids=torch.tensor(np.stack([~r[1] for r in rows]), dtype=torch.long),
+                logits_to_keep=rows[0][2] + 1)
+
+  def run():
+    with torch.no_grad():
+      logits = model(**kwargs).logits[:, :-1]
+      torch.log_softmax(logits, -1).gather(-1, tokens[:, -rows[0][2]:, None])
+
+  run()
+  return median_seconds(run, repeats)
+
+
 def compile_seconds(variant):
   """Compile time of prefill + decode loop for the full-depth preset (no weights allocated)."""
   config = presets.get_config(variant)
@@ -166,6 +208,9 @@ def main(argv):
     ref = None if _SKIP_TORCH.value else time_transformers(model, inputs, batch, _NEW_TOKENS.value,
                                                            _REPEATS.value)
     rows.append((batch, ours, ref))
+  score_rows = scoring_rows(inputs, _CHOICES.value, rng)
+  score_ours = time_scoring_ours(config, params, score_rows, _REPEATS.value)
+  score_ref = None if _SKIP_TORCH.value else time_scoring_transformers(model, score_rows, _REPEATS.value)
 
   ratio = lambda ref, ours: f"{ref / ours:.2f}x" if ref else "-"
   fmt = lambda s: f"{s * 1e3:.1f}" if s is not None else "-"
@@ -181,6 +226,8 @@ def main(argv):
     print(f"| {batch} | decode tokens/s | {tps(ours['decode'])} | {tps(ref.get('decode'))} | "
           f"{ratio(ref.get('decode'), ours['decode'])} |")
     print(f"| {batch} | first call (compile + run) s | {ours['first_call']:.1f} | - | - |")
+  print(f"| 1 x {_CHOICES.value} answers | score ms | {fmt(score_ours)} | {fmt(score_ref)} | "
+        f"{ratio(score_ref, score_ours)} |")
   batch1 = next((ours for b, ours, _ in rows if b == 1), None)
   if batch1:
     print(f"\nbatch-1 decode at {limit_ms / (batch1['decode'] * 1e3):.0%} of the bandwidth limit "
