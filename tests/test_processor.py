@@ -1,16 +1,20 @@
 """Processor: images and prompts match transformers' PaliGemmaProcessor, built offline."""
 
+import concurrent.futures
 import io
 import itertools
 import os
+import re
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from paligemma_jax import processor
+from paligemma_jax import errors, processor
 from paligemma_jax.tokenizer import Tokenizer
 
 IMAGE_TOKEN_ID = 1536  # First id past the test tokenizer's pieces, as in the real model.
@@ -114,6 +118,9 @@ def test_16_bit_greyscale_is_scaled_not_clipped():
   image = Image.fromarray(np.array([[0, 257 * 100, 65535, 300]], np.uint16))
   assert image.mode.startswith("I;16")
   np.testing.assert_array_equal(np.asarray(processor.to_rgb(image))[0, :, 0], [0, 100, 255, 1])
+  every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+  want = (every / 257.0).round().astype(np.uint8)
+  np.testing.assert_array_equal(np.asarray(processor.to_rgb(Image.fromarray(every)))[..., 0], want)
 
 
 # -- Loading ------------------------------------------------------------------------------------
@@ -176,6 +183,191 @@ def test_load_image_errors_name_the_file(tmp_path, case):
 def test_load_image_bytes_error():
   with pytest.raises(ValueError, match="12-byte buffer"):
     processor.load_image(b"not an image")
+
+
+# -- Bounded memory: load_pixels ---------------------------------------------------------------
+
+@pytest.fixture
+def budget(monkeypatch):
+  """budget(limit_bytes): a fresh process-wide decode budget, the previous one restored after."""
+  monkeypatch.setattr(processor, "_budget", None)
+  return processor.set_decode_budget
+
+
+def _old_path(source, size):
+  return processor.preprocess_image(processor.load_image(source), size)
+
+
+@pytest.mark.parametrize("mode,fmt", [
+  ("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("P", "PNG"), ("P+transparency", "PNG"),
+  ("RGBA", "PNG"), ("LA", "PNG"), ("RGB", "WEBP"), ("P", "GIF")])
+def test_load_pixels_equals_load_image_then_preprocess(mode, fmt):
+  data = _encoded(_image(mode, (300, 200)), fmt)
+  pixels, size = processor.load_pixels(data, (28, 42))
+  assert size == (300, 200)
+  np.testing.assert_array_equal(pixels, _old_path(data, (28, 42)))
+
+
+def test_load_pixels_orientation_and_16_bit():
+  pixels = np.random.default_rng(0).integers(0, 256, (20, 30, 3), np.uint8)
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  data = _encoded(Image.fromarray(pixels), "PNG", exif=exif)
+  got, size = processor.load_pixels(data, (14, 28))
+  assert size == (20, 30)  # Upright: the stored 30 x 20 turned a quarter.
+  np.testing.assert_array_equal(got, _old_path(data, (14, 28)))
+  grey16 = _encoded(Image.fromarray(np.arange(600, dtype=np.uint16).reshape(20, 30) * 100), "PNG")
+  np.testing.assert_array_equal(processor.load_pixels(grey16, 14)[0], _old_path(grey16, 14))
+
+
+@pytest.mark.parametrize("case", ["missing", "garbage", "truncated"])
+def test_load_pixels_errors_name_the_file_and_release_the_budget(tmp_path, budget, case):
+  held = budget(1 << 20)
+  path = tmp_path / f"{case}.jpg"
+  jpeg = _encoded(_image("RGB", (64, 64)), "JPEG")
+  if case != "missing":
+    path.write_bytes({"garbage": b"not an image", "truncated": jpeg[:len(jpeg) // 2]}[case])
+  with pytest.raises(processor.ImageLoadError, match=re.escape(str(path))):
+    processor.load_pixels(path, 28)
+  assert held.in_use == 0 and held.waiting == 0
+  assert issubclass(processor.ImageLoadError, errors.InputError)
+
+
+def test_many_threads_never_hold_more_than_the_budget(budget):
+  """16 threads, 24 images: every decode waits for its bytes, none is lost or changed."""
+  sizes = [(100 + 20 * i, 90 + 15 * (i % 5)) for i in range(24)]
+  images = [_encoded(_image("RGB", size, seed=i), "PNG") for i, size in enumerate(sizes)]
+  largest = 4 * 560 * 150  # RGB is 4 bytes a pixel in Pillow.
+  held = budget(3 * largest)
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    got = list(pool.map(lambda data: processor.load_pixels(data, 28)[0], images))
+  assert largest <= held.high_water <= held.limit and held.in_use == 0
+  for data, pixels in zip(images, got):
+    np.testing.assert_array_equal(pixels, _old_path(data, 28))
+
+
+def _wait_until(condition):
+  """Spins until `condition()` (another thread reaching its wait); fails after 30 s."""
+  deadline = time.monotonic() + 30
+  while not condition():
+    assert time.monotonic() < deadline
+    time.sleep(0.001)
+
+
+def test_byte_budget_admits_in_order_and_oversized_alone():
+  budget = processor.ByteBudget(10)
+  admitted = []
+
+  def request(name, nbytes):
+    with budget.hold(nbytes):
+      admitted.append((name, budget.in_use))
+
+  with budget.hold(6):
+    big = threading.Thread(target=request, args=("big", 25))  # Over the limit: runs alone.
+    big.start()
+    _wait_until(lambda: budget.waiting == 1)
+    small = threading.Thread(target=request, args=("small", 1))  # Fits, but comes after big.
+    small.start()
+    _wait_until(lambda: budget.waiting == 2)
+    assert admitted == []
+  big.join()
+  small.join()
+  assert admitted == [("big", 25), ("small", 1)]
+  assert budget.high_water == 25 and budget.in_use == 0
+  with pytest.raises(errors.InputError):
+    processor.ByteBudget(0)
+
+
+def test_budget_from_environment(monkeypatch):
+  monkeypatch.setattr(processor, "_budget", None)
+  monkeypatch.setenv(processor.DECODE_BUDGET_ENV, "64")
+  assert processor.decode_budget().limit == 64 << 20
+  monkeypatch.setattr(processor, "_budget", None)
+  monkeypatch.setenv(processor.DECODE_BUDGET_ENV, "1.5G")
+  with pytest.raises(errors.InputError, match=processor.DECODE_BUDGET_ENV):
+    processor.decode_budget()
+
+
+_MEMORY_CHILD = """
+import concurrent.futures, resource, sys
+from paligemma_jax import errors, processor
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux.
+before = peak()
+with concurrent.futures.ThreadPoolExecutor(8) as pool:
+  list(pool.map(lambda path: processor.load_pixels(path, 224), sys.argv[1:]))
+print(peak() - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss units and glibc's allocator")
+@pytest.mark.parametrize("side,budget_mib", [(6000, None), (3500, 128)])
+def test_eight_threads_decoding_big_pngs_stay_within_the_budget(tmp_path, side, budget_mib):
+  """Peak resident growth of 8 threads decoding 8 side x side RGB PNGs (4 bytes a pixel each).
+
+  Bound: the budget plus 96 MiB for what it does not count (each thread's resize intermediate,
+  224 x side x 4 bytes; outputs; stacks). Measured with load_pixels / with Pillow's 16 MiB blocks
+  (each thread keeps its last image) / with load_image + preprocess_image: 1000 / 1000 / 2180
+  MiB at the default 1 GiB and 6000 px; 120 / 310 / 720 MiB at 128 MiB and 3500 px.
+  """
+  path = tmp_path / "big.png"
+  Image.new("RGB", (side, side), (30, 120, 200)).save(path, compress_level=1)
+  env = {k: v for k, v in os.environ.items()
+         if k not in (processor.DECODE_BUDGET_ENV, "PILLOW_BLOCK_SIZE")}
+  if budget_mib:
+    env[processor.DECODE_BUDGET_ENV] = str(budget_mib)
+  child = subprocess.run([sys.executable, "-c", _MEMORY_CHILD] + [str(path)] * 8, cwd=REPO, env=env,
+                         check=True, capture_output=True, text=True, timeout=300)
+  limit = (budget_mib << 20) if budget_mib else processor.DEFAULT_DECODE_BUDGET_BYTES
+  growth = int(child.stdout.split()[-1])
+  assert growth <= limit + (96 << 20), f"{growth / 2**20:.0f} MiB"
+
+
+def _photo_like(width, height, seed=0):
+  """Smooth shapes plus fine detail and sharp coloured edges, as JPEG photos have."""
+  rng = np.random.default_rng(seed)
+  coarse = Image.fromarray(rng.integers(0, 256, (12, 12, 3), np.uint8))
+  pixels = np.asarray(coarse.resize((width, height), Image.BICUBIC)).astype(np.int16)
+  pixels += rng.integers(-20, 21, (height, width, 3), dtype=np.int16)
+  pixels[height // 3: height // 2, width // 4: width // 2] = (200, 20, 40)
+  return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("subsampling", [0, 2])  # 4:4:4 and 4:2:0.
+def test_big_jpeg_is_draft_decoded_within_tolerance(budget, subsampling):
+  """Draft decoding of a JPEG >= 8x the target: within DRAFT_MARGIN's stated tolerance."""
+  data = _encoded(_photo_like(1800, 2000), "JPEG", quality=90, subsampling=subsampling)
+  held = budget(1 << 30)
+  pixels, size = processor.load_pixels(data, 224)
+  assert size == (1800, 2000)
+  assert held.high_water == 4 * 900 * 1000  # Decoded at half scale: 900 x 1000, not 1800 x 2000.
+  levels = np.abs(pixels - _old_path(data, 224)) * 127.5  # uint8 levels.
+  assert levels.max() <= 7 and levels.mean() <= 0.41 and np.quantile(levels, 0.99) <= 2
+
+
+def test_jpeg_draft_follows_orientation(budget):
+  """Stored 2000 x 1999, shown 1999 x 2000: the draft keeps 4x the target along each shown side."""
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  data = _encoded(_photo_like(2000, 1999), "JPEG", quality=90, exif=exif)
+  held = budget(1 << 30)
+  pixels, size = processor.load_pixels(data, (112, 56))
+  assert size == (1999, 2000) and pixels.shape == (112, 56, 3)
+  assert held.high_water == 2 * 4 * 500 * 500  # Quarter scale (square), turned (one copy).
+  levels = np.abs(pixels - _old_path(data, (112, 56))) * 127.5
+  assert levels.max() <= 7 and levels.mean() <= 0.41
+
+
+def test_progressive_jpeg_counts_its_coefficients(budget):
+  """libjpeg keeps all DCT coefficients of a progressive JPEG: 2 bytes x 3 components a pixel."""
+  data = _encoded(_photo_like(300, 200), "JPEG", progressive=True)
+  held = budget(1 << 30)
+  np.testing.assert_array_equal(processor.load_pixels(data, 28)[0], _old_path(data, 28))
+  assert held.high_water == (4 + 2 * 3) * 300 * 200
+
+
+def test_jpeg_not_8x_the_target_is_decoded_in_full():
+  data = _encoded(_photo_like(1790, 1200), "JPEG", quality=90, subsampling=2)
+  np.testing.assert_array_equal(processor.load_pixels(data, 224)[0], _old_path(data, 224))
 
 
 # -- Prompts ------------------------------------------------------------------------------------
