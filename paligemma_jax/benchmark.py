@@ -9,9 +9,16 @@ of --choices answers to the prompt (evaluate --task=score), and our compile time
 with the ratio transformers / ours (> 1 means we are faster). Batch-1 decode is also reported as
 a fraction of the memory-bandwidth limit: bytes of weights read per step / measured bandwidth.
 Medians over --repeats. Results go to docs/benchmarks.md by hand.
+
+  python -m paligemma_jax.benchmark --finetune_memory --variant=pg2-3b
+
+instead compiles the fine-tuning train step of each preset for the full-depth variant from shapes
+alone (no weights allocated) and prints one JSON line per preset with XLA's memory analysis:
+{"preset": ..., "temp_gib": ..., "argument_gib": ...}. Results go to docs/finetuning.md by hand.
 """
 
 import functools
+import json
 import os
 import statistics
 import tempfile
@@ -23,24 +30,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs import finetune as finetune_configs
 from configs import paligemma as presets
+from paligemma_jax import batching
+from paligemma_jax import cli
+from paligemma_jax import data
 from paligemma_jax import decode
+from paligemma_jax import errors
 from paligemma_jax import hf
-from paligemma_jax import inference
 from paligemma_jax import paligemma
 from paligemma_jax import sampling
 from paligemma_jax import scoring
+from paligemma_jax import training
 
-_VARIANT = flags.DEFINE_string("variant", "pg1-3b", "Preset whose widths to use (configs/paligemma.py).")
-_VISION_LAYERS = flags.DEFINE_integer("vision_layers", 2, "SigLIP depth (real: 27).")
-_TEXT_LAYERS = flags.DEFINE_integer("text_layers", 2, "Gemma depth (real: 18/26/42/46).")
-_TEXT_TOKENS = flags.DEFINE_integer("text_tokens", 12, "Prompt tokens after the image tokens.")
-_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Tokens generated per row.")
-_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to time decode at.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (medians are reported).")
-_CHOICES = flags.DEFINE_integer("choices", 4, "Suffixes scored per example (multiple choice).")
-_SKIP_TORCH = flags.DEFINE_bool("skip_transformers", False, "Time ours only (e.g. on a GPU host).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Our compute/param dtype.")
+
+def define_flags():
+  """The command-line flags; defined only when this module runs as a program."""
+  flags.DEFINE_string("variant", "pg1-3b", "Preset whose widths to use (configs/paligemma.py).")
+  flags.DEFINE_integer("vision_layers", 2, "SigLIP depth (real: 27).")
+  flags.DEFINE_integer("text_layers", 2, "Gemma depth (real: 18/26/42/46).")
+  flags.DEFINE_integer("text_tokens", 12, "Prompt tokens after the image tokens.")
+  flags.DEFINE_integer("new_tokens", 32, "Tokens generated per row.")
+  flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to time decode at.")
+  flags.DEFINE_integer("repeats", 3, "Timed repetitions (medians are reported).")
+  flags.DEFINE_integer("choices", 4, "Suffixes scored per example (multiple choice).")
+  flags.DEFINE_bool("skip_transformers", False, "Time ours only (e.g. on a GPU host).")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Our compute/param dtype (default: "
+                    "float32; with --finetune_memory bfloat16, also the frozen weights' dtype).")
+  flags.DEFINE_bool("finetune_memory", False, "Instead of timing generation, print the compiled "
+                    "memory of each fine-tuning preset's train step for the full --variant.")
 
 
 def median_seconds(fn, repeats):
@@ -85,11 +103,11 @@ def build_reference(variant, vision_layers, text_layers, directory):
 
 
 def time_ours(config, params, inputs, batch, new_tokens, repeats):
-  decoder = decode.Decoder(config, params, eos_id=-1)  # -1: never stop early.
-  params = decoder.params  # The decoding layout (per-layer weights on CPU).
-  prefill, loop = decoder.compiled(new_tokens)
+  generator = decode.Generator(config, params, eos_id=-1)  # -1: never stop early.
+  params = generator.params  # The decoding layout (per-layer weights on CPU).
+  prefill, loop = generator.compiled(new_tokens)
   args = [np.repeat(x, batch, axis=0) for x in inputs]
-  rng = jax.random.PRNGKey(0)
+  rng = decode.row_keys(jax.random.PRNGKey(0), range(batch))
   start = time.perf_counter()
   sampler = sampling.Sampler().as_arrays()
   jax.block_until_ready(loop(params, prefill(params, *args, rng, sampler)))
@@ -137,7 +155,7 @@ def scoring_rows(inputs, choices, rng, suffix_tokens=8):
 def time_scoring_ours(config, params, rows, repeats):
   """One example's answers: the prompt once into a KV cache, each answer on a copy."""
   fn = jax.jit(functools.partial(scoring.suffix_logprobs, paligemma.PaliGemma(config)))
-  batch = scoring.collate(rows, len(rows), inference.DEFAULT_BUCKET, scoring.DEFAULT_TARGET_BUCKET)
+  batch = scoring.collate(rows, len(rows), batching.DEFAULT_BUCKET, scoring.DEFAULT_TARGET_BUCKET)
   jax.block_until_ready(fn(params, *batch))
   return median_seconds(lambda: jax.block_until_ready(fn(params, *batch)), repeats)
 
@@ -163,13 +181,14 @@ def time_scoring_transformers(model, rows, repeats):
 def compile_seconds(variant):
   """Compile time of prefill + decode loop for the full-depth preset (no weights allocated)."""
   config = presets.get_config(variant)
-  decoder = decode.Decoder(config, None)
-  shapes = jax.eval_shape(decoder.decoding_layout, paligemma.param_shapes(config))
-  prefill, loop = decoder.compiled(32)
+  generator = decode.Generator(config, None)
+  shapes = jax.eval_shape(generator.decoding_layout, paligemma.param_shapes(config))
+  prefill, loop = generator.compiled(32)
   n, s = paligemma.num_image_tokens(config), config.vision.image_size
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
   args = (shapes, spec((1, n + 32), jnp.int32), spec((1, s, s, 3), jnp.float32),
-          spec((1, n + 32), bool), spec((1, n + 32), bool), jax.random.PRNGKey(0),
+          spec((1, n + 32), bool), spec((1, n + 32), bool),
+          decode.row_keys(jax.random.PRNGKey(0), [0]),
           sampling.Sampler().as_arrays())
   start = time.perf_counter()
   prefill.lower(*args).compile()
@@ -177,20 +196,70 @@ def compile_seconds(variant):
   return time.perf_counter() - start
 
 
+def finetune_memory(model_config, dtype: str = "bfloat16", preset_names=tuple(training.PRESETS)):
+  """Per fine-tuning preset, XLA's memory analysis of its compiled train step, in GiB.
+
+  The step `finetune` runs (`training.train_step` under jax.jit, state donated), with remat, batch
+  1 at the text length of configs/finetune.py and the model's compute and frozen weights in
+  `dtype`, compiled from jax.ShapeDtypeStruct inputs: no weight is allocated.
+  """
+  model_config = model_config.copy_and_resolve_references()
+  model_config.update(dtype=dtype, param_dtype=dtype, remat=True)
+  model = paligemma.PaliGemma(model_config)
+  shapes = paligemma.param_shapes(model_config)
+  rng = jax.random.PRNGKey(0)
+  records = []
+  for preset in preset_names:
+    config = finetune_configs.get_config(preset)
+    layout = data.Layout(paligemma.num_image_tokens(model_config), model_config.image_token_id,
+                         model_config.vision.image_size, config.max_text_len)
+    parametrization = training.Parametrization.from_config(config)
+    trainable, frozen = jax.eval_shape(
+        lambda p: training.init_trainable(config, p, rng, jnp.dtype(dtype))[1:], shapes)
+    tx, schedule = training.make_optimizer(config)
+    state = jax.eval_shape(lambda t: training.init_state(t, tx, rng), trainable)
+    step = jax.jit(functools.partial(training.train_step, model=model,
+                                     parametrization=parametrization, tx=tx, schedule=schedule,
+                                     accum_steps=config.accum_steps), donate_argnums=0)
+    memory = step.lower(state, frozen, _batch_shapes(layout)).compile().memory_analysis()
+    records.append(dict(preset=preset, temp_gib=memory.temp_size_in_bytes / 2**30,
+                        argument_gib=memory.argument_size_in_bytes / 2**30))
+  return records
+
+
+def _batch_shapes(layout: data.Layout, batch_size: int = 1) -> dict:
+  """The shapes of a training batch (`data.TrainLoader`'s arrays)."""
+  tokens = jax.ShapeDtypeStruct((batch_size, layout.length), jnp.int32)
+  masks = {k: jax.ShapeDtypeStruct(tokens.shape, bool)
+           for k in ("input_mask", "prefix_mask", "loss_mask")}
+  images = jax.ShapeDtypeStruct((batch_size, layout.image_size, layout.image_size, 3), jnp.float32)
+  return dict(tokens=tokens, images=images, **masks)
+
+
 def main(argv):
   del argv
+  f = flags.FLAGS
+  try:
+    model_config = presets.get_config(f.variant)
+  except ValueError as e:
+    raise errors.InputError(f"--variant: {e}") from e
+  if f.finetune_memory:
+    for record in finetune_memory(model_config, f.dtype or "bfloat16"):
+      print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()}))
+    return
+  dtype = f.dtype or "float32"
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
   with tempfile.TemporaryDirectory() as directory:
-    model = build_reference(_VARIANT.value, _VISION_LAYERS.value, _TEXT_LAYERS.value, directory)
-    params, config, _ = hf.load_hf(directory, dtype=_DTYPE.value)
-  config.dtype = _DTYPE.value
-  if _SKIP_TORCH.value:
+    model = build_reference(f.variant, f.vision_layers, f.text_layers, directory)
+    params, config, _ = hf.load_hf(directory, dtype=dtype)
+  config.dtype = dtype
+  if f.skip_transformers:
     del model
   params = jax.device_put(params)
 
   n = paligemma.num_image_tokens(config)
   rng = np.random.RandomState(0)
-  text = rng.randint(10, 1000, size=_TEXT_TOKENS.value)
+  text = rng.randint(10, 1000, size=f.text_tokens)
   tokens = np.concatenate([np.full(n, config.image_token_id), [2], text])[None].astype(np.int32)
   images = rng.uniform(-1, 1, (1, config.vision.image_size, config.vision.image_size, 3)).astype(np.float32)
   ones = np.ones(tokens.shape, bool)
@@ -199,18 +268,19 @@ def main(argv):
   llm_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params["llm"]))
   bandwidth = memory_bandwidth_gbs()
   limit_ms = llm_bytes / bandwidth / 1e6
-  print(f"model: {_VARIANT.value} widths, {_VISION_LAYERS.value}+{_TEXT_LAYERS.value} layers, "
-        f"prompt {tokens.shape[1]} tokens, {_NEW_TOKENS.value} new; decoder weights "
+  print(f"model: {f.variant} widths, {f.vision_layers}+{f.text_layers} layers, "
+        f"prompt {tokens.shape[1]} tokens, {f.new_tokens} new; decoder weights "
         f"{llm_bytes / 1e9:.2f} GB; bandwidth {bandwidth:.1f} GB/s -> limit {limit_ms:.1f} ms/token")
   rows = []
-  for batch in map(int, _BATCH_SIZES.value):
-    ours = time_ours(config, params, inputs, batch, _NEW_TOKENS.value, _REPEATS.value)
-    ref = None if _SKIP_TORCH.value else time_transformers(model, inputs, batch, _NEW_TOKENS.value,
-                                                           _REPEATS.value)
+  for batch in map(int, f.batch_sizes):
+    ours = time_ours(config, params, inputs, batch, f.new_tokens, f.repeats)
+    ref = None if f.skip_transformers else time_transformers(model, inputs, batch, f.new_tokens,
+                                                             f.repeats)
     rows.append((batch, ours, ref))
-  score_rows = scoring_rows(inputs, _CHOICES.value, rng)
-  score_ours = time_scoring_ours(config, params, score_rows, _REPEATS.value)
-  score_ref = None if _SKIP_TORCH.value else time_scoring_transformers(model, score_rows, _REPEATS.value)
+  score_rows = scoring_rows(inputs, f.choices, rng)
+  score_ours = time_scoring_ours(config, params, score_rows, f.repeats)
+  score_ref = (None if f.skip_transformers
+               else time_scoring_transformers(model, score_rows, f.repeats))
 
   ratio = lambda ref, ours: f"{ref / ours:.2f}x" if ref else "-"
   fmt = lambda s: f"{s * 1e3:.1f}" if s is not None else "-"
@@ -226,15 +296,15 @@ def main(argv):
     print(f"| {batch} | decode tokens/s | {tps(ours['decode'])} | {tps(ref.get('decode'))} | "
           f"{ratio(ref.get('decode'), ours['decode'])} |")
     print(f"| {batch} | first call (compile + run) s | {ours['first_call']:.1f} | - | - |")
-  print(f"| 1 x {_CHOICES.value} answers | score ms | {fmt(score_ours)} | {fmt(score_ref)} | "
+  print(f"| 1 x {f.choices} answers | score ms | {fmt(score_ours)} | {fmt(score_ref)} | "
         f"{ratio(score_ref, score_ours)} |")
   batch1 = next((ours for b, ours, _ in rows if b == 1), None)
   if batch1:
     print(f"\nbatch-1 decode at {limit_ms / (batch1['decode'] * 1e3):.0%} of the bandwidth limit "
           f"({limit_ms:.1f} ms/token)")
-  print(f"compile time, full {_VARIANT.value} config (prefill + decode loop): "
-        f"{compile_seconds(_VARIANT.value):.1f} s")
+  print(f"compile time, full {f.variant} config (prefill + decode loop): "
+        f"{compile_seconds(f.variant):.1f} s")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags)

@@ -1,6 +1,6 @@
 """LoRA as a functional transform of the parameter tree; the model code never sees adapters.
 
-Each target kernel W gets A [in, r] and B [r, out] and the model runs with
+Each target kernel W gets A [in, r] and B [r, out], and the model computes with
 
   W_eff = W + (alpha / r) * A @ B
 
@@ -10,16 +10,22 @@ layer axis (one adapter pair per layer), attention q/k/v kernels [D, heads, head
 [heads * head_dim, D]. B starts at zero, so training starts exactly at the base model.
 
 Adapters mirror the base tree: `adapters["llm"]["layers"]["attn"]["q"]["kernel"] = {"a": .., "b": ..}`.
-`merge` is used both inside the loss (gradients reach A and B through it) and to export.
+Inside the loss, `apply` runs the model with x W + (alpha / r) (x A) B in each adapted layer, so
+no W_eff (a float32 copy of every adapted kernel, and its gradient) is ever built; `merge` builds
+W_eff for the export.
 """
 
+import functools
 import math
 import re
 
+import flax.linen as nn
 import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from paligemma_jax import errors
 
 # The attention and MLP kernels of every language-model layer.
 DEFAULT_TARGETS = r"llm/layers/(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel"
@@ -45,7 +51,7 @@ def target_paths(base, targets: str = DEFAULT_TARGETS) -> list[str]:
   """'/'-joined paths of the base leaves that `targets` (a regex) fully matches."""
   paths = [p for p in traverse_util.flatten_dict(base, sep="/") if re.fullmatch(targets, p)]
   if not paths:
-    raise ValueError(f"LoRA targets {targets!r} match no parameter.")
+    raise errors.InputError(f"lora.targets {targets!r} match no parameter.")
   return sorted(paths)
 
 
@@ -55,9 +61,11 @@ def init(base, rng, *, rank: int, targets: str = DEFAULT_TARGETS):
   A is drawn on the host from the bits of the JAX key `rng` (no device program to compile).
   """
   if rank < 1:
-    raise ValueError(f"LoRA rank must be >= 1, got {rank}.")
+    raise errors.InputError(f"lora.rank must be >= 1, got {rank}.")
   flat = traverse_util.flatten_dict(base, sep="/")
-  draw = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel().tolist())
+  with jax.ensure_compile_time_eval():  # Concrete under jax.eval_shape too (shape-only runs).
+    seed = np.asarray(jax.random.key_data(rng)).ravel().tolist()
+  draw = np.random.default_rng(seed)
   adapters = {}
   for path in target_paths(base, targets):
     lead, fan_in, fan_out = _matrix_shape(path, flat[path].shape)
@@ -79,13 +87,69 @@ def merge(base, adapters, *, alpha: float, dtype=None):
   `dtype` is given, e.g. the base dtype when exporting. Other leaves are returned as they are.
   """
   flat = dict(traverse_util.flatten_dict(base, sep="/"))
-  for path, ab in traverse_util.flatten_dict(adapters, sep="/", is_leaf=_is_pair).items():
-    if path not in flat:
-      raise KeyError(f"LoRA adapter for {path}, which the base parameters lack.")
+  for path, ab in _pairs(flat, adapters).items():
     w = flat[path]
     merged = w.astype(jnp.float32) + delta(path, w.shape, ab["a"], ab["b"], alpha)
     flat[path] = merged.astype(dtype or jnp.promote_types(w.dtype, jnp.float32))
   return traverse_util.unflatten_dict(flat, sep="/")
+
+
+# The name an adapter pair takes beside the kernel it adapts, in the tree `apply` runs on.
+_ADAPTER = "lora"
+_ADAPTABLE = (nn.Dense, nn.DenseGeneral, nn.Conv)
+
+
+def apply(model: nn.Module, base, adapters, *args, alpha: float, **kwargs):
+  """`model.apply` with the `adapters` on `base`, applied to activations: x W + (alpha / r) (x A) B.
+
+  The result equals the model on `merge(base, adapters)`, but memory stays that of the frozen
+  base: no merged kernel, and gradients only of A, B and activations. Each adapter pair rides in
+  the parameter tree beside its kernel (so nn.scan slices it per layer like the kernel), where an
+  interceptor of the Dense, DenseGeneral and Conv layers finds it. Adapters on leaves other than
+  a `kernel` (an embedding table, say) are merged.
+  """
+  pairs = _pairs(traverse_util.flatten_dict(base, sep="/"), adapters)
+  on_kernels = {p: ab for p, ab in pairs.items() if p.rsplit("/", 1)[-1] == "kernel"}
+  others = traverse_util.unflatten_dict(
+      {p: ab for p, ab in pairs.items() if p not in on_kernels}, sep="/")
+  flat = dict(traverse_util.flatten_dict(merge(base, others, alpha=alpha), sep="/"))
+  for path, ab in on_kernels.items():
+    flat[path.rsplit("/", 1)[0] + "/" + _ADAPTER] = ab
+  with nn.intercept_methods(functools.partial(_adapt, alpha=alpha)):
+    return model.apply({"params": traverse_util.unflatten_dict(flat, sep="/")}, *args, **kwargs)
+
+
+def _adapt(next_fun, args, kwargs, context, *, alpha):
+  """Adds (alpha / r) (x A) B to the output of a layer whose parameters hold an adapter pair."""
+  layer = context.module
+  if not layer.has_variable("params", _ADAPTER):
+    return next_fun(*args, **kwargs)
+  if not isinstance(layer, _ADAPTABLE):
+    raise errors.InputError(
+        f"lora.targets: {'/'.join(layer.scope.path)}/kernel belongs to a {type(layer).__name__}; "
+        "only Dense, DenseGeneral and Conv kernels can be adapted.")
+  if context.method_name != "__call__":
+    return next_fun(*args, **kwargs)
+  ab = layer.get_variable("params", _ADAPTER)
+  rank = ab["a"].shape[-1]
+  kernel_shape = layer.get_variable("params", "kernel").shape
+  fan_out = 1 if isinstance(layer.features, int) else len(layer.features)  # The output axes.
+  # The layer itself, with r outputs and kernel A, computes x A (any strides, axes and dtype).
+  down = layer.clone(parent=None, features=rank, use_bias=False)
+  x_a = down.apply({"params": {"kernel": ab["a"].reshape(*kernel_shape[:-fan_out], rank)}},
+                   *args, **kwargs)
+  b = ab["b"].reshape(rank, *kernel_shape[-fan_out:]).astype(x_a.dtype)
+  y = next_fun(*args, **kwargs)
+  return (y + jnp.tensordot(x_a * (alpha / rank), b, axes=1)).astype(y.dtype)
+
+
+def _pairs(flat_base, adapters) -> dict:
+  """'/'-joined kernel path -> {"a", "b"}, each path checked against the flat base tree."""
+  pairs = traverse_util.flatten_dict(adapters, sep="/", is_leaf=_is_pair)
+  for path in pairs:
+    if path not in flat_base:
+      raise KeyError(f"LoRA adapter for {path}, which the base parameters lack.")
+  return pairs
 
 
 def _is_pair(_, node):

@@ -2,7 +2,8 @@
 
 The parameters are split into two trees: `trainable` (float32; gradients and optimizer state
 exist only for it) and `frozen` (any dtype, e.g. bfloat16). With LoRA, `trainable` holds the
-adapters and `frozen` the whole base model. `Parametrization.full` rebuilds the model's tree.
+adapters and `frozen` the whole base model. `Parametrization.apply` runs the model on the two
+(LoRA without merged kernels); `Parametrization.full` rebuilds the model's tree (export).
 
 A train state is a plain dict, so Orbax saves and restores it as it is:
   params     the trainable tree
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from paligemma_jax import errors
 from paligemma_jax import lora
 
 PRESETS = {
@@ -58,6 +60,13 @@ class Parametrization:
   use_lora: bool = False
   lora_alpha: float = 1.0
 
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict):
+    """The parametrization a fine-tuning config asks for (shape-only callers need no weights)."""
+    if trainable_regex(config.trainable) is None:
+      return cls(True, config.lora.alpha)
+    return cls()
+
   def full(self, trainable, frozen, dtype=None):
     """The model's tree; `dtype` casts the result (export), else trainable leaves stay float32."""
     if self.use_lora:
@@ -66,18 +75,28 @@ class Parametrization:
       params = combine(trainable, frozen)
     return params if dtype is None else jax.tree.map(lambda x: x.astype(dtype), params)
 
+  def apply(self, model, trainable, frozen, *args, **kwargs):
+    """`model.apply` on the parameters; LoRA acts on activations, so no merged kernel exists."""
+    if self.use_lora:
+      return lora.apply(model, frozen, trainable, *args, alpha=self.lora_alpha, **kwargs)
+    return model.apply({"params": combine(trainable, frozen)}, *args, **kwargs)
+
 
 def init_trainable(config: ml_collections.ConfigDict, params, rng, frozen_dtype):
   """(Parametrization, trainable float32 tree, frozen tree cast to `frozen_dtype`)."""
-  regex = trainable_regex(config.trainable)
-  trainable, frozen = split(params, regex)
+  parametrization = Parametrization.from_config(config)
+  trainable, frozen = split(params, trainable_regex(config.trainable))
   frozen = jax.tree.map(lambda x: x.astype(frozen_dtype), frozen)
-  if regex is None:  # LoRA: adapters on the frozen base.
+  if parametrization.use_lora:  # Adapters on the frozen base.
     adapters = lora.init(frozen, rng, rank=config.lora.rank, targets=config.lora.targets)
-    return Parametrization(True, config.lora.alpha), adapters, frozen
+    return parametrization, adapters, frozen
   if not jax.tree.leaves(trainable):
-    raise ValueError(f"trainable={config.trainable!r} matches no parameter.")
-  return Parametrization(), jax.tree.map(lambda x: x.astype(jnp.float32), trainable), frozen
+    raise errors.InputError(f"--config.trainable={config.trainable!r} matches no parameter.")
+  return parametrization, jax.tree.map(lambda x: x.astype(jnp.float32), trainable), frozen
+
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 def make_schedule(config: ml_collections.ConfigDict):
@@ -90,7 +109,7 @@ def make_schedule(config: ml_collections.ConfigDict):
   decay = {"linear": optax.linear_schedule(peak, end, max(total - warmup, 1)),
            "constant": optax.constant_schedule(peak)}
   if config.schedule not in decay:
-    raise ValueError(f"Unknown schedule {config.schedule!r}; choose cosine, linear or constant.")
+    raise errors.InputError(f"--config.schedule={config.schedule!r}: choose one of {SCHEDULES}.")
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay[config.schedule]],
                               [warmup])
 
@@ -111,7 +130,7 @@ def make_optimizer(config: ml_collections.ConfigDict):
   elif config.optimizer == "sgd":
     opt = optax.sgd(schedule, momentum=config.momentum or None)
   else:
-    raise ValueError(f"Unknown optimizer {config.optimizer!r}; choose adamw or sgd.")
+    raise errors.InputError(f"--config.optimizer={config.optimizer!r}: choose one of {OPTIMIZERS}.")
   if config.grad_clip:
     opt = optax.chain(optax.clip_by_global_norm(config.grad_clip), opt)
   return opt, schedule
@@ -132,9 +151,8 @@ def token_loss(logits, tokens, loss_mask, weight=None):
 
 def batch_loss(trainable, frozen, batch, rng, *, model, parametrization: Parametrization):
   """(summed loss, target tokens) of one batch."""
-  logits = model.apply({"params": parametrization.full(trainable, frozen)}, batch["tokens"],
-                       batch["images"], batch["input_mask"], batch["prefix_mask"],
-                       rngs={"dropout": rng})
+  logits = parametrization.apply(model, trainable, frozen, batch["tokens"], batch["images"],
+                                 batch["input_mask"], batch["prefix_mask"], rngs={"dropout": rng})
   return token_loss(logits, batch["tokens"], batch["loss_mask"], batch.get("weight"))
 
 

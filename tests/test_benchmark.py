@@ -1,0 +1,26 @@
+"""The benchmark: flags defined only when run, and the fine-tuning memory report."""
+
+from absl import flags
+
+from configs.paligemma import get_config
+from paligemma_jax import benchmark
+
+
+def test_importing_beside_the_converter_defines_no_flags():
+  import checkpoints_convert.hf_to_orbax  # noqa: F401  Both once defined --dtype at import.
+  assert "text_tokens" not in flags.FLAGS and "finetune_memory" not in flags.FLAGS
+
+
+def test_finetune_memory_per_preset_and_lora_needs_the_least():
+  """One layer at pg2-3b's text widths (tiny vocabulary and image): LoRA's adapters need no
+  float32 gradient of the attention kernels, which `attn` trains. Two presets: each compiles."""
+  config = get_config("pg2-3b")
+  config.vision = get_config("tiny-pg2").vision
+  config.text.update(depth=1, vocab_size=1600)
+  config.image_token_id = config.text.vocab_size - 64
+  records = benchmark.finetune_memory(config, dtype="float32", preset_names=("attn", "lora"))
+  assert [sorted(r) for r in records] == [["argument_gib", "preset", "temp_gib"]] * 2
+  attn, lora = records
+  assert attn["preset"] == "attn" and lora["preset"] == "lora"
+  assert attn["argument_gib"] > 0 and lora["argument_gib"] > 0
+  assert 0 < lora["temp_gib"] < attn["temp_gib"], records
