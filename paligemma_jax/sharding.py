@@ -19,29 +19,18 @@ device restores only its own slices (no host ever holds a whole 28B model), to
 `jax.device_put`, or to `jax.jit(..., in_shardings=..., out_shardings=...)`; XLA's partitioner
 inserts the collectives.
 
-Multi-host (TPU pod slices, several GPU hosts): call `initialize_distributed()` first, before
-anything touches a device; every process then runs the same program on the global mesh.
-`host_slice` gives each process its share of a dataset and `is_writer` picks the one process
-that writes outputs.
+Multi-host jobs: see multihost.py (joining the job, each host's share, who writes).
 """
 
-import itertools
 import math
-import os
 import re
-import sys
-from typing import Iterable, Sequence
+from typing import Sequence
 
-from absl import flags
-from absl import logging
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from paligemma_jax import checkpoint
 from paligemma_jax import kv_cache as kv_cache_lib
-from paligemma_jax import paligemma
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # The batch dimension is split over both.
@@ -189,16 +178,6 @@ def state_shardings(state, mesh: Mesh):
   return param_shardings(state, mesh, strict=False)
 
 
-def load(directory: str, mesh: Mesh, dtype=None):
-  """(params, config) of a converted checkpoint, each device restoring only its own slices.
-  `dtype` becomes the parameter and the compute dtype, as in `inference.load_model`."""
-  shardings = param_shardings(paligemma.param_shapes(checkpoint.load_config(directory)), mesh)
-  params, config = checkpoint.load(directory, dtype=dtype, shardings=shardings)
-  if dtype is not None:
-    config.dtype = config.param_dtype
-  return params, config
-
-
 def cache_shardings(cache: kv_cache_lib.KVCache, mesh: Mesh) -> kv_cache_lib.KVCache:
   """k, v [L, B, S, K, H]: batch over data x fsdp, kv heads over tensor; end [B] like the batch."""
   kv = NamedSharding(mesh, _fit(cache.k.shape, CACHE_K_V, mesh))
@@ -235,18 +214,6 @@ def constrain(tree, shardings_fn, mesh: Mesh | None):
   return tree if mesh is None else jax.lax.with_sharding_constraint(tree, shardings_fn(tree, mesh))
 
 
-def fetch(tree):
-  """Host numpy copies of (possibly multi-host) arrays, on every process: a replicated array is
-  read from a local device, a split one gathered from all processes."""
-  def get(x):
-    if not isinstance(x, jax.Array) or x.is_fully_addressable:
-      return np.asarray(jax.device_get(x))
-    if x.is_fully_replicated:
-      return np.asarray(x.addressable_data(0))
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return jax.tree.map(get, tree)
-
-
 def describe(tree, mesh: Mesh, strict: bool = True) -> str:
   """One line per leaf: path, shape, spec and the bytes each device holds (for logs and docs)."""
   lines = []
@@ -263,58 +230,3 @@ def bytes_per_device(tree, mesh: Mesh, strict: bool = True) -> int:
   specs = jax.tree.leaves(param_specs(tree, mesh, strict), is_leaf=lambda x: isinstance(x, P))
   return sum(math.prod(NamedSharding(mesh, s).shard_shape(tuple(x.shape))) * np.dtype(x.dtype).itemsize
              for x, s in zip(jax.tree.leaves(tree), specs))
-
-
-# Multi-host.
-
-def initialize_distributed(enabled: bool | None = None) -> bool:
-  """Joins the processes of a multi-host job (call before anything touches a device).
-
-  enabled=None reads $PALIGEMMA_DISTRIBUTED (1/true). `jax.distributed.initialize` finds the
-  coordinator itself on Cloud TPU, SLURM, Open MPI and Kubernetes; elsewhere set
-  $JAX_COORDINATOR_ADDRESS (host:port of process 0), $JAX_NUM_PROCESSES and $JAX_PROCESS_ID.
-  Returns whether the job is distributed.
-  """
-  if enabled is None:
-    enabled = os.environ.get("PALIGEMMA_DISTRIBUTED", "").lower() in ("1", "true", "yes")
-  if enabled and not jax.distributed.is_initialized():
-    env = lambda name: int(os.environ[name]) if os.environ.get(name) else None
-    jax.distributed.initialize(num_processes=env("JAX_NUM_PROCESSES"), process_id=env("JAX_PROCESS_ID"))
-  return bool(enabled)
-
-
-def host_slice(items: Iterable, index: int | None = None, count: int | None = None):
-  """This process's share of `items`: every `count`-th item from `index` (a list for sequences,
-  else a lazy iterator). Hosts must run the same number of steps: repeat or pad the data."""
-  index = jax.process_index() if index is None else index
-  count = jax.process_count() if count is None else count
-  if isinstance(items, Sequence):
-    return list(items[index::count])
-  return itertools.islice(items, index, None, count)
-
-
-def is_writer() -> bool:
-  """Whether this process writes outputs (files, logs): process 0."""
-  return jax.process_index() == 0
-
-
-def define_flags():
-  """`--mesh` and `--distributed`, shared by the command-line entry points."""
-  main = dict(module_name=sys.argv[0])  # Listed by --help with the entry point's own flags.
-  flags.DEFINE_string("mesh", None, "Shard the model, batch and KV cache over the devices, e.g. "
-                      "'fsdp:-1', 'data:2,fsdp:4', 'fsdp:4,tensor:2' (axes data, fsdp, tensor; "
-                      "-1 = the rest; see docs/scaling.md). Default: one device.", **main)
-  flags.DEFINE_bool("distributed", None, "Join a multi-host job (jax.distributed.initialize); "
-                    "default: $PALIGEMMA_DISTRIBUTED.", **main)
-
-
-def mesh_from_flags() -> Mesh | None:
-  """Joins the multi-host job if asked, then builds --mesh (None: one device). Call it first.
-
-  On a multi-host job only the writing process logs below ERROR: every host runs the same steps
-  and reads the same data, so the others would repeat each line (and each bad-line warning).
-  """
-  initialize_distributed(flags.FLAGS.distributed)
-  if not is_writer():
-    logging.set_verbosity(logging.ERROR)
-  return mesh_from_string(flags.FLAGS.mesh) if flags.FLAGS.mesh else None

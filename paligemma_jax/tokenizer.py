@@ -15,7 +15,10 @@ import os
 import numpy as np
 import sentencepiece as spm
 
-NUM_LOC, NUM_SEG = 1024, 128
+from paligemma_jax import errors
+
+NUM_LOC = 1024  # <loc0000> .. <loc1023>: coordinate bins.
+SEG_CODEBOOK_SIZE = 128  # <seg000> .. <seg127>: entries of the mask VQ-VAE codebook.
 
 
 def loc_token(i: int) -> str:
@@ -28,7 +31,7 @@ def seg_token(i: int) -> str:
   return f"<seg{i:03d}>"
 
 
-EXTRA_TOKENS = tuple(loc_token(i) for i in range(NUM_LOC)) + tuple(seg_token(i) for i in range(NUM_SEG))
+EXTRA_TOKENS = tuple(loc_token(i) for i in range(NUM_LOC)) + tuple(seg_token(i) for i in range(SEG_CODEBOOK_SIZE))
 
 
 def _with_extra_tokens(model_bytes: bytes, missing) -> bytes:
@@ -54,7 +57,7 @@ class Tokenizer:
     except Exception:  # sentencepiece raises RuntimeError or OSError depending on the version.
       sp = None
     if sp is None or sp.get_piece_size() == 0:
-      raise ValueError(f"Not a valid SentencePiece model: {path!r}")
+      raise errors.InputError(f"Not a valid SentencePiece model: {path!r}")
     missing = [t for t in EXTRA_TOKENS if sp.piece_to_id(t) == sp.unk_id()]
     if missing:
       sp = spm.SentencePieceProcessor(model_proto=_with_extra_tokens(model_bytes, missing))
@@ -87,7 +90,16 @@ class Tokenizer:
     return self._sp.unk_id()
 
   def encode(self, text: str) -> list[int]:
-    """Token ids of `text`, without bos or eos."""
+    """Token ids of `text`, without bos or eos.
+
+    Raises InputError for text that is not valid Unicode (a lone surrogate from JSON "\\ud83d", or
+    an undecodable command-line byte), which SentencePiece would reject with a RuntimeError.
+    """
+    try:
+      text.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise errors.InputError(f"text is not valid Unicode ({e.reason} at character {e.start}: "
+                              f"{text[e.start:e.end]!r})") from None
     return self._sp.encode(text)
 
   def token_to_id(self, token: str) -> int:

@@ -21,13 +21,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from paligemma_jax import checkpoint, sampling, sharding  # noqa: E402
+from paligemma_jax import checkpoint, multihost, sampling, sharding  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
 def main(ckpt, out_dir):
-  distributed = sharding.initialize_distributed()
+  distributed = multihost.initialize_distributed()
   r = dict(distributed=distributed, process_count=jax.process_count(), device_count=jax.device_count(),
            local_device_count=jax.local_device_count())
   params, config = checkpoint.load(ckpt)  # One local device: the reference.
@@ -36,21 +36,21 @@ def main(ckpt, out_dir):
   ref_loss, ref_params = sharded_check.train_step(config, params, batch, "all")
 
   mesh = sharding.mesh_from_string("data:2,fsdp:2,tensor:2")
-  sharded, _ = sharding.load(ckpt, mesh)
+  sharded = sharded_check.restore(ckpt, mesh)
   split = [x for x in jax.tree.leaves(sharded) if not x.sharding.is_fully_replicated]
   r["split_across_processes"] = bool(split) and not any(x.is_fully_addressable for x in split)
   out = sharded_check.generate(config, sharded, batch, sampling.Sampler())[0]  # Same batch everywhere.
   r["tokens_equal"] = bool(np.array_equal(out.tokens, reference.tokens))
   r["logprob_diff"] = float(np.max(np.abs(out.logprobs - reference.logprobs)))
 
-  rows = sharding.host_slice(range(len(batch["tokens"])))  # This process's rows.
+  rows = multihost.host_slice(range(len(batch["tokens"])))  # This process's rows.
   local = {k: v[np.asarray(rows)] for k, v in batch.items()}
   loss, new_params = sharded_check.train_step(config, params, local, "all", mesh, process_local=True)
   new_params = multihost_utils.process_allgather(new_params, tiled=True)
   r["train"] = dict(loss=loss, ref_loss=ref_loss, params_diff=sharded_check.max_diff(new_params, ref_params),
                     rows=len(rows))
   r["writer"] = jax.process_index()
-  if sharding.is_writer():
+  if multihost.is_writer():
     with open(os.path.join(out_dir, "result.json"), "w") as f:
       json.dump(r, f)
   print(f"process {jax.process_index()} done", flush=True)

@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from configs.paligemma import get_config
-from paligemma_jax import checkpoint, kv_cache, paligemma, sharding
+from paligemma_jax import checkpoint, kv_cache, multihost, paligemma, sharding
 
 PRESETS = ("pg1-3b", "pg2-3b", "pg2-10b", "pg2-28b")
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -205,12 +205,12 @@ def test_shard_params_and_batch_on_one_device():
 
 def test_host_slice_and_writer():
   items = list(range(10))
-  assert sharding.host_slice(items, 0, 3) == [0, 3, 6, 9]
-  assert sharding.host_slice(items, 2, 3) == [2, 5, 8]
-  assert sorted(sum((sharding.host_slice(items, i, 4) for i in range(4)), [])) == items
-  assert list(sharding.host_slice(iter(items), 1, 2)) == [1, 3, 5, 7, 9]  # Streams stay lazy.
-  assert sharding.host_slice(items) == items  # One process: everything.
-  assert sharding.is_writer()
+  assert multihost.host_slice(items, 0, 3) == [0, 3, 6, 9]
+  assert multihost.host_slice(items, 2, 3) == [2, 5, 8]
+  assert sorted(sum((multihost.host_slice(items, i, 4) for i in range(4)), [])) == items
+  assert list(multihost.host_slice(iter(items), 1, 2)) == [1, 3, 5, 7, 9]  # Streams stay lazy.
+  assert multihost.host_slice(items) == items  # One process: everything.
+  assert multihost.is_writer()
 
 
 def test_initialize_distributed(monkeypatch):
@@ -218,15 +218,15 @@ def test_initialize_distributed(monkeypatch):
   monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
   monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
   monkeypatch.delenv("PALIGEMMA_DISTRIBUTED", raising=False)
-  assert not sharding.initialize_distributed() and not calls
+  assert not multihost.initialize_distributed() and not calls
   monkeypatch.setenv("PALIGEMMA_DISTRIBUTED", "1")
   monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
   monkeypatch.setenv("JAX_PROCESS_ID", "3")
-  assert sharding.initialize_distributed()
+  assert multihost.initialize_distributed()
   assert calls == [dict(num_processes=4, process_id=3)]
   monkeypatch.delenv("JAX_NUM_PROCESSES")
   monkeypatch.delenv("JAX_PROCESS_ID")
-  assert sharding.initialize_distributed(True)  # TPU pods: everything auto-detected.
+  assert multihost.initialize_distributed(True)  # TPU pods: everything auto-detected.
   assert calls[-1] == dict(num_processes=None, process_id=None)
 
 
@@ -327,6 +327,21 @@ def test_sharded_generate_matches_one_device(sharded_results, run):
   if run.endswith("data:2,fsdp:2,tensor:2") and "pg2" in run:
     tokens = np.array(r["generate"]["top_k"]["tokens"])
     assert len(np.unique(tokens)) > 10  # Sampling really samples: the check is not vacuous.
+
+
+@pytest.mark.parametrize("run", RUNS[2:])
+def test_sharded_score_splits_its_batch_and_matches_one_device(sharded_results, run):
+  r = sharded_results[run]["score"]
+  assert r["mesh_detected"] and r["diff"] < 1e-5, r
+  # (prompt tokens, images, prompt mask, suffix tokens, suffix mask, source): 4 prompts and
+  # 8 rows, each split over data x fsdp.
+  assert r["batch_specs"] == ["P(('data', 'fsdp'),)"] * 6, r
+
+
+def test_a_generator_follows_its_parameters_to_a_new_mesh(sharded_results):
+  r = sharded_results["remesh"]
+  assert r["tokens_equal"] == [True, True] and r["mesh_followed"], r
+  assert r["cache_spec"] == "P(None, 'fsdp', None, 'tensor')", r
 
 
 @pytest.mark.parametrize("run,expected", [

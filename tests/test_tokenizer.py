@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import spm_fixture
+from paligemma_jax import errors
 from paligemma_jax.tokenizer import Tokenizer, loc_token, seg_token
 
 TEXTS = ["caption en\n", "answer en what is on the bench?\n", "détecté à 12:30 ☃ 😀", "a\tb  c\n\n",
@@ -109,3 +110,11 @@ def test_unknown_piece(tok):
   assert tok.token_to_id("<unk>") == 3
   with pytest.raises(KeyError):
     tok.token_to_id("<loc9999>")
+
+
+@pytest.mark.parametrize("text", ["\ud83d", "caption \udcff en"])
+def test_text_that_is_not_unicode_is_an_input_error_naming_the_character(tok, text):
+  # A lone surrogate (JSON "\ud83d", or an undecodable command-line byte) made SentencePiece raise
+  # a RuntimeError that stopped whole runs; it is now the example's own error.
+  with pytest.raises(errors.InputError, match="not valid Unicode.*surrogate"):
+    tok.encode(text)

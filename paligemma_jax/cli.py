@@ -1,0 +1,167 @@
+"""What every command-line entry point shares: flags defined only when run, one error path.
+
+  if __name__ == "__main__":
+    cli.run(main, define_flags)
+
+Flags are defined by `define_flags` only when a module runs as a program, so any set of modules
+can be imported together. An expected failure (`errors.InputError`, an `OSError` such as a
+missing file, a `UsageError`) ends the program with one line, `PROGRAM: error: MESSAGE`, and exit
+status 1; anything else is a bug and keeps its traceback.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from paligemma_jax import checkpoint
+from paligemma_jax import errors
+from paligemma_jax import loading
+from paligemma_jax import multihost
+from paligemma_jax import sharding
+
+EXPECTED = (errors.InputError, OSError, app.UsageError)
+
+
+def one_line(error: BaseException) -> str:
+  """The message of `error` on one line (an OSError's filename included)."""
+  text = " ".join(str(error).split()) or type(error).__name__
+  return text
+
+
+def report(error: BaseException | str):
+  program = os.path.basename(sys.argv[0]) or "paligemma_jax"
+  if program in ("__main__.py", "-m", "-c"):
+    program = "paligemma_jax"
+  print(f"{program}: error: {one_line(error)}", file=sys.stderr, flush=True)
+
+
+def run(main, define_flags=None):
+  """Defines the flags, parses them and calls `main(argv)`; expected errors become one line."""
+  if define_flags is not None:
+    define_flags()
+
+  def reporting_main(argv):
+    # Undecodable input (a lone surrogate from argv bytes) is echoed as an escape, not a crash.
+    for stream in (sys.stdout, sys.stderr):
+      stream.reconfigure(errors="backslashreplace")
+    try:
+      if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]} (flags are written --name=value)")
+      checkpoint.quiet_orbax_logs()
+      return main(argv)
+    except EXPECTED as e:
+      report(e)
+      return 1
+
+  app.run(reporting_main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+  """absl's parsing, but a bad flag value is one line: absl prints a config file's whole
+  traceback (ml_collections' config_flags) and a pointer to --helpshort."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):  # "flag --x=y: ..." + a traceback.
+      flag = lines[0].split(": ", 1)[0]
+      lines = [f"{flag}: {lines[-1].split(': ', 1)[-1]}"]
+    report(" ".join(lines))
+    sys.exit(1)
+
+
+def define_model_flags():
+  """--checkpoint, --config, --dtype, --batch_size, --mesh, --distributed: how to load and run a
+  model, shared by generate and evaluate."""
+  main = _listed_with_the_program()
+  flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory "
+                      "(checkpoints_convert.hf_to_orbax), or a Hugging Face PaliGemma directory.",
+                      required=True, **main)
+  config_flags.DEFINE_config_file(
+      "config", None, "Optional model config overriding the checkpoint's, e.g. "
+      "configs/paligemma.py:pg2-3b-448 --config.text.sliding_window=0. Shapes must match.",
+      lock_config=False)
+  flags.FLAGS.register_flag_by_module(main["module_name"], flags.FLAGS["config"])
+  flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                    "Compute and parameter dtype; auto = float32 on CPU, bfloat16 on TPU/GPU.",
+                    **main)
+  flags.DEFINE_integer("batch_size", 1, "Examples per compiled batch (the last is padded).",
+                       lower_bound=1, **main)
+  define_mesh_flags()
+
+
+def _listed_with_the_program() -> dict:
+  """Flags defined here are listed by --help with the entry point's own flags."""
+  return dict(module_name=sys.argv[0])
+
+
+def define_mesh_flags():
+  """`--mesh` and `--distributed`, shared by the command-line entry points."""
+  main = _listed_with_the_program()
+  flags.DEFINE_string("mesh", None, "Shard the model, batch and KV cache over the devices, e.g. "
+                      "'fsdp:-1', 'data:2,fsdp:4', 'fsdp:4,tensor:2' (axes data, fsdp, tensor; "
+                      "-1 = the rest; see docs/scaling.md). Default: one device.", **main)
+  flags.DEFINE_bool("distributed", None, "Join a multi-host job (jax.distributed.initialize); "
+                    "default: $PALIGEMMA_DISTRIBUTED.", **main)
+
+
+def mesh_from_flags():
+  """Joins the multi-host job if asked, then builds --mesh (None: one device). Call it first.
+
+  On a multi-host job only the writing process logs below ERROR: every host runs the same steps
+  and reads the same data, so the others would repeat each line (and each bad-line warning).
+  """
+  multihost.initialize_distributed(flags.FLAGS.distributed)
+  if not multihost.is_writer():
+    logging.set_verbosity(logging.ERROR)
+  if not flags.FLAGS.mesh:
+    return None
+  try:
+    return sharding.mesh_from_string(flags.FLAGS.mesh)
+  except ValueError as e:
+    raise errors.InputError(f"--mesh: {e}") from None
+
+
+def model_settings() -> dict:
+  """What names the model and how it runs, recorded beside results: the checkpoint's identity
+  (without loading it), the dtype and any --config override."""
+  f = flags.FLAGS
+  override = None if f.config is None else f.config.to_dict()
+  return {**loading.checkpoint_identity(f.checkpoint), "dtype": dtype_from_flags(),
+          "config": override}
+
+
+def dtype_from_flags() -> str:
+  return loading.default_dtype() if flags.FLAGS.dtype == "auto" else flags.FLAGS.dtype
+
+
+def load_model_from_flags(mesh):
+  f = flags.FLAGS
+  return loading.load_model(f.checkpoint, dtype=dtype_from_flags(), mesh=mesh, config=f.config)
+
+
+def check_readable(flag: str, path: str | None):
+  """A --flag naming an input file: it must be a readable file."""
+  if path is None:
+    return
+  if not os.path.isfile(path):
+    raise errors.InputError(f"--{flag}={path}: no such file.")
+  if not os.access(path, os.R_OK):
+    raise errors.InputError(f"--{flag}={path}: not readable.")
+
+
+def check_writable(flag: str, path: str | None):
+  """A --flag naming an output file: its directory must exist; it must not be a directory."""
+  if path is None:
+    return
+  directory = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise errors.InputError(f"--{flag}={path} is a directory; give a file name.")
+  if not os.path.isdir(directory):
+    raise errors.InputError(f"--{flag}={path}: directory {directory} does not exist.")
+  if not os.access(directory, os.W_OK):
+    raise errors.InputError(f"--{flag}={path}: directory {directory} is not writable.")
