@@ -3,40 +3,62 @@ r"""Converts a Hugging Face PaliGemma / PaliGemma 2 directory into our Orbax che
   python -m checkpoints_convert.hf_to_orbax --hf_dir=paligemma2-3b-pt-448 --output_dir=pg2-3b-448
 
 Weights keep the checkpoint's dtype (PaliGemma 1: float32, PaliGemma 2: bfloat16) unless --dtype
-is given. The output directory must not exist; it appears only once complete.
+is given. The tokenizer is the directory's tokenizer.model unless --tokenizer=PATH is given; it
+is checked before any weight is read. The output directory must not exist; it appears only once
+complete, and a rerun removes what a killed run left.
 """
 
-from absl import app
+import os
+
 from absl import flags
 from absl import logging
 
 from paligemma_jax import checkpoint
+from paligemma_jax import cli
+from paligemma_jax import errors
 from paligemma_jax import hf
-
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (config.json, *.safetensors).",
-                              required=True)
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "New checkpoint directory to create.", required=True)
-_DTYPE = flags.DEFINE_enum("dtype", None, hf.DTYPES, "Parameter dtype; default: the checkpoint's.")
+from paligemma_jax import hf_config
+from paligemma_jax.tokenizer import Tokenizer
 
 
-def convert(hf_dir: str, output_dir: str, dtype: str | None = None, progress: bool = True):
-  """Reads `hf_dir`, writes `output_dir`; returns the model config."""
-  params, config, tokenizer = hf.load_hf(hf_dir, dtype=dtype, progress=progress)
-  logging.info("Config: variant %s, %s parameters, image %dpx.", config.variant, config.param_dtype,
-               config.vision.image_size)
-  if tokenizer is None:
-    logging.warning("%s has no tokenizer.model; the checkpoint will have no tokenizer.", hf_dir)
+def define_flags():
+  """The command-line flags; defined only when this module runs as a program."""
+  flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (config.json, *.safetensors).",
+                      required=True)
+  flags.DEFINE_string("output_dir", None, "New checkpoint directory to create.", required=True)
+  flags.DEFINE_enum("dtype", None, hf_config.DTYPES, "Parameter dtype; default: the checkpoint's.")
+  flags.DEFINE_string("tokenizer", None, "SentencePiece tokenizer.model to include; default: the "
+                      "one in --hf_dir.")
+
+
+def _check_tokenizer(path: str):
+  """A checkpoint without a usable tokenizer cannot generate: refuse it before the long part."""
+  try:
+    Tokenizer(path)
+  except (ValueError, OSError) as e:
+    raise errors.InputError(f"{e}; give a tokenizer.model with --tokenizer=PATH.") from None
+
+
+def convert(hf_dir: str, output_dir: str, dtype: str | None = None, tokenizer: str | None = None,
+            progress: bool = True):
+  """Reads `hf_dir`, writes `output_dir`; returns the model config. `tokenizer` defaults to
+  hf_dir/tokenizer.model. Every input is checked before the weights are read."""
+  checkpoint.check_new(output_dir)
+  config = hf_config.read_config(hf_dir, dtype)
+  tokenizer = tokenizer or os.path.join(hf_dir, checkpoint.TOKENIZER)
+  _check_tokenizer(tokenizer)
+  params = hf.load_params(hf_dir, config, progress=progress)
   checkpoint.save(output_dir, params, config, tokenizer)
-  logging.info("Wrote %s.", output_dir)
+  logging.info("Wrote %s: variant %s, %s parameters, image %dpx.", output_dir, config.variant,
+               config.param_dtype, config.vision.image_size)
   return config
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  checkpoint.quiet_orbax_logs()
-  convert(_HF_DIR.value, _OUTPUT_DIR.value, _DTYPE.value)
+  del argv  # cli.run refuses stray arguments.
+  f = flags.FLAGS
+  convert(f.hf_dir, f.output_dir, f.dtype, f.tokenizer)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags)

@@ -1,29 +1,40 @@
-"""Our checkpoint format: a directory with the parameters (Orbax), the model config and the tokenizer.
+"""Our checkpoint format: a directory with the parameters (Orbax), model config and tokenizer.
 
-  DIR/params/          Orbax StandardCheckpointer tree: the `params` dict of the model
-  DIR/config.json      the model ConfigDict (configs/paligemma.py fields) as JSON
+  DIR/params/          Orbax StandardCheckpointer tree: the model's `params` (stacked layers)
+  DIR/config.json      the model's structure: variant, vision, text, image_token_id and param_dtype
+                       (the dtype the weights are stored in); runtime choices (compute dtype, remat,
+                       weight layout) are not stored: they are arguments of whoever loads it
   DIR/tokenizer.model  SentencePiece model (optional)
 
-`save` writes into a temporary sibling directory and renames it into place, so DIR either holds a
-complete checkpoint or does not exist. On a multi-host job every process calls it (each writes the
-slices of the sharded parameters it holds, into a shared directory); only process 0 creates,
-fills in and renames the directory.
+`save` writes into a temporary sibling directory, `.DIR.tmp-HOST.PID.XXXXXXXX`, and renames it
+into place, so DIR either holds a complete checkpoint or does not exist. A save removes the
+temporary directories that earlier saves of DIR on this host left when killed (their process is
+gone); those of live processes and of other hosts are kept. On a multi-host job every process
+calls it (each writes the slices of the sharded parameters it holds, into a shared directory);
+only process 0 creates, fills in and renames the directory, `.DIR.tmp-shared`.
 """
 
+import contextlib
 import json
 import logging as std_logging
 import os
 import shutil
-import uuid
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from paligemma_jax import errors
+from paligemma_jax import files
+from paligemma_jax import multihost
+from paligemma_jax import paligemma
+
 PARAMS, CONFIG, TOKENIZER = "params", "config.json", "tokenizer.model"
+# Runtime choices: not stored; a loaded config gets these values, which its users override.
+RUNTIME_DEFAULTS = dict(dtype="float32", remat=False, scan_layers=True)
+_STRUCTURE = ("variant", "vision", "text", "image_token_id", "param_dtype")  # Stored, all required.
 
 
 class _OrbaxInfoFilter(std_logging.Filter):
@@ -41,54 +52,77 @@ def quiet_orbax_logs():
     logger.addFilter(_OrbaxInfoFilter())
 
 
-def _sync(name: str):
-  """A barrier across the processes of a multi-host job (nothing to wait for in one process)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
+def model_config(structure: dict) -> ml_collections.ConfigDict:
+  """A new model config: `structure` (stored runtime fields ignored) plus RUNTIME_DEFAULTS."""
+  return ml_collections.ConfigDict({**structure, **RUNTIME_DEFAULTS})
 
 
-def save(directory: str, params, config: ml_collections.ConfigDict, tokenizer_path: str | None = None):
-  """Writes a new checkpoint directory; refuses to touch an existing one."""
-  directory = os.path.abspath(directory)  # Orbax wants absolute paths.
+def check_new(directory: str):
+  """Refuses an existing output directory (before any work that would be lost)."""
   if os.path.exists(directory):
     raise FileExistsError(f"Output directory {directory} already exists; refusing to overwrite it.")
-  if tokenizer_path is not None and not os.path.isfile(tokenizer_path):
-    raise FileNotFoundError(f"Tokenizer file {tokenizer_path} does not exist.")
+
+
+def _stored_structure(params, config) -> str:
+  """config.json: the structure only, param_dtype being the dtype of the weights written."""
+  structure = {k: v for k, v in config.to_dict().items() if k not in RUNTIME_DEFAULTS}
+  dtypes = {jnp.dtype(x.dtype).name for x in jax.tree.leaves(params)}
+  if len(dtypes) == 1:
+    structure["param_dtype"] = dtypes.pop()
+  missing = [k for k in _STRUCTURE if k not in structure]
+  if missing:
+    raise ValueError(f"The model config lacks {', '.join(missing)}.")
+  return ml_collections.ConfigDict(structure).to_json(indent=2, sort_keys=True)
+
+
+def save(directory: str, params, config: ml_collections.ConfigDict,
+         tokenizer_path: str | None = None):
+  """Writes a new checkpoint directory; refuses to touch an existing one."""
+  directory = os.path.abspath(directory)  # Orbax wants absolute paths.
   parent, name = os.path.split(directory)
   writer, shared = jax.process_index() == 0, jax.process_count() > 1
+  check_new(directory)
+  if not config.get("scan_layers", True):
+    raise ValueError("checkpoint.save takes the stacked layer layout (scan_layers=True).")
+  if tokenizer_path is not None and not os.path.isfile(tokenizer_path):
+    raise FileNotFoundError(f"Tokenizer file {tokenizer_path} does not exist.")
+  config_json = _stored_structure(params, config)
   # Same filesystem: atomic rename. Processes of one job must agree on the name without talking.
-  tmp = os.path.join(parent, f".{name}.tmp-{'shared' if shared else uuid.uuid4().hex[:8]}")
-  if writer:
-    os.makedirs(parent, exist_ok=True)
-    if shared:
-      shutil.rmtree(tmp, ignore_errors=True)  # Left by a killed job.
-    os.mkdir(tmp)
-  _sync(f"checkpoint.save {directory}: created")
-  try:
-    with ocp.StandardCheckpointer() as ckpt:  # Every process: Orbax writes each shard once.
-      ckpt.save(os.path.join(tmp, PARAMS), params)
-      ckpt.wait_until_finished()
-    if writer:
-      with open(os.path.join(tmp, CONFIG), "w") as f:
-        f.write(config.to_json(indent=2, sort_keys=True))
-      if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER))
-    _sync(f"checkpoint.save {directory}: written")
-    if writer:
-      os.rename(tmp, directory)
-  except BaseException:
-    if writer:
-      shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  _sync(f"checkpoint.save {directory}: renamed")  # Nobody returns before the directory exists.
+  aside = (contextlib.nullcontext(os.path.join(parent, f".{name}.tmp-shared")) if shared
+           else files.writing_aside(directory))
+  with aside as tmp:
+    try:
+      if writer:
+        os.makedirs(parent, exist_ok=True)
+        if shared:
+          shutil.rmtree(tmp, ignore_errors=True)  # Left by a killed job.
+        os.mkdir(tmp)
+      multihost.sync(f"checkpoint.save {directory}: created")
+      with ocp.StandardCheckpointer() as ckpt:  # Every process: Orbax writes each shard once.
+        ckpt.save(os.path.join(tmp, PARAMS), params)
+        ckpt.wait_until_finished()
+      if writer:
+        with files.open_for_writing(os.path.join(tmp, CONFIG)) as f:
+          f.write(config_json)
+        if tokenizer_path is not None:
+          shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER))
+      multihost.sync(f"checkpoint.save {directory}: written")
+      if writer:
+        os.rename(tmp, directory)
+    except BaseException:
+      if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+      raise
+  multihost.sync(f"checkpoint.save {directory}: renamed")  # Nobody returns before the directory exists.
 
 
-def _check(directory, name):
-  path = os.path.join(os.path.abspath(directory), name)
+def _part(directory: str, name: str) -> str:
+  """The path of part `name` of the checkpoint `directory`, which must exist."""
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"No checkpoint directory {directory}.")
+    raise errors.InputError(f"{directory}: no such checkpoint directory.")
+  path = os.path.join(os.path.abspath(directory), name)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{directory} is not a complete checkpoint: {name} is missing.")
+    raise errors.InputError(f"{directory} is not a complete checkpoint: {name} is missing.")
   return path
 
 
@@ -100,28 +134,60 @@ def _tuples(x):
 
 
 def load_config(directory: str) -> ml_collections.ConfigDict:
-  with open(_check(directory, CONFIG)) as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
+  """The stored model structure, with RUNTIME_DEFAULTS for the runtime fields (older checkpoints
+  stored them too: they are ignored)."""
+  path = _part(directory, CONFIG)
+  with open(path, "rb") as f:
+    try:
+      stored = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError.
+      raise errors.InputError(f"{path}: not valid JSON ({e}); {directory} is corrupt.") from None
+  if not (isinstance(stored, dict) and all(k in stored for k in _STRUCTURE)
+          and isinstance(stored["vision"], dict) and isinstance(stored["text"], dict)):
+    raise errors.InputError(f"{path}: not a PaliGemma model config (an object with "
+                            f"{', '.join(_STRUCTURE)}); {directory} is corrupt.")
+  return model_config(_tuples(stored))
 
 
 def tokenizer_path(directory: str) -> str:
-  return _check(directory, TOKENIZER)
+  return _part(directory, TOKENIZER)
+
+
+def _corrupt(path: str, why) -> errors.InputError:
+  why = str(why).split(" See full TensorStore details")[0]  # Drop TensorStore's page-long spec.
+  return errors.InputError(f"Incomplete or corrupt checkpoint {path}: {why[:300]}")
+
+
+def _shapes(tree) -> dict:
+  return {jax.tree_util.keystr(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_shapes(directory: str, stored, config):
+  """The stored parameters must be those of the model config.json describes."""
+  got, want = _shapes(stored), _shapes(paligemma.param_shapes(config))
+  if got != want:
+    diff = sorted(k for k in got.keys() | want.keys() if got.get(k) != want.get(k))
+    raise errors.InputError(
+        f"{directory}: {CONFIG} does not describe the parameters in {PARAMS}/ ({len(diff)} differ, "
+        f"e.g. {diff[0]}: stored {got.get(diff[0])}, config {want.get(diff[0])}).")
 
 
 def load(directory: str, dtype=None, shardings=None):
   """(params, config). `dtype` casts every leaf (config.param_dtype follows); `shardings` is one
   jax.sharding.Sharding for all leaves or a matching tree of them (default: the first device)."""
   config = load_config(directory)
-  path = _check(directory, PARAMS)
+  path = _part(directory, PARAMS)
   dtype = None if dtype is None else jnp.dtype(dtype)
   with ocp.StandardCheckpointer() as ckpt:
     try:
       stored = ckpt.metadata(path).item_metadata
-    except Exception as e:
-      raise ValueError(f"Incomplete or corrupt checkpoint {path}: {e}") from e
+    except Exception as e:  # Orbax raises many kinds; the file is at fault, not the caller.
+      raise _corrupt(path, e) from e
     if stored is None:
-      raise ValueError(f"Incomplete or corrupt checkpoint {path}: no parameter metadata.")
+      raise _corrupt(path, "no parameter metadata.")
     stored = stored.tree
+    _check_shapes(directory, stored, config)
     if shardings is None:
       shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if isinstance(shardings, jax.sharding.Sharding):
@@ -131,7 +197,7 @@ def load(directory: str, dtype=None, shardings=None):
     try:
       params = ckpt.restore(path, target)
     except Exception as e:
-      raise ValueError(f"Incomplete or corrupt checkpoint {path}: {e}") from e
+      raise _corrupt(path, e) from e
   if dtype is not None:
     config.param_dtype = dtype.name
   return params, config

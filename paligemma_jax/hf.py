@@ -1,4 +1,6 @@
-"""Reads Hugging Face PaliGemma / PaliGemma 2 directories (config.json + safetensors) into our params.
+"""Reads Hugging Face PaliGemma / PaliGemma 2 directories (config.json, safetensors) into params.
+
+The config is read by hf_config.py; this module maps and reads the tensors.
 
 A Hugging Face directory holds `config.json`, `model.safetensors` (or shards listed in
 `model.safetensors.index.json`) and usually `tokenizer.model`. Tensor names differ between
@@ -15,7 +17,6 @@ the model cannot drift apart: every leaf names its source tensor and how to tran
 are read one at a time into preallocated [L, ...] arrays, so a checkpoint is never held twice.
 """
 
-import json
 import math
 import os
 from typing import Callable, NamedTuple
@@ -26,167 +27,11 @@ import numpy as np
 import safetensors
 import tqdm
 
-from configs import paligemma as presets
+from paligemma_jax import errors
+from paligemma_jax import hf_config
 from paligemma_jax import paligemma
 
-DTYPES = ("float32", "bfloat16", "float16")
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # As safetensors names them.
-
-# transformers' defaults for fields that config.json files omit. When a sub-config is absent,
-# PaliGemmaConfig builds it from its `sub_configs_defaults`; when present, only the sub-config
-# class's own defaults apply (transformers/models/{paligemma,siglip,gemma,gemma2}/configuration_*).
-_MISSING_SUBCONFIG = {
-    "vision_config": dict(model_type="siglip_vision_model", intermediate_size=4096, hidden_size=1152,
-                          patch_size=14, image_size=224, num_hidden_layers=27, num_attention_heads=16,
-                          vision_use_head=False),
-    "text_config": dict(model_type="gemma", hidden_size=2048, num_hidden_layers=18,
-                        intermediate_size=16384, num_attention_heads=8, num_key_value_heads=1,
-                        vocab_size=257152),
-}
-_CLASS_DEFAULTS = {
-    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                num_attention_heads=12, num_channels=3, image_size=224, patch_size=16,
-                                hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=True),
-    "gemma": dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
-                  num_attention_heads=16, num_key_value_heads=16, head_dim=256,
-                  hidden_act="gelu_pytorch_tanh", rms_norm_eps=1e-6, attention_bias=False),
-    "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                   num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                   hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, attention_bias=False,
-                   query_pre_attn_scalar=256, sliding_window=4096, layer_types=None,
-                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
-}
-_GELU_TANH = "gelu_pytorch_tanh"
-_LAYER_TYPES = ("sliding_attention", "full_attention")
-
-
-def _unsupported(field, value, why):
-  return ValueError(f"Unsupported Hugging Face PaliGemma config: {field}={value!r} ({why}).")
-
-
-def _subconfig(hf_config, key):
-  """A sub-config with transformers' defaults filled in, and its model_type."""
-  given = hf_config.get(key)
-  if given is None:
-    given = _MISSING_SUBCONFIG[key]
-  model_type = given.get("model_type", _MISSING_SUBCONFIG[key]["model_type"])
-  if model_type not in _CLASS_DEFAULTS or (key == "vision_config") != (model_type == "siglip_vision_model"):
-    raise _unsupported(f"{key}.model_type", model_type, "expected siglip_vision_model, gemma or gemma2")
-  return {**_CLASS_DEFAULTS[model_type], **given, "model_type": model_type}
-
-
-def _square(field, value):
-  if isinstance(value, (list, tuple)):
-    if len(set(value)) != 1:
-      raise _unsupported(field, value, "only square sizes are supported")
-    value = value[0]
-  return int(value)
-
-
-def _rope_base(t):
-  """RoPE base from `rope_parameters` (transformers 5) or `rope_theta` (older); no scaling allowed."""
-  if t.get("rope_scaling"):
-    raise _unsupported("text_config.rope_scaling", t["rope_scaling"], "only default RoPE is supported")
-  rope = t.get("rope_parameters") or {}
-  kind = rope.get("rope_type", rope.get("type", "default"))
-  if kind != "default":
-    raise _unsupported("text_config.rope_parameters.rope_type", kind, "only default RoPE is supported")
-  return float(rope.get("rope_theta", t.get("rope_theta", 10000.0)))
-
-
-def _param_dtype(hf_config):
-  dtype = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
-  dtype = str(dtype).removeprefix("torch.")
-  if dtype not in DTYPES:
-    raise _unsupported("dtype", dtype, f"expected one of {DTYPES}")
-  return dtype
-
-
-def _vision(hf_config):
-  v = _subconfig(hf_config, "vision_config")
-  if v["vision_use_head"]:
-    absent = "vision_use_head" not in (hf_config.get("vision_config") or {})
-    raise _unsupported("vision_config.vision_use_head", True,
-                       "SigLIP's default when absent; " * absent + "PaliGemma has no pooling head")
-  if v["hidden_act"] != _GELU_TANH:
-    raise _unsupported("vision_config.hidden_act", v["hidden_act"], f"expected {_GELU_TANH}")
-  if v["num_channels"] != 3:
-    raise _unsupported("vision_config.num_channels", v["num_channels"], "expected RGB")
-  return dict(width=v["hidden_size"], depth=v["num_hidden_layers"], mlp_dim=v["intermediate_size"],
-              num_heads=v["num_attention_heads"], patch_size=_square("vision_config.patch_size", v["patch_size"]),
-              norm_eps=float(v["layer_norm_eps"]), image_size=_square("vision_config.image_size", v["image_size"]))
-
-
-def _text(hf_config):
-  t = _subconfig(hf_config, "text_config")
-  family = t["model_type"]
-  act_field = "hidden_act" if family == "gemma" else "hidden_activation"
-  act = t[act_field]
-  if not (act == _GELU_TANH or (family == "gemma" and act == "gelu")):  # Gemma's legacy "gelu" means tanh.
-    raise _unsupported(f"text_config.{act_field}", act, f"expected {_GELU_TANH}")
-  if t["attention_bias"]:
-    raise _unsupported("text_config.attention_bias", True, "Gemma attention has no biases")
-  if t.get("use_bidirectional_attention") is False:
-    raise _unsupported("text_config.use_bidirectional_attention", False, "PaliGemma's prefix is bidirectional")
-  text = dict(family=family, vocab_size=t["vocab_size"], width=t["hidden_size"], depth=t["num_hidden_layers"],
-              num_heads=t["num_attention_heads"], num_kv_heads=t["num_key_value_heads"], head_dim=t["head_dim"],
-              mlp_dim=t["intermediate_size"], query_pre_attn_scalar=float(t["head_dim"]),
-              attn_logit_softcap=0.0, final_logit_softcap=0.0, sliding_window=0, layer_types=(),
-              norm_eps=float(t["rms_norm_eps"]), rope_base=_rope_base(t))
-  if family == "gemma2":
-    depth = text["depth"]
-    layer_types = t["layer_types"] or [_LAYER_TYPES[i % 2] for i in range(depth)]
-    if len(layer_types) != depth or set(layer_types) - set(_LAYER_TYPES):
-      raise _unsupported("text_config.layer_types", layer_types, f"expected {depth} of {_LAYER_TYPES}")
-    text.update(query_pre_attn_scalar=float(t["query_pre_attn_scalar"]),
-                attn_logit_softcap=float(t["attn_logit_softcapping"] or 0.0),
-                final_logit_softcap=float(t["final_logit_softcapping"] or 0.0),
-                sliding_window=int(t["sliding_window"] or 0), layer_types=tuple(layer_types))
-  return text
-
-
-def _variant(vision, text):
-  """The preset whose architecture this is (ignoring resolution), else "custom"."""
-  for name in presets.TEXT_VARIANTS:
-    preset = presets.get_config(name)
-    same_vision = all(preset.vision[k] == v for k, v in vision.items() if k != "image_size")
-    same_text = all(preset.text[k] == v for k, v in text.items() if k != "layer_types")
-    if same_vision and same_text:
-      return name
-  return "custom"
-
-
-def config_from_hf(hf_config: dict) -> ml_collections.ConfigDict:
-  """Our model config from a Hugging Face PaliGemma config.json dict (transformers' defaults apply)."""
-  if hf_config.get("model_type", "paligemma") != "paligemma":
-    raise _unsupported("model_type", hf_config["model_type"], "expected paligemma")
-  if hf_config.get("quantization_config"):
-    raise _unsupported("quantization_config", hf_config["quantization_config"], "quantized weights")
-  if not hf_config.get("tie_word_embeddings", True):
-    raise _unsupported("tie_word_embeddings", False, "the LM head is the embedding table")
-  vision, text = _vision(hf_config), _text(hf_config)
-  projection_dim = hf_config.get("projection_dim", 2048)
-  if projection_dim != text["width"]:
-    raise _unsupported("projection_dim", projection_dim, f"must equal text_config.hidden_size={text['width']}")
-  cfg = ml_collections.ConfigDict()
-  cfg.variant = _variant(vision, text)
-  cfg.vision = ml_collections.ConfigDict(vision)
-  cfg.text = ml_collections.ConfigDict(text)
-  cfg.image_token_id = int(hf_config.get("image_token_index", hf_config.get("image_token_id", 256000)))
-  cfg.dtype = "float32"  # Compute dtype: a runtime choice, not the checkpoint's.
-  cfg.param_dtype = _param_dtype(hf_config)
-  cfg.remat = False
-  cfg.scan_layers = True
-  return cfg
-
-
-def read_config(hf_dir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(hf_dir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{hf_dir} is not a Hugging Face model directory: no config.json.")
-  with open(path) as f:
-    return config_from_hf(json.load(f))
-
 
 # Tensor names.
 
@@ -210,7 +55,7 @@ def canonical_name(name: str) -> str | None:
   for prefix, hub in _PREFIXES:
     if name.startswith(prefix):
       return hub and hub + name[len(prefix):]
-  raise ValueError(f"Unexpected tensor {name!r}: not part of a PaliGemma checkpoint.")
+  raise errors.InputError(f"Unexpected tensor {name!r}: not part of a PaliGemma checkpoint.")
 
 
 class _Rule(NamedTuple):
@@ -220,13 +65,14 @@ class _Rule(NamedTuple):
 
 
 def _linear(n_in):
-  """torch Linear weight [out, in] -> kernel [*in_axes, *out_axes], the first n_in axes being inputs."""
+  """torch Linear weight [out, in] -> kernel [*in_axes, *out_axes], the first n_in axes inputs."""
   return _Rule(lambda s: (math.prod(s[n_in:]), math.prod(s[:n_in])), lambda x, s: x.T.reshape(s))
 
 
 _COPY = _Rule(tuple, lambda x, s: x)
 _FLAT = _Rule(lambda s: (math.prod(s),), lambda x, s: x.reshape(s))  # [H*hd] -> [H, hd] biases.
-_CONV = _Rule(lambda s: (s[3], s[2], s[0], s[1]), lambda x, s: x.transpose(2, 3, 1, 0))  # OIHW -> HWIO.
+# OIHW -> HWIO.
+_CONV = _Rule(lambda s: (s[3], s[2], s[0], s[1]), lambda x, s: x.transpose(2, 3, 1, 0))
 
 
 def _sources(family):
@@ -311,24 +157,31 @@ def _unflat(flat):
 # Safetensors files.
 
 def _open(path, framework="numpy"):
-  """safe_open; "numpy" cannot return bfloat16 tensors, "flax" can (as jax arrays on the CPU, one more copy)."""
+  """safe_open; "numpy" cannot return bfloat16 tensors, "flax" can (as jax arrays on the CPU, one
+  more copy)."""
   try:
     return safetensors.safe_open(path, framework=framework)
   except safetensors.SafetensorError as e:
-    raise ValueError(f"Cannot read {path}: {e} (truncated or corrupt safetensors file?)") from e
+    raise errors.InputError(f"{path}: cannot read it: {e} (truncated or corrupt safetensors "
+                            "file?)") from None
 
 
 def safetensors_files(hf_dir: str) -> list[str]:
-  """The checkpoint's safetensors files: the shards of model.safetensors.index.json, else model.safetensors."""
+  """The checkpoint's safetensors files: the shards of model.safetensors.index.json, else
+  model.safetensors."""
   index = os.path.join(hf_dir, "model.safetensors.index.json")
   if os.path.exists(index):
-    with open(index) as f:
-      names = dict.fromkeys(json.load(f)["weight_map"].values())
+    weight_map = hf_config.read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
+      raise errors.InputError(f"{index}: expected an object with a \"weight_map\" of file names.")
+    names = dict.fromkeys(weight_map.values())
     files = [os.path.join(hf_dir, n) for n in names]
   elif os.path.exists(os.path.join(hf_dir, "model.safetensors")):
     files = [os.path.join(hf_dir, "model.safetensors")]
   else:
-    raise FileNotFoundError(f"{hf_dir} has neither model.safetensors nor model.safetensors.index.json.")
+    raise FileNotFoundError(f"{hf_dir} has neither model.safetensors nor "
+                            "model.safetensors.index.json.")
   for path in files:
     if not os.path.exists(path):
       raise FileNotFoundError(f"Missing safetensors file {path}.")
@@ -343,26 +196,30 @@ def _inventory(files, targets):
       for name in f.keys():
         try:
           hub = canonical_name(name)
-        except ValueError as e:
-          raise ValueError(f"{path}: {e}") from None
+        except errors.InputError as e:
+          raise errors.InputError(f"{path}: {e}") from None
         if hub is None:
           continue
         if hub not in targets:
-          raise ValueError(f"{path}: unexpected tensor {name!r}: config.json describes no such parameter.")
+          raise errors.InputError(f"{path}: unexpected tensor {name!r}: config.json describes no "
+                                  "such parameter.")
         if hub in found:
-          raise ValueError(f"{path}: tensor {name!r} duplicates {found[hub][1]!r} in {found[hub][0]}.")
+          raise errors.InputError(f"{path}: tensor {name!r} duplicates {found[hub][1]!r} in "
+                                  f"{found[hub][0]}.")
         tensor = f.get_slice(name)
         shape, dtype = tuple(tensor.get_shape()), tensor.get_dtype()
         if shape != targets[hub].shape:
-          raise ValueError(f"{path}: tensor {name!r} has shape {shape}, expected {targets[hub].shape} "
-                           f"(from config.json).")
+          raise errors.InputError(f"{path}: tensor {name!r} has shape {shape}, expected "
+                                  f"{targets[hub].shape} (from config.json).")
         if dtype not in _FLOAT_DTYPES:
-          raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}, expected a float type.")
+          raise errors.InputError(f"{path}: tensor {name!r} has dtype {dtype}, expected a float "
+                                  "type.")
         found[hub] = (path, name, dtype)
   missing = [n for n in targets if n not in found]
   if missing:
     more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-    raise ValueError(f"Missing tensor(s) in {os.path.dirname(files[0])}: {', '.join(missing[:3])}{more}.")
+    raise errors.InputError(f"Missing tensor(s) in {os.path.dirname(files[0])}: "
+                            f"{', '.join(missing[:3])}{more}.")
   return found
 
 
@@ -392,12 +249,9 @@ def load_params(hf_dir: str, config: ml_collections.ConfigDict, progress: bool =
 
 
 def load_hf(hf_dir: str, dtype: str | None = None, progress: bool = False):
-  """(params, config, tokenizer path or None) from a Hugging Face directory; `dtype` overrides the weights'."""
-  config = read_config(hf_dir)
-  if dtype is not None:
-    if dtype not in DTYPES:
-      raise ValueError(f"Unsupported dtype {dtype!r}; choose one of {DTYPES}.")
-    config.param_dtype = dtype
+  """(params, config, tokenizer path or None) from a Hugging Face directory; `dtype` overrides
+  the weights'."""
+  config = hf_config.read_config(hf_dir, dtype)
   params = load_params(hf_dir, config, progress=progress)
   tokenizer = os.path.join(hf_dir, "tokenizer.model")
   return params, config, tokenizer if os.path.exists(tokenizer) else None

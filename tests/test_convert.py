@@ -3,10 +3,14 @@
 import copy
 import json
 import os
+import pathlib
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import ml_dtypes
@@ -20,18 +24,22 @@ import hf_fixtures
 from configs.paligemma import get_config
 from checkpoints_convert import hf_to_orbax
 from paligemma_jax import checkpoint
+from paligemma_jax import errors
 from paligemma_jax import hf
+from paligemma_jax import hf_config as hf_config_lib
 from paligemma_jax import paligemma
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
-def tokenizer_file(tmp_path):
-  """A stand-in tokenizer.model: conversion only copies it."""
-  path = tmp_path / "spm.model"
-  path.write_bytes(b"\x0a\x05<pad>stand-in sentencepiece bytes")
-  return str(path)
+def convert(spm_model_path):
+  """convert(hf_dir, out_dir, **kw): the converter in this process, with the test tokenizer unless
+  `tokenizer` is given (None: the directory's own)."""
+  def run(hf_dir, out_dir, **kw):
+    kw.setdefault("tokenizer", spm_model_path)
+    return hf_to_orbax.convert(str(hf_dir), str(out_dir), progress=False, **kw)
+  return run
 
 
 def _flat(tree):
@@ -135,19 +143,15 @@ def _same_config_fields(cfg, preset):
   assert cfg.variant == preset.variant
 
 
-def _convert(hf_dir, out_dir, **kw):
-  return hf_to_orbax.convert(str(hf_dir), str(out_dir), progress=False, **kw)
-
-
 @pytest.mark.parametrize("version,naming,sharded", [
     (1, "transformers5", False), (2, "transformers5", False), (1, "hub", True), (2, "hub", False),
     (2, "hub", True), (1, "in_memory", False), (2, "in_memory", True)])
-def test_round_trip(tmp_path, tokenizer_file, version, naming, sharded):
-  src = hf_fixtures.make_hf_paligemma(str(tmp_path / "hf"), version=version, naming=naming, sharded=sharded,
-                                      tokenizer_model=tokenizer_file)
+def test_round_trip(tmp_path, spm_model_path, version, naming, sharded, convert):
+  src = hf_fixtures.make_hf_paligemma(str(tmp_path / "hf"), version=version, naming=naming,
+                                      sharded=sharded, tokenizer_model=spm_model_path)
   assert os.path.exists(tmp_path / "hf" / "model.safetensors.index.json") == sharded
-  config = _convert(src.path, tmp_path / "out")
-  assert sorted(os.listdir(tmp_path)) == ["hf", "out", "spm.model"]  # No temporary leftovers.
+  config = convert(src.path, tmp_path / "out", tokenizer=None)  # The directory's tokenizer.model.
+  assert sorted(os.listdir(tmp_path)) == ["hf", "out"]  # No temporary leftovers.
 
   params, loaded = checkpoint.load(str(tmp_path / "out"))
   assert_params_equal(params, src.model, "float32")
@@ -156,15 +160,15 @@ def test_round_trip(tmp_path, tokenizer_file, version, naming, sharded):
   expected = paligemma.param_shapes(loaded)  # The model's own init tree, leaf for leaf.
   assert jax.tree.structure(params) == jax.tree.structure(expected)
   assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == jax.tree.map(lambda x: (x.shape, x.dtype), expected)
-  with open(checkpoint.tokenizer_path(str(tmp_path / "out")), "rb") as f, open(tokenizer_file, "rb") as g:
-    assert f.read() == g.read()
+  with open(checkpoint.tokenizer_path(str(tmp_path / "out")), "rb") as f:
+    assert f.read() == open(spm_model_path, "rb").read()
 
 
-def test_bfloat16_stays_bfloat16(tmp_path):
+def test_bfloat16_stays_bfloat16(tmp_path, convert):
   src = hf_fixtures.make_hf_paligemma(str(tmp_path / "hf"), version=2, naming="hub", dtype=torch.bfloat16)
   with open(tmp_path / "hf" / "config.json") as f:
     assert json.load(f)["torch_dtype"] == "bfloat16"
-  config = _convert(src.path, tmp_path / "out")
+  config = convert(src.path, tmp_path / "out")
   assert config.param_dtype == "bfloat16"
   params, loaded = checkpoint.load(str(tmp_path / "out"))
   assert loaded.param_dtype == "bfloat16"
@@ -175,18 +179,18 @@ def test_bfloat16_stays_bfloat16(tmp_path):
   assert_params_equal(params32, src.model, "float32")
 
 
-def test_dtype_override(tmp_path):
+def test_dtype_override(tmp_path, convert):
   src = hf_fixtures.make_hf_paligemma(str(tmp_path / "hf"), version=2, dtype=torch.bfloat16)
-  assert _convert(src.path, tmp_path / "out", dtype="float32").param_dtype == "float32"
+  assert convert(src.path, tmp_path / "out", dtype="float32").param_dtype == "float32"
   params, _ = checkpoint.load(str(tmp_path / "out"))
   assert_params_equal(params, src.model, "float32")
   with pytest.raises(ValueError, match="float64"):
     hf.load_hf(src.path, dtype="float64")
 
 
-def test_load_with_shardings(tmp_path):
+def test_load_with_shardings(tmp_path, convert):
   src = hf_fixtures.make_hf_paligemma(str(tmp_path / "hf"), version=1)
-  _convert(src.path, tmp_path / "out")
+  convert(src.path, tmp_path / "out")
   sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",)),
                                         jax.sharding.PartitionSpec())
   params, _ = checkpoint.load(str(tmp_path / "out"), shardings=sharding)
@@ -211,10 +215,10 @@ print(sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(sharded)),
 """
 
 
-def test_load_onto_a_mesh(tmp_path):
+def test_load_onto_a_mesh(tmp_path, convert):
   """Each device restores only its slices (4 CPU devices, in a fresh process)."""
   src = hf_fixtures.make_hf_paligemma(str(tmp_path / "hf"), version=2)
-  _convert(src.path, tmp_path / "out")
+  convert(src.path, tmp_path / "out")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", _SHARDED_LOAD, str(tmp_path / "out")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -273,74 +277,36 @@ def _add(name):
      r"unexpected tensor 'language_model\.model\.layers\.3\.input_layernorm\.weight'"),
     (_add("text_model.extra"), r"Unexpected tensor 'text_model\.extra'"),
 ])
-def test_bad_tensors(tmp_path, edit, error):
+def test_bad_tensors(tmp_path, edit, error, convert):
   src = hf_fixtures.make_hf_paligemma(str(tmp_path / "hf"), version=2)
   _edit_tensors(src.path, edit)
   with pytest.raises(ValueError, match=error):
-    _convert(src.path, tmp_path / "out")
+    convert(src.path, tmp_path / "out")
   assert sorted(os.listdir(tmp_path)) == ["hf"]
 
 
-def test_truncated_file(tmp_path):
+def test_truncated_file(tmp_path, convert):
   src = hf_fixtures.make_hf_paligemma(str(tmp_path / "hf"), version=1, sharded=True)
   with open(tmp_path / "hf" / "model.safetensors.index.json") as f:
     shard = sorted(set(json.load(f)["weight_map"].values()))[-1]
   path = tmp_path / "hf" / shard
   path.write_bytes(path.read_bytes()[:-1000])
   with pytest.raises(ValueError, match=rf"{shard}.*truncated or corrupt"):
-    _convert(src.path, tmp_path / "out")
+    convert(src.path, tmp_path / "out")
   path.unlink()
   with pytest.raises(FileNotFoundError, match=shard):
-    _convert(src.path, tmp_path / "out")
+    convert(src.path, tmp_path / "out")
   assert sorted(os.listdir(tmp_path)) == ["hf"]
 
 
-def test_existing_output_dir(tmp_path):
+def test_existing_output_dir(tmp_path, convert):
   src = hf_fixtures.make_hf_paligemma(str(tmp_path / "hf"), version=1)
   (tmp_path / "out").mkdir()
   (tmp_path / "out" / "keep.txt").write_text("mine")
   with pytest.raises(FileExistsError, match="already exists"):
-    _convert(src.path, tmp_path / "out")
+    convert(src.path, tmp_path / "out")
   assert os.listdir(tmp_path / "out") == ["keep.txt"]
   assert sorted(os.listdir(tmp_path)) == ["hf", "out"]
-
-
-def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
-  src = hf_fixtures.make_hf_paligemma(str(tmp_path / "hf"), version=1)
-  params, config, _ = hf.load_hf(src.path)
-  (tmp_path / "tok").write_bytes(b"x")
-
-  def fail(*args, **kwargs):
-    raise OSError("disk full")
-
-  monkeypatch.setattr(checkpoint.shutil, "copyfile", fail)
-  with pytest.raises(OSError, match="disk full"):
-    checkpoint.save(str(tmp_path / "out"), params, config, str(tmp_path / "tok"))
-  assert sorted(os.listdir(tmp_path)) == ["hf", "tok"]
-  with pytest.raises(FileNotFoundError, match="missing-tokenizer"):
-    checkpoint.save(str(tmp_path / "out"), params, config, str(tmp_path / "missing-tokenizer"))
-  assert sorted(os.listdir(tmp_path)) == ["hf", "tok"]
-
-
-def test_incomplete_checkpoint(tmp_path):
-  src = hf_fixtures.make_hf_paligemma(str(tmp_path / "hf"), version=1)
-  _convert(src.path, tmp_path / "out")
-  with pytest.raises(FileNotFoundError, match="tokenizer.model is missing"):
-    checkpoint.tokenizer_path(str(tmp_path / "out"))  # The fixture has no tokenizer.
-  with pytest.raises(FileNotFoundError, match="No checkpoint directory"):
-    checkpoint.load(str(tmp_path / "nothing"))
-  shutil.rmtree(tmp_path / "out" / "params" / "ocdbt.process_0")  # The array data.
-  with pytest.raises(ValueError, match="Incomplete or corrupt checkpoint .*params"):
-    checkpoint.load(str(tmp_path / "out"))
-  os.remove(tmp_path / "out" / "params" / "_METADATA")  # The tree.
-  with pytest.raises(ValueError, match="Incomplete or corrupt checkpoint .*params: no parameter metadata"):
-    checkpoint.load(str(tmp_path / "out"))
-  shutil.rmtree(tmp_path / "out" / "params")
-  with pytest.raises(FileNotFoundError, match="params is missing"):
-    checkpoint.load(str(tmp_path / "out"))
-  os.remove(tmp_path / "out" / "config.json")
-  with pytest.raises(FileNotFoundError, match="config.json is missing"):
-    checkpoint.load(str(tmp_path / "out"))
 
 
 def test_not_a_hf_directory(tmp_path):
@@ -352,31 +318,205 @@ def test_not_a_hf_directory(tmp_path):
     hf.load_hf(src.path)
 
 
-def test_unknown_config_value(tmp_path):
+def test_unknown_config_value(tmp_path, convert):
   src = hf_fixtures.make_hf_paligemma(str(tmp_path / "hf"), version=2)
   path = tmp_path / "hf" / "config.json"
   config = json.loads(path.read_text())
   config["text_config"]["model_type"] = "gemma3_text"
   path.write_text(json.dumps(config))
   with pytest.raises(ValueError, match="text_config.model_type='gemma3_text'"):
-    _convert(src.path, tmp_path / "out")
+    convert(src.path, tmp_path / "out")
   assert sorted(os.listdir(tmp_path)) == ["hf"]
 
 
-def test_cli(tmp_path, tokenizer_file):
-  src = hf_fixtures.make_hf_paligemma(str(tmp_path / "hf"), version=2, tokenizer_model=tokenizer_file)
-  cmd = [sys.executable, "-m", "checkpoints_convert.hf_to_orbax", f"--hf_dir={src.path}",
-         f"--output_dir={tmp_path / 'out'}", "--dtype=bfloat16"]
-  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+# The command line: one line naming the problem for every expected failure, nothing left behind.
+
+def _run(*args, timeout=300):
+  cmd = [sys.executable, "-m", "checkpoints_convert.hf_to_orbax", *args]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _temp_dirs(parent):
+  return [n for n in os.listdir(parent) if ".tmp-" in n]
+
+
+def test_cli(tmp_path, spm_model_path):
+  src = hf_fixtures.make_hf_paligemma(str(tmp_path / "hf"), version=2,
+                                      tokenizer_model=spm_model_path)
+  args = [f"--hf_dir={src.path}", f"--output_dir={tmp_path / 'out'}", "--dtype=bfloat16"]
+  result = _run(*args)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Converting" in result.stderr  # The tqdm bar.
-  # Our log lines, not Orbax's twenty per save (they name its temporary directory).
-  assert "Wrote" in result.stderr and "orbax-checkpoint-tmp" not in result.stderr
+  # One log line of ours at the end, not Orbax's twenty per save (naming its temporary directory).
+  ours = [line for line in result.stderr.splitlines() if "hf_to_orbax.py:" in line]
+  assert len(ours) == 1 and "Wrote" in ours[0] and "tiny-pg2" in ours[0], result.stderr[-3000:]
+  assert "orbax-checkpoint-tmp" not in result.stderr
   params, config = checkpoint.load(str(tmp_path / "out"))
   assert config.param_dtype == "bfloat16" and config.text.family == "gemma2"
   assert_params_equal(params, src.model.to(torch.bfloat16), "bfloat16")
-  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert result.returncode != 0 and "already exists" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def pristine_hf_dir(tmp_path_factory, spm_model_path):
+  """A tiny PaliGemma 2 directory with a tokenizer, to copy and break."""
+  return hf_fixtures.make_hf_paligemma(str(tmp_path_factory.mktemp("pristine") / "hf"), version=2,
+                                       tokenizer_model=spm_model_path).path
+
+
+def _write(name, text):
+  return lambda hf_dir: pathlib.Path(hf_dir, name).write_text(text)
+
+
+def _edit_config(hf_dir):
+  path = pathlib.Path(hf_dir, "config.json")
+  config = json.loads(path.read_text())
+  config["text_config"]["num_hidden_layers"] = "three"
+  path.write_text(json.dumps(config))
+
+
+def _truncate(hf_dir):
+  path = pathlib.Path(hf_dir, "model.safetensors")
+  path.write_bytes(path.read_bytes()[:-1000])
+
+
+# How to break the copy HF, more flags, what the one line says (HF and OUT stand for the paths).
+_BAD_INPUTS = {
+    "config not JSON": (_write("config.json", "{not json"), [], r"HF/config\.json: not valid JSON"),
+    "config a list": (_write("config.json", "[1, 2]"), [],
+                      r"HF/config\.json: expected a JSON object, not a list"),
+    "config value": (_edit_config, [],
+                     r"HF/config\.json: .*text_config\.num_hidden_layers='three'"),
+    "no safetensors": (lambda d: os.remove(os.path.join(d, "model.safetensors")), [],
+                       r"HF has neither model\.safetensors"),
+    "truncated safetensors": (_truncate, [], r"HF/model\.safetensors: .*truncated or corrupt"),
+    "existing output": (lambda d: os.mkdir(os.path.join(os.path.dirname(d), "out")), [],
+                        r"OUT already exists"),
+    "no HF directory": (shutil.rmtree, [], r"HF: no such Hugging Face model directory"),
+    "no tokenizer": (lambda d: os.remove(os.path.join(d, "tokenizer.model")), [],
+                     r"HF/tokenizer\.model.*--tokenizer=PATH"),
+    "corrupt tokenizer": (_write("tokenizer.model", "not sentencepiece"), [],
+                          r"Not a valid SentencePiece model: 'HF/tokenizer\.model'.*--tokenizer"),
+    "--tokenizer missing": (lambda d: None, ["--tokenizer=HF/none.model"],
+                            r"HF/none\.model.*--tokenizer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_INPUTS))
+def test_cli_bad_input(tmp_path, pristine_hf_dir, case):
+  """Exit 1 with one line naming the problem, no traceback, no output and no temporary directory."""
+  hf_dir, out_dir = str(tmp_path / "hf"), str(tmp_path / "out")
+  shutil.copytree(pristine_hf_dir, hf_dir)
+  damage, flags, message = _BAD_INPUTS[case]
+  damage(hf_dir)
+  before = sorted(os.listdir(tmp_path))
+  flags = [f.replace("HF", hf_dir) for f in flags]
+  result = _run(f"--hf_dir={hf_dir}", f"--output_dir={out_dir}", *flags)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  lines = [line for line in result.stderr.splitlines() if "error:" in line]
+  assert len(lines) == 1 and lines[0].startswith("hf_to_orbax.py: error: "), result.stderr[-3000:]
+  assert re.search(message.replace("HF", re.escape(hf_dir)).replace("OUT", re.escape(out_dir)),
+                   lines[0]), lines[0]
+  assert sorted(os.listdir(tmp_path)) == before  # Nothing written.
+
+
+def test_rerun_removes_what_killed_runs_left(tmp_path, pristine_hf_dir, convert):
+  """A killed run's temporary directory (its process gone, on this host) is removed; a live
+  process's, another host's, and other outputs' are kept."""
+  finished = subprocess.Popen(["true"])
+  finished.wait()
+  alive = subprocess.Popen(["sleep", "600"])
+  host = socket.gethostname()
+  names = {
+      "dead": f".out.tmp-{host}.{finished.pid}.0123abcd",
+      "earlier process with our pid": f".out.tmp-{host}.{os.getpid()}.4567cdef",
+      "live": f".out.tmp-{host}.{alive.pid}.89abcdef",
+      "other host": f".out.tmp-elsewhere.{finished.pid}.0123abcd",
+      "other output": f".other.tmp-{host}.{finished.pid}.0123abcd",
+  }
+  try:
+    for name in names.values():
+      os.makedirs(tmp_path / name / "params")
+      (tmp_path / name / "params" / "data").write_bytes(b"partial")
+    convert(pristine_hf_dir, tmp_path / "out")
+  finally:
+    alive.kill()
+    alive.wait()
+  kept = {names[k] for k in ("live", "other host", "other output")}
+  assert set(os.listdir(tmp_path)) == kept | {"out"}
+  checkpoint.load(str(tmp_path / "out"))
+
+
+_HANG_WHILE_SAVING = """
+import sys, time
+from checkpoints_convert import hf_to_orbax
+from paligemma_jax import checkpoint, cli
+checkpoint.shutil.copyfile = lambda *args, **kwargs: time.sleep(600)  # The parameters are written.
+sys.argv = ["hf_to_orbax.py", *sys.argv[1:]]
+cli.run(hf_to_orbax.main, hf_to_orbax.define_flags)
+"""
+
+
+def test_rerun_after_kill_9(tmp_path, pristine_hf_dir):
+  """kill -9 during the save leaves its temporary directory; the same command run again removes
+  it and writes a complete checkpoint."""
+  args = [f"--hf_dir={pristine_hf_dir}", f"--output_dir={tmp_path / 'out'}"]
+  killed = subprocess.Popen([sys.executable, "-c", _HANG_WHILE_SAVING, *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 120
+    while not any(os.path.exists(tmp_path / d / "params") for d in _temp_dirs(tmp_path)):
+      assert killed.poll() is None and time.time() < deadline, "the converter stopped early"
+      time.sleep(0.05)
+  finally:
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+  assert len(_temp_dirs(tmp_path)) == 1 and not os.path.exists(tmp_path / "out")
+  result = _run(*args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert os.listdir(tmp_path) == ["out"]
+  checkpoint.load(str(tmp_path / "out"))
+  with open(checkpoint.tokenizer_path(str(tmp_path / "out")), "rb") as f:
+    assert f.read() == open(os.path.join(pristine_hf_dir, "tokenizer.model"), "rb").read()
+
+
+def test_tokenizer_is_checked_before_the_weights(tmp_path, pristine_hf_dir, spm_model_path,
+                                                 convert):
+  hf_dir = tmp_path / "hf"
+  shutil.copytree(pristine_hf_dir, hf_dir)
+  (hf_dir / "tokenizer.model").write_bytes(b"not sentencepiece")
+  _truncate(hf_dir)
+  with pytest.raises(errors.InputError, match="tokenizer.model.*--tokenizer"):
+    convert(hf_dir, tmp_path / "out", tokenizer=None)
+  _write("config.json", "[]")(hf_dir)
+  with pytest.raises(errors.InputError, match="config.json"):  # The config comes first.
+    convert(hf_dir, tmp_path / "out", tokenizer=None)
+  shutil.copy(os.path.join(pristine_hf_dir, "config.json"), hf_dir)
+  shutil.copy(os.path.join(pristine_hf_dir, "model.safetensors"), hf_dir)
+  convert(hf_dir, tmp_path / "out", tokenizer=spm_model_path)  # --tokenizer: not the corrupt one.
+  with open(checkpoint.tokenizer_path(str(tmp_path / "out")), "rb") as f:
+    assert f.read() == open(spm_model_path, "rb").read()
+
+
+_IMPORT_ENTRY_POINTS = """
+import importlib
+from absl import flags
+for name in ("checkpoints_convert.hf_to_orbax", "paligemma_jax.generate", "paligemma_jax.evaluate",
+             "paligemma_jax.finetune"):
+  importlib.import_module(name)
+benchmark = importlib.import_module("paligemma_jax.benchmark")  # Last: the others define no flag.
+exempt = () if hasattr(benchmark, "define_flags") else ("paligemma_jax.benchmark",)  # Being fixed.
+ours = sorted(m for m in flags.FLAGS.flags_by_module_dict()
+              if m.startswith(("paligemma_jax", "checkpoints")) and m not in exempt)
+assert not ours, f"flags defined at import by {ours}"
+"""
+
+
+def test_entry_points_import_together():
+  """Importing every command-line module in one process defines no flag (so none clash)."""
+  result = subprocess.run([sys.executable, "-c", _IMPORT_ENTRY_POINTS], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_fixture_softcaps_matter(tmp_path):
@@ -462,7 +602,7 @@ REAL_CONFIGS = {
 @pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
 def test_config_from_real_hub_files(name):
   hf_config, param_dtype = REAL_CONFIGS[name]
-  cfg = hf.config_from_hf(copy.deepcopy(hf_config))
+  cfg = hf_config_lib.config_from_hf(copy.deepcopy(hf_config))
   _same_config_fields(cfg, get_config(name))
   assert cfg.param_dtype == param_dtype
   # transformers reads the same file to the same architecture (its defaults fill the gaps alike).
@@ -507,17 +647,17 @@ def test_unsupported_configs(edit, error):
   hf_config = copy.deepcopy(REAL_CONFIGS["pg2-3b-448"][0])
   edit(hf_config)
   with pytest.raises(ValueError, match="Unsupported Hugging Face PaliGemma config: " + re.escape(error)):
-    hf.config_from_hf(hf_config)
+    hf_config_lib.config_from_hf(hf_config)
 
 
-@pytest.mark.parametrize("model_type", sorted(hf._CLASS_DEFAULTS))
+@pytest.mark.parametrize("model_type", sorted(hf_config_lib._CLASS_DEFAULTS))
 def test_defaults_are_transformers_defaults(model_type):
   ref = transformers.AutoConfig.for_model(model_type)
-  for field, value in hf._CLASS_DEFAULTS[model_type].items():
+  for field, value in hf_config_lib._CLASS_DEFAULTS[model_type].items():
     if field != "layer_types":  # Gemma 2 fills it in from num_hidden_layers.
       assert getattr(ref, field) == value, field
   spec = transformers.PaliGemmaConfig.sub_configs_defaults
-  for key, defaults in hf._MISSING_SUBCONFIG.items():
+  for key, defaults in hf_config_lib._MISSING_SUBCONFIG.items():
     ref = {"model_type": spec[key].model_type, **spec[key].init_kwargs}
     assert {k: ref[k] for k in defaults} == defaults
 
@@ -525,12 +665,12 @@ def test_defaults_are_transformers_defaults(model_type):
 def test_gemma_legacy_gelu_means_tanh():
   hf_config = copy.deepcopy(PG1_3B_224)
   hf_config["text_config"]["hidden_act"] = "gelu"  # transformers maps it to gelu_pytorch_tanh.
-  _same_config_fields(hf.config_from_hf(hf_config), get_config("pg1-3b"))
+  _same_config_fields(hf_config_lib.config_from_hf(hf_config), get_config("pg1-3b"))
 
 
 def test_missing_subconfigs_use_paligemma_defaults():
   """Without sub-configs transformers builds paligemma-3b's architecture (and its default vocabulary)."""
-  cfg = hf.config_from_hf({"model_type": "paligemma"})
+  cfg = hf_config_lib.config_from_hf({"model_type": "paligemma"})
   ref = transformers.PaliGemmaConfig()
   assert (cfg.text.family, cfg.text.width, cfg.text.depth, cfg.text.num_kv_heads, cfg.text.vocab_size) == (
       "gemma", ref.text_config.hidden_size, 18, 1, ref.text_config.vocab_size)
@@ -540,10 +680,10 @@ def test_missing_subconfigs_use_paligemma_defaults():
 
 @pytest.mark.skipif(not os.environ.get("PALIGEMMA_SLOW_TESTS"), reason="set PALIGEMMA_SLOW_TESTS=1 (about a minute)")
 @pytest.mark.parametrize("version", [1, 2])
-def test_real_widths_round_trip(tmp_path, version):
+def test_real_widths_round_trip(tmp_path, version, convert):
   src = hf_fixtures.make_hf_paligemma(str(tmp_path / "hf"), version=version, real_widths=True,
                                       dtype=torch.bfloat16)
-  config = _convert(src.path, tmp_path / "out")
+  config = convert(src.path, tmp_path / "out")
   assert config.variant == "custom" and config.text.vocab_size == 257216 and config.image_token_id == 257152
   params, _ = checkpoint.load(str(tmp_path / "out"))
   assert_params_equal(params, src.model, "bfloat16")

@@ -1,0 +1,171 @@
+"""The checkpoint format: what config.json holds, corrupt checkpoints, failed saves, file modes."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.paligemma import get_config
+from paligemma_jax import checkpoint
+from paligemma_jax import errors
+from paligemma_jax import paligemma
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """(params, config): noise in a tiny PaliGemma 1's parameter tree (no model init to compile)."""
+  config = get_config("tiny-pg1")
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype),
+                      paligemma.param_shapes(config)), config
+
+
+@pytest.fixture(scope="module")
+def saved(tiny, tmp_path_factory, spm_model_path):
+  """A saved checkpoint of `tiny`, with the test tokenizer; copy it before changing it."""
+  directory = str(tmp_path_factory.mktemp("saved") / "ckpt")
+  checkpoint.save(directory, *tiny, spm_model_path)
+  return directory
+
+
+def _stored(directory):
+  with open(os.path.join(directory, checkpoint.CONFIG)) as f:
+    return json.load(f)
+
+
+def test_runtime_choices_are_not_stored(tiny, tmp_path):
+  params, config = tiny
+  config = config.copy_and_resolve_references()
+  config.dtype, config.remat, config.param_dtype = "bfloat16", True, "float32"
+  before = config.to_dict()
+  params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  checkpoint.save(str(tmp_path / "ckpt"), params16, config)
+  assert config.to_dict() == before  # The caller's config is untouched.
+  stored = _stored(tmp_path / "ckpt")
+  assert sorted(stored) == ["image_token_id", "param_dtype", "text", "variant", "vision"]
+  assert stored["param_dtype"] == "bfloat16"  # The weights' dtype, whatever the config said.
+  loaded = checkpoint.load_config(str(tmp_path / "ckpt"))
+  assert (loaded.dtype, loaded.remat, loaded.scan_layers) == ("float32", False, True)
+  assert loaded.text.to_dict() == config.text.to_dict()
+
+
+def test_older_checkpoints_with_runtime_fields_load(saved, tmp_path):
+  """Checkpoints written before stored dtype, remat and scan_layers: those fields are ignored."""
+  directory = str(tmp_path / "old")
+  shutil.copytree(saved, directory)
+  stored = dict(_stored(directory), dtype="bfloat16", remat=True, scan_layers=False)
+  with open(os.path.join(directory, checkpoint.CONFIG), "w") as f:
+    json.dump(stored, f)
+  params, config = checkpoint.load(directory)
+  assert (config.dtype, config.remat, config.scan_layers) == ("float32", False, True)
+  model, inputs = paligemma.PaliGemma(config), paligemma.dummy_inputs(config)
+  logits = jax.eval_shape(lambda p: model.apply({"params": p}, *inputs), params)  # Shapes match.
+  assert logits.shape[-1] == config.text.vocab_size
+
+
+def test_save_takes_the_stacked_layout(tiny, tmp_path):
+  params, config = tiny
+  unstacked = config.copy_and_resolve_references()
+  unstacked.scan_layers = False
+  with pytest.raises(ValueError, match="stacked"):
+    checkpoint.save(str(tmp_path / "ckpt"), paligemma.unstack_layers(params), unstacked)
+  assert os.listdir(tmp_path) == []
+
+
+def test_failed_save_leaves_nothing(tiny, tmp_path, monkeypatch):
+  params, config = tiny
+  (tmp_path / "tok").write_bytes(b"x")
+
+  def fail(*args, **kwargs):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(checkpoint.shutil, "copyfile", fail)
+  with pytest.raises(OSError, match="disk full"):
+    checkpoint.save(str(tmp_path / "out"), params, config, str(tmp_path / "tok"))
+  assert sorted(os.listdir(tmp_path)) == ["tok"]
+  with pytest.raises(FileNotFoundError, match="missing-tokenizer"):
+    checkpoint.save(str(tmp_path / "out"), params, config, str(tmp_path / "missing-tokenizer"))
+  assert sorted(os.listdir(tmp_path)) == ["tok"]
+
+
+def test_save_respects_the_umask(tiny, tmp_path):
+  old = os.umask(0o002)
+  try:
+    checkpoint.save(str(tmp_path / "ckpt"), *tiny)
+  finally:
+    os.umask(old)
+  modes = {}
+  for root, dirs, files in os.walk(tmp_path / "ckpt"):
+    for name in dirs + files:
+      path = os.path.join(root, name)
+      modes.setdefault(os.path.isdir(path), set()).add(os.stat(path).st_mode & 0o777)
+  assert modes == {True: {0o775}, False: {0o664}}
+
+
+def _write_config(text):
+  def damage(directory):
+    with open(os.path.join(directory, checkpoint.CONFIG), "w") as f:
+      f.write(text)
+  return damage
+
+
+def _edit_config(**fields):
+  def damage(directory):
+    stored = _stored(directory)
+    stored["text"].update(fields)
+    _write_config(json.dumps(stored))(directory)
+  return damage
+
+
+def _truncate_data(directory):
+  data = os.path.join(directory, checkpoint.PARAMS, "ocdbt.process_0", "d")
+  for name in os.listdir(data):
+    path = os.path.join(data, name)
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+
+
+def _remove(*parts):
+  def damage(directory):
+    path = os.path.join(directory, *parts)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  return damage
+
+
+_NOT_A_CONFIG = r"config\.json: not a PaliGemma model config"
+_CORRUPT = {  # How a checkpoint is damaged, what the InputError (naming the directory) says.
+    "config not JSON": (_write_config("{"), r"config\.json: not valid JSON"),
+    "config a list": (_write_config("[]"), _NOT_A_CONFIG),
+    "config lacks text": (_write_config('{"vision": {}}'), _NOT_A_CONFIG),
+    "config of another model": (_edit_config(depth=3), r"config\.json does not describe the param"),
+    "no config": (_remove(checkpoint.CONFIG), r"not a complete checkpoint: config\.json is mis"),
+    "no params": (_remove(checkpoint.PARAMS), r"not a complete checkpoint: params is missing"),
+    "no parameter tree": (_remove(checkpoint.PARAMS, "_METADATA"), r"no parameter metadata"),
+    "no array data": (_remove(checkpoint.PARAMS, "ocdbt.process_0"), r"Incomplete or corrupt"),
+    "truncated array data": (_truncate_data, r"Incomplete or corrupt .*params"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CORRUPT))
+def test_corrupt_checkpoint(saved, tmp_path, case):
+  directory = str(tmp_path / "ckpt")
+  shutil.copytree(saved, directory)
+  damage, message = _CORRUPT[case]
+  damage(directory)
+  with pytest.raises(errors.InputError, match=message) as raised:
+    checkpoint.load(directory)
+  assert directory in str(raised.value)
+
+
+def test_missing_checkpoint_parts(saved, tmp_path):
+  with pytest.raises(errors.InputError, match="nothing: no such checkpoint directory"):
+    checkpoint.load(str(tmp_path / "nothing"))
+  directory = str(tmp_path / "ckpt")
+  shutil.copytree(saved, directory)
+  os.remove(os.path.join(directory, checkpoint.TOKENIZER))
+  with pytest.raises(errors.InputError, match=f"{directory} .*tokenizer.model is missing"):
+    checkpoint.tokenizer_path(directory)
