@@ -1,7 +1,8 @@
 """Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus).
 
-Pure functions of (logits [B, V], PRNG key, sampler values), so a seed reproduces its output
-and the choice runs inside the jitted decode loop. The sampler's values are traced, not static:
+Pure functions of (logits [B, V], one PRNG key per row, sampler values), so a seed reproduces
+its output, a row's choice does not depend on the other rows, and the choice runs inside the
+jitted decode loop. The sampler's values are traced, not static:
 one compiled loop serves every method, temperature, k and p.
 """
 
@@ -36,30 +37,41 @@ class Sampler:
                 top_k=jnp.int32(self.top_k), top_p=jnp.float32(self.top_p))
 
 
-def sample(logits, rng, sampler: dict):
-  """logits [B, V] float32, sampler = `Sampler.as_arrays()` -> token ids [B] int32."""
+def sample(logits, rng, sampler: dict, valid=None):
+  """logits [B, V] float32, rng [B] keys (one per row), sampler = `Sampler.as_arrays()` ->
+  token ids [B] int32.
+
+  valid [V] bool (optional): the ids that may be chosen, by every method; the others are
+  dropped before temperature, k and p apply (ids past the tokenizer must never come out).
+  """
   method = sampler["method"]
+  if valid is not None:
+    logits = jnp.where(valid, logits, -jnp.inf)
 
   def greedy(logits):
     return jnp.argmax(logits, axis=-1)
 
   def stochastic(logits):
     logits = logits / sampler["temperature"]
-    no_threshold = lambda l: jnp.full(l.shape[:1] + (1,), -jnp.inf)
-    threshold = jax.lax.cond(method == METHODS.index("temperature"), no_threshold, kept_minimum,
-                             logits)
-    return jax.random.categorical(rng, jnp.where(logits < threshold, -jnp.inf, logits), axis=-1)
+    return jax.lax.cond(method == METHODS.index("temperature"), temperature, truncated, logits)
 
-  def kept_minimum(logits):
-    """The smallest logit that top-k or top-p keeps: [B, 1]."""
-    ranked = -jnp.sort(-logits, axis=-1)
+  draw = jax.vmap(jax.random.categorical)  # Row b from its own key: independent of the others.
+
+  def temperature(logits):
+    return draw(rng, logits)
+
+  def truncated(logits):
+    """Top-k or top-p, drawn among the ranked logits: exactly the kept ones, ties or not."""
+    order = jnp.argsort(-logits, axis=-1)  # Stable: of tied logits the lower id ranks first.
+    ranked = jnp.take_along_axis(logits, order, axis=-1)
     last = logits.shape[-1] - 1
     k_index = jnp.clip(sampler["top_k"] - 1, 0, last)
     cumulative = jnp.cumsum(jax.nn.softmax(ranked, axis=-1), axis=-1)
     # The nucleus ends at the first token whose cumulative probability reaches p; keep it too.
     p_index = jnp.minimum(jnp.sum(cumulative < sampler["top_p"], axis=-1, keepdims=True), last)
-    index = jnp.where(method == METHODS.index("top_k"), k_index, p_index)
-    return jnp.take_along_axis(ranked, jnp.broadcast_to(index, logits.shape[:1] + (1,)), axis=-1)
+    kept = jnp.where(method == METHODS.index("top_k"), k_index, p_index)  # [B, 1] or []
+    rank = draw(rng, jnp.where(jnp.arange(last + 1) <= kept, ranked, -jnp.inf))
+    return jnp.take_along_axis(order, rank[:, None], axis=-1)[:, 0]
 
   return jax.lax.cond(method == METHODS.index("greedy"), greedy, stochastic, logits).astype(jnp.int32)
 

@@ -14,7 +14,6 @@ power of two of prompts (dummies are masked out), so compiled shapes repeat.
 """
 
 import collections
-import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -26,9 +25,12 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from paligemma_jax import inference
+from paligemma_jax import batching
+from paligemma_jax import errors
 from paligemma_jax import paligemma
 from paligemma_jax import processor
+from paligemma_jax import multihost
+from paligemma_jax import sharding
 from paligemma_jax.tokenizer import Tokenizer
 
 DEFAULT_TARGET_BUCKET = 16  # Target counts (suffix tokens + <eos>) are rounded up to a multiple of this.
@@ -43,18 +45,8 @@ class Candidates:
   extra: dict = dataclasses.field(default_factory=dict)  # Carried through to the result.
 
 
-@dataclasses.dataclass
-class Prepared:
-  """One example's rows and image, ready for the model, or the reason it is not."""
-  candidates: Candidates
-  rows: list = dataclasses.field(default_factory=list)  # (tokens, prefix_mask, num_targets) per suffix.
-  pixels: np.ndarray | None = None
-  image_size: tuple[int, int] | None = None
-  error: str | None = None
-
-
 def suffix_logprobs(model: paligemma.PaliGemma, params, prompt_tokens, images, prompt_mask,
-                    suffix_tokens, suffix_mask, source):
+                    suffix_tokens, suffix_mask, source, mesh=None):
   """log p(suffix_tokens[r, j] | image, prompt, suffix_tokens[r, :j]) -> [R, K] float32, 0 where
   masked.
 
@@ -62,12 +54,15 @@ def suffix_logprobs(model: paligemma.PaliGemma, params, prompt_tokens, images, p
     (image tokens, <bos>, prompt, "\\n"), each run once.
   suffix_tokens [R, K] int, suffix_mask [R, K] bool: each row's suffix + <eos>, right-padded.
   source [R] int: the prompt each row continues.
+  mesh: split both KV caches like the batch (sharding.cache_shardings).
   """
-  cache = paligemma.init_cache(model.config, prompt_tokens.shape[0],
-                               prompt_tokens.shape[1] + suffix_tokens.shape[1])
+  split_cache = lambda cache: sharding.constrain(cache, sharding.cache_shardings, mesh)
+  cache = split_cache(paligemma.init_cache(model.config, prompt_tokens.shape[0],
+                                           prompt_tokens.shape[1] + suffix_tokens.shape[1]))
   last, cache = model.apply({"params": params}, prompt_tokens, images, prompt_mask, prompt_mask,
                             cache, method=model.prefill)  # last: [P, V], predicts suffix token 0.
-  cache = cache.replace(k=cache.k[:, source], v=cache.v[:, source], end=cache.end[source])
+  cache = split_cache(cache.replace(k=cache.k[:, source], v=cache.v[:, source],
+                                    end=cache.end[source]))
   hidden, _ = model.apply({"params": params}, suffix_tokens[:, :-1], cache, method=model.extend)
   rest = model.apply({"params": params}, hidden, method=lambda m, h: m.llm.logits(h))  # [R, K-1, V]
   logits = jnp.concatenate([last[source][:, None], rest], axis=1)  # [R, K, V]
@@ -84,41 +79,39 @@ def collate(rows: list, batch_size: int, bucket: int, target_bucket: int):
   prompts = {}  # group -> (prompt index, its row)
   for r in rows:
     prompts.setdefault(r[4], (len(prompts), r))
-  num_prompts = min(batch_size, inference.power_of_two_bucket(len(prompts)))
-  length = inference.bucket_length(max(int(r[1].sum()) for r in rows), bucket)
+  num_prompts = min(batch_size, batching.power_of_two_bucket(len(prompts)))
+  length = batching.bucket_length(max(int(r[1].sum()) for r in rows), bucket)
   # At least 2: suffix token 0 is predicted by the prompt, the others by `extend`.
-  k = max(2, inference.bucket_length(max(r[2] for r in rows), target_bucket))
+  k = max(2, batching.bucket_length(max(r[2] for r in rows), target_bucket))
   firsts = [r for _, r in prompts.values()]
   firsts += firsts[:1] * (num_prompts - len(firsts))
-  prompt_tokens = np.zeros((num_prompts, length), np.int32)
-  prompt_mask = np.zeros((num_prompts, length), bool)
-  for i, (row_tokens, row_prefix, *_) in enumerate(firsts):
-    n = int(row_prefix.sum())
-    prompt_tokens[i, :n], prompt_mask[i, :n] = row_tokens[:n], True
+  prompt_tokens, prompt_mask = batching.right_pad([t[:int(m.sum())] for t, m, *_ in firsts], length)
+  no_suffix = [np.zeros(0, np.int32)] * (batch_size - len(rows))
+  suffix_tokens, suffix_mask = batching.right_pad(
+      [t[int(m.sum()):] for t, m, *_ in rows] + no_suffix, k)
+  source = np.array([prompts[r[4]][0] for r in rows] + [0] * len(no_suffix), np.int32)
   images = np.stack([r[3] for r in firsts])
-  suffix_tokens = np.zeros((batch_size, k), np.int32)
-  suffix_mask = np.zeros((batch_size, k), bool)
-  source = np.zeros((batch_size,), np.int32)
-  for i, (row_tokens, row_prefix, n_targets, _, group) in enumerate(rows):
-    suffix_tokens[i, :n_targets] = row_tokens[int(row_prefix.sum()):]
-    suffix_mask[i, :n_targets] = True
-    source[i] = prompts[group][0]
   return prompt_tokens, images, prompt_mask, suffix_tokens, suffix_mask, source
 
 
 class Scorer:
-  """Log-likelihoods of suffixes under a loaded model; reuses compiled shapes across calls."""
+  """Log-likelihoods of suffixes under a loaded model; reuses compiled shapes across calls.
+
+  mesh (default: the one `params` are sharded over, if any): batches are split over it like the
+  generator's (sharding.shard_batch) and results fetched on every host (multihost.fetch).
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, params, tokenizer: Tokenizer, *,
-               batch_size: int = 1, bucket: int = inference.DEFAULT_BUCKET,
-               target_bucket: int = DEFAULT_TARGET_BUCKET, num_threads: int = 8):
+               batch_size: int = 1, bucket: int = batching.DEFAULT_BUCKET,
+               target_bucket: int = DEFAULT_TARGET_BUCKET, num_threads: int = 8, mesh=None):
     self.config, self.params, self.tokenizer = config, params, tokenizer
     self.batch_size, self.bucket, self.target_bucket = batch_size, bucket, target_bucket
+    self.num_threads = num_threads
     self.num_image_tokens = paligemma.num_image_tokens(config)
-    self.max_positions = config.text.get("max_position_embeddings", 8192)
+    self.max_positions = batching.max_positions(config)
+    self.mesh = sharding.mesh_of(params) if mesh is None else mesh
     self.model = paligemma.PaliGemma(config)
-    self.logprobs_fn = jax.jit(functools.partial(suffix_logprobs, self.model))
-    self._pool = concurrent.futures.ThreadPoolExecutor(num_threads)
+    self.logprobs_fn = jax.jit(functools.partial(suffix_logprobs, self.model, mesh=self.mesh))
 
   def row(self, prompt: str, suffix: str):
     """(tokens, prefix_mask, number of targets) of one prompt + suffix."""
@@ -126,27 +119,29 @@ class Scorer:
         self.tokenizer, prompt, self.num_image_tokens, self.config.image_token_id, suffix=suffix)
     return tokens, prefix_mask, int(loss_mask.sum())
 
-  def prepare(self, candidates: Candidates) -> Prepared:
+  def prepare(self, candidates: Candidates) -> batching.Prepared:
     """Tokenizes every suffix and decodes the image; runs in the background threads."""
-    if not candidates.suffixes:
-      return Prepared(candidates, error="no suffixes to score")
-    rows = [self.row(candidates.prompt, s) for s in candidates.suffixes]
-    longest = max(len(r[0]) for r in rows)
-    if inference.bucket_length(longest, self.bucket) > self.max_positions:
-      return Prepared(candidates, error=f"prompt + suffix of {longest} tokens exceeds the model's "
-                                        f"{self.max_positions} positions")
-    try:
-      image = processor.load_image(candidates.image)
-    except (ValueError, OSError) as e:
-      return Prepared(candidates, error=str(e))
-    pixels = processor.preprocess_image(image, self.config.vision.image_size)
-    return Prepared(candidates, rows, pixels, image.size)
+    def rows():
+      if not candidates.suffixes:
+        raise errors.InputError("no suffixes to score")
+      rows = [self.row(candidates.prompt, s) for s in candidates.suffixes]
+      error = batching.length_error(max(len(r[0]) for r in rows), self.max_positions,
+                                    bucket=self.bucket, what="prompt + suffix")
+      if error:
+        raise errors.InputError(error)
+      return rows
+    return batching.prepare(candidates, rows, self.config.vision.image_size)
+
+  def batch(self, rows: list):
+    """The arguments of `suffix_logprobs` for up to batch_size (tokens, prefix_mask,
+    num_targets, pixels, group) rows, placed on the mesh if there is one."""
+    batch = collate(rows, self.batch_size, self.bucket, self.target_bucket)
+    return batch if self.mesh is None else sharding.shard_batch(batch, self.mesh)
 
   def logprobs(self, rows: list) -> list:
-    """Per-token target log-probs (float32 arrays) of up to batch_size (tokens, prefix_mask,
-    num_targets, pixels, group) rows, in one compiled call; rows of one group share a prompt."""
-    batch = collate(rows, self.batch_size, self.bucket, self.target_bucket)
-    out = np.asarray(self.logprobs_fn(self.params, *batch))
+    """Per-token target log-probs (float32 arrays) of up to batch_size rows (see `batch`), in
+    one compiled call; rows of one group share a prompt."""
+    out = multihost.fetch(self.logprobs_fn(self.params, *self.batch(rows)))  # Any host.
     return [out[i, :r[2]] for i, r in enumerate(rows)]
 
   def score(self, examples: Iterable[Candidates], *, progress: bool = False,
@@ -169,9 +164,9 @@ class Scorer:
         bar.update(1)
         yield self._result(p, lps)
 
-    chunks = inference.chunks(examples, self.batch_size)
-    for batch in inference.prefetch(self._pool, self.prepare, chunks):
-      for p in batch:
+    chunks = batching.chunks(examples, self.batch_size)
+    for prepared in batching.prefetch(self.prepare, chunks, self.num_threads):
+      for p in prepared:
         entry = (p, [None] * len(p.rows))
         pending.append(entry)
         queue.extend((entry, j) for j in range(len(p.rows)))
@@ -183,8 +178,8 @@ class Scorer:
     yield from finished()
     bar.close()
 
-  def _result(self, p: Prepared, lps: list) -> dict:
-    c = p.candidates
+  def _result(self, p: batching.Prepared, lps: list) -> dict:
+    c = p.example
     out = {"image": c.image, "prompt": c.prompt, "suffixes": list(c.suffixes), **c.extra}
     if p.error is not None:
       return {**out, "error": p.error}

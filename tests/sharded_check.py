@@ -34,7 +34,8 @@ import numpy as np  # noqa: E402
 
 from configs import finetune as finetune_config  # noqa: E402
 from configs.paligemma import get_config  # noqa: E402
-from paligemma_jax import checkpoint, decode, paligemma, sampling, sharding, training  # noqa: E402
+from paligemma_jax import checkpoint, decode, paligemma, sampling, scoring  # noqa: E402
+from paligemma_jax import sharding, training  # noqa: E402
 
 MESHES = ("data:8", "fsdp:4,tensor:2", "data:2,fsdp:2,tensor:2")
 BATCH, PROMPT, SUFFIX, NEW_TOKENS = 8, 6, 5, 6
@@ -55,24 +56,60 @@ def inputs(config, rng):
   return dict(tokens=tokens * input_mask, images=images, input_mask=input_mask, prefix_mask=prefix_mask)
 
 
-def generate(config, params, batch, sampler, mesh=None, unstack_layers=None):
-  n = paligemma.num_image_tokens(config) + 1 + PROMPT  # Prompts only: drop the suffix columns.
-  decoder = decode.Decoder(config, params, mesh=mesh, unstack_layers=unstack_layers)
-  prompt = [batch["tokens"][:, :n], batch["images"], batch["input_mask"][:, :n],
-            batch["prefix_mask"][:, :n]]
-  out = decoder.generate(*prompt, max_new_tokens=NEW_TOKENS, sampler=sampler,
-                         rng=jax.random.PRNGKey(7))
-  return out, decoder
-
-
-def cache_spec(decoder, config, batch):
-  """The PartitionSpecs the compiled prefill gives the KV cache and the generated tokens."""
+def prompt_inputs(config, batch):
+  """(tokens, images, input_mask, prefix_mask) of the prompts alone (no suffix columns)."""
   n = paligemma.num_image_tokens(config) + 1 + PROMPT
-  prefill, _ = decoder.compiled(NEW_TOKENS)
-  args = sharding.shard_batch((batch["tokens"][:, :n], batch["images"], batch["input_mask"][:, :n],
-                               batch["prefix_mask"][:, :n]), decoder.mesh)
-  state = prefill(decoder.params, *args, jax.random.PRNGKey(0), sampling.Sampler().as_arrays())
-  return str(state["cache"].k.sharding.spec), str(state["tokens"].sharding.spec)
+  return (batch["tokens"][:, :n], batch["images"], batch["input_mask"][:, :n],
+          batch["prefix_mask"][:, :n])
+
+
+def generate(config, params, batch, sampler, mesh=None, scan_layers=None, generator=None):
+  """(Generation, the generator): a new one unless `generator` is given."""
+  generator = generator or decode.Generator(config, params, mesh=mesh, scan_layers=scan_layers)
+  out = generator.generate(*prompt_inputs(config, batch), max_new_tokens=NEW_TOKENS,
+                           sampler=sampler, rng=jax.random.PRNGKey(7))
+  return out, generator
+
+
+def restore(directory, mesh):
+  """The converted checkpoint's parameters, each device restoring only its own slices."""
+  shapes = paligemma.param_shapes(checkpoint.load_config(directory))
+  return checkpoint.load(directory, shardings=sharding.param_shardings(shapes, mesh))[0]
+
+
+def cache_spec(generator, config, batch):
+  """The PartitionSpecs the compiled prefill gives the KV cache and the generated tokens."""
+  prefill, _ = generator.compiled(NEW_TOKENS)
+  args = sharding.shard_batch(prompt_inputs(config, batch), generator.mesh)
+  keys = decode.row_keys(jax.random.PRNGKey(0), range(args[0].shape[0]))
+  state = prefill(generator.params, *args, keys, sampling.Sampler().as_arrays())
+  return str(state.cache.k.sharding.spec), str(state.tokens.sharding.spec)
+
+
+def remesh(config, params, batch, reference):
+  """One generator whose parameters move from a data:8 mesh to fsdp:4,tensor:2 (fine-tuning's
+  evaluation sets new parameters): it follows them, compiled for the new mesh."""
+  first, second = (sharding.mesh_from_string(s) for s in ("data:8", "fsdp:4,tensor:2"))
+  out, generator = generate(config, sharding.shard_params(params, first), batch, SAMPLERS["greedy"])
+  equal = [bool(np.array_equal(out.tokens, reference.tokens))]
+  generator.params = sharding.shard_params(params, second)
+  out, _ = generate(config, None, batch, SAMPLERS["greedy"], generator=generator)
+  equal.append(bool(np.array_equal(out.tokens, reference.tokens)))
+  return dict(tokens_equal=equal, mesh_followed=generator.mesh is second,
+              cache_spec=cache_spec(generator, config, batch)[0])
+
+
+def score(config, params, batch, mesh=None):
+  """Suffix log-probs of the batch's rows, two rows per prompt (4 prompts, 8 rows), and the
+  PartitionSpecs of the placed scoring batch."""
+  rows = []
+  for i, n in enumerate(batch["input_mask"].sum(1)):
+    prefix_mask = batch["prefix_mask"][i, :n]
+    rows.append((batch["tokens"][i, :n], prefix_mask, int(n - prefix_mask.sum()),
+                 batch["images"][i // 2], i // 2))
+  scorer = scoring.Scorer(config, params, None, batch_size=BATCH, mesh=mesh)
+  specs = [str(x.sharding.spec) for x in scorer.batch(rows)] if scorer.mesh else None
+  return scorer.logprobs(rows), specs, scorer.mesh
 
 
 def train_step(config, params, batch, preset, mesh=None, process_local=False):
@@ -135,7 +172,7 @@ def main(meshes):
       checkpoint.save(os.path.join(tmp, "ckpt"), params, config)
       for spec in variant_meshes:
         mesh = sharding.mesh_from_string(spec)
-        sharded, _ = sharding.load(os.path.join(tmp, "ckpt"), mesh)
+        sharded = restore(os.path.join(tmp, "ckpt"), mesh)
         expected = jax.tree.leaves(sharding.param_shardings(params, mesh))
         r = dict(restored_as_specified=all(x.sharding == s for x, s in zip(jax.tree.leaves(sharded), expected)),
                  restore_diff=max_diff(sharded, params),
@@ -145,16 +182,21 @@ def main(meshes):
         # (the GPU/TPU default) too.
         runs = [(name, sampler, None) for name, sampler in samplers.items()
                 if name == "greedy" or spec == last]
-        runs += [("greedy_stacked_layers", SAMPLERS["greedy"], False)] if spec == last else []
-        for name, sampler, unstack in runs:
+        runs += [("greedy_stacked_layers", SAMPLERS["greedy"], True)] if spec == last else []
+        for name, sampler, scan_layers in runs:
           # Mesh taken from the params.
-          out, decoder = generate(config, sharded, batch, sampler, unstack_layers=unstack)
+          out, generator = generate(config, sharded, batch, sampler, scan_layers=scan_layers)
           ref = reference[name.removesuffix("_stacked_layers")]
           r["generate"][name] = dict(
               tokens_equal=bool(np.array_equal(out.tokens, ref.tokens)), tokens=out.tokens.tolist(),
               logprob_diff=float(np.max(np.abs(out.logprobs - ref.logprobs))))
-        r["mesh_detected"] = decoder.mesh is mesh
-        r["cache_spec"], r["out_spec"] = cache_spec(decoder, config, batch)
+        r["mesh_detected"] = generator.mesh is mesh
+        r["cache_spec"], r["out_spec"] = cache_spec(generator, config, batch)
+        if spec == last:  # Scoring, its mesh taken from the params.
+          ref_score = score(config, params, batch)[0]
+          logprobs, specs, score_mesh = score(config, sharded, batch)
+          r["score"] = dict(mesh_detected=score_mesh is mesh, batch_specs=specs,
+                            diff=max_diff(logprobs, ref_score))
         for preset in presets:
           if preset != "all" and spec != last:
             continue
@@ -163,6 +205,8 @@ def main(meshes):
           r["train"][preset] = dict(loss=loss, ref_loss=ref_loss, params_diff=max_diff(new_params, ref_params),
                                     update_size=max_diff(ref_params, params))
         results[f"{variant} {spec}"] = r
+    if variant == "tiny-pg2":
+      results["remesh"] = remesh(config, params, batch, reference["greedy"])
   print(json.dumps(results))
 
 

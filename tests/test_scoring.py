@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from paligemma_jax import inference
+from paligemma_jax import loading
 from paligemma_jax import processor
 from paligemma_jax import scoring
 
@@ -42,7 +42,7 @@ def reference_logprob(model, config, tokens, prefix_mask, image_path):
 @pytest.mark.parametrize("version", [1, 2])
 def test_sum_logprobs_match_transformers(converted_checkpoint, images, version):
   path, model = converted_checkpoint(version)
-  params, config, tokenizer = inference.load_model(path)
+  params, config, tokenizer = loading.load_model(path)
   # One bucket for every row (T = 64, K = 32): a single compile.
   scorer = scoring.Scorer(config, params, tokenizer, batch_size=2, bucket=64, target_bucket=32)
   examples = [scoring.Candidates(images[0], "answer en what is this?", SUFFIXES, {"id": 7}),
@@ -66,7 +66,7 @@ def test_sum_logprobs_match_transformers(converted_checkpoint, images, version):
 
 def test_batches_pad_and_keep_order_and_shapes(converted_checkpoint, images):
   path, _ = converted_checkpoint(1)
-  params, config, tokenizer = inference.load_model(path)
+  params, config, tokenizer = loading.load_model(path)
   scorer = scoring.Scorer(config, params, tokenizer, batch_size=3)
   short = ["cat", "dog man", "red car"]  # Rows of at most 32 tokens with the caption prompt.
   # Examples i and i + 6 are the same, but sit at other places in their batches, beside other
@@ -75,10 +75,16 @@ def test_batches_pad_and_keep_order_and_shapes(converted_checkpoint, images):
               for i in range(10)]
   examples.insert(2, scoring.Candidates("missing.png", "caption en", ["cat"], {"i": "bad"}))
   examples.insert(4, scoring.Candidates(images[0], "caption en", [], {"i": "empty"}))
+  # Text the tokenizer cannot take (a lone surrogate), in the prompt or in a suffix.
+  examples.insert(5, scoring.Candidates(images[0], "caption \ud83d", ["cat"], {"i": "prompt"}))
+  examples.insert(6, scoring.Candidates(images[0], "caption en", ["cat", "\ud83d"],
+                                        {"i": "suffix"}))
   results = list(scorer.score(examples))
-  assert [r["i"] for r in results] == [0, 1, "bad", 2, "empty", 3, 4, 5, 6, 7, 8, 9]
+  assert [r["i"] for r in results] == [0, 1, "bad", 2, "empty", "prompt", "suffix", 3, 4, 5, 6, 7,
+                                       8, 9]
   assert "Image not found: missing.png" in results[2]["error"]
   assert results[4]["error"] == "no suffixes to score"
+  assert all("surrogates not allowed" in r["error"] for r in results[5:7])
   by_index = {r["i"]: r for r in results}
   assert sum(len(short[:1 + i % 3]) for i in range(10)) % 3 != 0  # The last batch is padded.
   for i in range(4):
