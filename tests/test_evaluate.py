@@ -1,25 +1,24 @@
 """Evaluation end to end: every task on a tiny checkpoint, bad lines, resume, compile counts;
 metric values on known answers; the generate CLI's detection and segmentation outputs.
 
-The command-line modules register absl flags on import, and flag names clash between them, so
-their `main`s run in subprocesses; the library API runs in process.
+The command-line `main`s run in subprocesses; the library API runs in process.
 """
 
-import concurrent.futures
 import json
 import math
 import os
 import subprocess
 import sys
-import threading
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from paligemma_jax import evaluate
-from paligemma_jax import inference
+from paligemma_jax import dataset
+from paligemma_jax import evaluation
+from paligemma_jax import loading
+from paligemma_jax import tasks
 from paligemma_jax import metrics
 from paligemma_jax.tasks import detection
 from paligemma_jax.tasks import segmentation
@@ -47,14 +46,14 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(converted_checkpoint):
-  return inference.load_model(converted_checkpoint(1)[0])
+  return loading.load_model(converted_checkpoint(1)[0])
 
 
 @pytest.fixture(scope="module")
 def evaluator(loaded, data_dir):
   """Shared by the end-to-end tests: one model, so equal shapes compile once for all of them."""
   vae = segmentation.load_vae_npz(data_dir / "vae.npz")
-  return evaluate.Evaluator(lambda: loaded, batch_size=4, vae_params=vae)
+  return evaluation.Evaluator(lambda: loaded, batch_size=4, vae_params=vae)
 
 
 REFERENCES = {
@@ -121,7 +120,7 @@ def recomputed(task, lines, data_dir, vae):
       seg = segmentation.decode_masks(p["text"], w, h, vae)
       target = np.asarray(Image.open(data_dir / r["mask"])) > 0
       groups = detection.split_objects(p["text"])
-      first = detection.parse_object(groups[0], num_seg=16) if groups else None
+      first = detection.parse_object(groups[0], seg_tokens=16) if groups else None
       valid = first is not None and segmentation.pixel_box(first[0], w, h) is not None
       assert p["valid"] == valid and p["labels"] == seg.labels and p["skipped"] == seg.skipped
       ious.append(metrics.mask_iou(seg.masks[0], target) if valid else 0.0)
@@ -138,7 +137,7 @@ def recomputed(task, lines, data_dir, vae):
   raise AssertionError(task)
 
 
-@pytest.mark.parametrize("task", evaluate.TASKS)
+@pytest.mark.parametrize("task", tasks.NAMES)
 def test_end_to_end(evaluator, data_dir, tmp_path, task):
   good = write_dataset(tmp_path / "data.jsonl", task)
   predictions, metrics_path = tmp_path / "preds.jsonl", tmp_path / "metrics.json"
@@ -186,7 +185,7 @@ class FakePredictor:
 def run_fake(tmp_path, data_dir, task, records, texts, vae=None):
   path = tmp_path / f"{task}.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in records))
-  ev = evaluate.Evaluator(None, vae_params=vae)
+  ev = evaluation.Evaluator(None, vae_params=vae)
   ev.predictor = FakePredictor(texts)
   return ev.run(str(path), task, str(tmp_path / f"{task}_preds.jsonl"), image_dir=str(data_dir),
                 progress=False)
@@ -261,6 +260,7 @@ def test_resume_skips_finished_lines_and_matches_an_uninterrupted_run(evaluator,
   k = 6
   partial = tmp_path / "partial.jsonl"
   partial.write_text("".join(complete[:k]) + complete[k][:len(complete[k]) // 2])  # Killed mid-line.
+  (tmp_path / "partial.jsonl.run.json").write_text((tmp_path / "full.jsonl.run.json").read_text())
 
   prepared = []
   predictor = evaluator.predictor
@@ -276,20 +276,20 @@ def test_resume_skips_finished_lines_and_matches_an_uninterrupted_run(evaluator,
   assert resumed["skipped"]["reasons"] == {"invalid JSON": 1} and resumed["evaluated"] == 10
 
   # Finished: a rerun loads nothing and recomputes the same metrics.
-  idle = evaluate.Evaluator(lambda: pytest.fail("the model was loaded"))
-  assert idle.run(str(dataset), "caption", str(partial), image_dir=str(data_dir), progress=False) == full
-  # Predictions of another task or dataset are refused, not mixed in.
-  with pytest.raises(ValueError, match="not a --task=vqa prediction"):
-    idle.run(str(dataset), "vqa", str(partial), image_dir=str(data_dir), progress=False)
-
-
-def test_read_predictions_drops_unreadable_lines(tmp_path):
-  path = tmp_path / "p.jsonl"
-  path.write_text('{"line": 1, "a": 1}\nnot json\n{"no_line": 2}\n{"line": 4}\n{"line": 5, "cut')
-  done = evaluate.read_predictions(str(path))
-  assert sorted(done) == [1, 4]
-  assert path.read_text() == '{"line": 1, "a": 1}\n{"line": 4}\n'  # Appends start on a fresh line.
-  assert evaluate.read_predictions(str(tmp_path / "none.jsonl")) == {}
+  idle = evaluation.Evaluator(lambda: pytest.fail("the model was loaded"))
+  assert idle.run(str(dataset), "caption", str(partial), max_new_tokens=MAX_NEW,
+                  image_dir=str(data_dir), progress=False) == full
+  # Predictions of another task, answer length or model are refused, naming the difference.
+  with pytest.raises(ValueError, match="task: 'caption' then, 'vqa' now"):
+    idle.run(str(dataset), "vqa", str(partial), max_new_tokens=MAX_NEW, image_dir=str(data_dir),
+             progress=False)
+  with pytest.raises(ValueError, match=f"max_new_tokens: {MAX_NEW} then, 7 now"):
+    idle.run(str(dataset), "caption", str(partial), max_new_tokens=7, image_dir=str(data_dir),
+             progress=False)
+  other = evaluation.Evaluator(None, model_identity={"checkpoint": "/elsewhere"})
+  with pytest.raises(ValueError, match="model: None then, {'checkpoint': '/elsewhere'} now"):
+    other.run(str(dataset), "caption", str(partial), max_new_tokens=MAX_NEW,
+              image_dir=str(data_dir), progress=False)
 
 
 @pytest.mark.parametrize("task,line,reason", [
@@ -310,7 +310,7 @@ def test_bad_lines_are_reported_with_reasons(tmp_path, task, line, reason):
   path.write_text('{"image": "i.png", "prompt": "q", "answers": "a", "captions": "c", "boxes": [], '
                   '"labels": [], "mask": "m.png", "suffixes": "s", "answer": 0}\n\n' + line + "\n")
   (tmp_path / "m.png").write_bytes(b"")
-  rows, skips = evaluate.read_dataset(str(path), task)
+  rows, skips = dataset.read_dataset(str(path), tasks.get(task))
   assert [r.line for r in rows] == [1] and rows[0].image == str(tmp_path / "i.png")
   assert [(s.line, s.reason) for s in skips] == [(3, reason)]
   assert skips[0].message.startswith(f"{path}:3: ")
@@ -363,7 +363,7 @@ def _coco_rle_decode(rle):
 GENERATE_SCRIPT = """
 import json, sys
 from absl import flags
-from paligemma_jax import generate, inference
+from paligemma_jax import generate, inference, loading
 from paligemma_jax.tasks import segmentation
 
 texts = json.loads(sys.argv[1])
@@ -393,7 +393,9 @@ for mask in (np.random.default_rng(0).random((5, 7)) > 0.5, np.ones((2, 3), bool
 
 generate.define_flags()
 inference.Predictor = Fake
-inference.load_model = lambda *a, **k: (None, None, None)
+loading.checkpoint_kind = lambda path: "converted"
+loading.checkpoint_identity = lambda path: {}
+loading.load_model = lambda *a, **k: (None, None, None)
 for argv in json.loads(sys.argv[2]):
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["generate"] + argv)
@@ -460,26 +462,35 @@ def test_evaluate_command_line(converted_checkpoint, data_dir, tmp_path):
   assert result["perplexity"] > 1 and len(read_lines(tmp_path / "p.jsonl")) == 5
   assert ":3: invalid JSON" in proc.stderr  # Reported with its line number.
   with pytest.raises(ValueError, match="--vae_npz"):
-    evaluate.Evaluator(None).run(str(tmp_path / "data.jsonl"), "segment", str(tmp_path / "q.jsonl"))
+    evaluation.Evaluator(None).run(str(tmp_path / "data.jsonl"), "segment", str(tmp_path / "q.jsonl"))
 
 
-def test_prefetch_prepares_the_next_batch_while_the_caller_works():
-  """Images of batch k + 1 are decoded (in pool threads) before the caller is done with batch k."""
-  seen, threads, cond = [], set(), threading.Condition()
+def test_undecodable_lines_are_skipped_and_counted_not_fatal(tmp_path, data_dir):
+  """Invalid UTF-8 and a lone surrogate stopped the whole run, at the same line on every rerun."""
+  path = tmp_path / "d.jsonl"
+  good = json.dumps({"image": "img0.png", "prompt": "q", "answers": ["cat"]}).encode()
+  path.write_bytes(good + b'\n{"image": "img1.png", "prompt": "caf\xe9", "answers": ["x"]}\n'
+                   + b'{"image": "img2.png", "prompt": "\\ud83d", "answers": ["x"]}\n' + good + b"\n")
+  ev = evaluation.Evaluator(None)
+  ev.predictor = FakePredictor({"img0.png": "cat"})
+  result = ev.run(str(path), "exact_match", str(tmp_path / "p.jsonl"), image_dir=str(data_dir),
+                  progress=False)
+  assert result["evaluated"] == 2 and result["exact_match"] == 1.0
+  assert result["skipped"]["reasons"] == {"invalid UTF-8": 1, "invalid Unicode": 1}
+  assert [s["line"] for s in result["skipped"]["lines"]] == [2, 3]
 
-  def prepare(x):
-    with cond:
-      seen.append(x)
-      threads.add(threading.current_thread())
-      cond.notify_all()
-    return x * 10
 
-  out = []
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    for batch in inference.prefetch(pool, prepare, iter([[0, 1], [2, 3], [4]])):
-      if not out:  # The model would run on batch 0 now; batch 1 is already on its way.
-        with cond:
-          assert cond.wait_for(lambda: {2, 3} <= set(seen), timeout=10)
-      out.append(batch)
-  assert out == [[0, 10], [20, 30], [40]]
-  assert threading.current_thread() not in threads
+def test_evaluate_refuses_bad_flags_before_loading_and_writes_nothing(data_dir, tmp_path):
+  write_dataset(tmp_path / "data.jsonl", "vqa")
+  common = ["--checkpoint=/nonexistent/ckpt", f"--dataset={tmp_path / 'data.jsonl'}", "--task=vqa",
+            f"--predictions={tmp_path / 'p.jsonl'}"]
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  for extra, needle in [(["--max_new_tokens=0"], "--max_new_tokens"),
+                        ([], "/nonexistent/ckpt"),
+                        ([f"--metrics={tmp_path / 'data.jsonl'}"], "--metrics is the --dataset"),
+                        (["--task=segment"], "--vae_npz")]:  # The last --task counts.
+    proc = subprocess.run([sys.executable, "-m", "paligemma_jax.evaluate", *common, *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert any(needle in line for line in proc.stderr.splitlines()), proc.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path)) == ["data.jsonl"]

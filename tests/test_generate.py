@@ -5,12 +5,17 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import numpy as np
 from PIL import Image
+import pytest
 
 from paligemma_jax import decode
+from paligemma_jax import errors
+from paligemma_jax import generate
 from paligemma_jax import inference
+from paligemma_jax import loading
 from paligemma_jax import processor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,15 +56,15 @@ def test_jsonl_batch_with_bad_lines_keeps_order_and_matches_the_library(converte
   assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # Nothing half-written.
 
   # Each answer equals a direct library run of that example alone.
-  params, config, tokenizer = inference.load_model(directory)
+  params, config, tokenizer = loading.load_model(directory)
   predictor = inference.Predictor(config, params, tokenizer)
   for r in (results[0], results[3], results[6]):
     assert set(r) >= {"image", "prompt", "text", "tokens", "logprobs", "stop_reason"}
     tokens, prefix_mask = predictor.prompt_tokens(r["prompt"])
     pixels = processor.preprocess_image(processor.load_image(r["image"]), config.vision.image_size)
     ones = np.ones((1, len(tokens)), bool)
-    want = decode.Decoder(config, params).generate(tokens[None], pixels[None], ones, prefix_mask[None],
-                                                   max_new_tokens=6).row(0)
+    want = decode.Generator(config, params, vocab_size=tokenizer.vocab_size).generate(
+        tokens[None], pixels[None], ones, prefix_mask[None], max_new_tokens=6).row(0)
     assert r["tokens"] == want[0] and r["stop_reason"] == want[2]
     np.testing.assert_allclose(r["logprobs"], want[1], atol=1e-5)
     assert r["text"] == tokenizer.decode(want[0])
@@ -112,3 +117,129 @@ def test_help_explains_every_flag():
                "max_new_tokens", "sampler", "temperature", "top_k", "top_p", "seed", "dtype", "task",
                "mesh", "distributed"):
     assert re.search(rf"--(\[no\])?{flag}:", proc.stdout), flag
+
+
+def _images(tmp_path, n):
+  rng = np.random.RandomState(2)
+  paths = []
+  for i in range(n):
+    paths.append(str(tmp_path / f"im{i}.png"))
+    Image.fromarray(rng.randint(0, 255, (12 + i, 20, 3), dtype=np.uint8)).save(paths[-1])
+  return paths
+
+
+def _no_traceback_one_line(proc, *needles):
+  """An expected failure: exit 1, no traceback, and the message (naming `needles`) on one line."""
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  lines = [line for line in proc.stderr.splitlines() if all(n in line for n in needles)]
+  assert lines, proc.stderr[-3000:]
+
+
+def test_bad_lines_and_prompts_become_their_own_rows_errors(converted_checkpoint, tmp_path):
+  """A lone surrogate, invalid UTF-8 and a prompt longer than the model stopped whole runs."""
+  directory, _ = converted_checkpoint(1)
+  image, = _images(tmp_path, 1)
+  lines = [json.dumps({"image": image, "prompt": "caption en"}).encode(),
+           b'{"image": "%s", "prompt": "caption \\ud83d"}' % image.encode(),
+           b'{"image": "%s", "prompt": "caf\xe9"}' % image.encode(),
+           json.dumps({"image": image, "prompt": "a " * 9000}).encode(),
+           json.dumps({"image": image, "prompt": "ocr"}).encode()]
+  (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+  out = tmp_path / "out.jsonl"
+  proc = run(f"--checkpoint={directory}", f"--input_jsonl={tmp_path / 'in.jsonl'}",
+             f"--output_jsonl={out}", "--batch_size=2", "--max_new_tokens=3")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+  assert len(results) == 5 and "text" in results[0] and "text" in results[4]
+  assert "in.jsonl:2" in results[1]["error"] and "surrogate" in results[1]["error"]
+  assert "in.jsonl:3" in results[2]["error"] and "UTF-8" in results[2]["error"]
+  assert "exceeds the model's 8192 positions" in results[3]["error"]
+  assert sorted(os.listdir(tmp_path)) == ["im0.png", "in.jsonl", "out.jsonl"]
+
+
+def test_undecodable_prompt_byte_is_one_line_not_a_crash(converted_checkpoint, tmp_path):
+  directory, _ = converted_checkpoint(1)
+  image, = _images(tmp_path, 1)
+  proc = subprocess.run([sys.executable.encode(), b"-m", b"paligemma_jax.generate",
+                         f"--checkpoint={directory}".encode(), f"--image={image}".encode(),
+                         b"--prompt=caption \xff", b"--max_new_tokens=2"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, PYTHONPATH=ROOT))
+  _no_traceback_one_line(proc, "not valid Unicode")
+
+
+def test_expected_failures_are_one_line_before_any_loading(converted_checkpoint, tmp_path):
+  directory, _ = converted_checkpoint(1)
+  image, = _images(tmp_path, 1)
+  (tmp_path / "in.jsonl").write_text(json.dumps({"image": image, "prompt": "ocr"}) + "\n")
+  before = (tmp_path / "in.jsonl").read_text()
+  common = [f"--checkpoint={directory}", f"--input_jsonl={tmp_path / 'in.jsonl'}"]
+  # As a user meets them: each a whole process (flag parsing, validation, the one error path).
+  for args, needles in [
+      (["--checkpoint=/nonexistent", f"--image={image}", "--prompt=x"], ("/nonexistent",)),
+      (common + ["--batch_size=0"], ("--batch_size",)),
+      (common + [f"--output_jsonl={tmp_path / 'in.jsonl'}"], ("--output_jsonl", "--input_jsonl")),
+      (common + ["stray"], ("unexpected arguments",))]:
+    _no_traceback_one_line(run(*args), *needles)
+  # The rest of the checks, in process.
+  defaults = dict(checkpoint=directory, input_jsonl=str(tmp_path / "in.jsonl"), image=None,
+                  prompt=None, output_jsonl=None, sampler="greedy", temperature=1.0, top_k=40,
+                  top_p=0.95, task=None, vae_npz=None, draw_dir=None)
+  for changes, needles in [
+      (dict(input_jsonl=str(tmp_path / "nope.jsonl")), ("nope.jsonl",)),
+      (dict(output_jsonl=str(tmp_path / "no_dir" / "o.jsonl")), ("no_dir",)),
+      (dict(sampler="temperature", temperature=0.0), ("--sampler", "temperature")),
+      (dict(sampler="top_p", top_p=1.5), ("--sampler", "top_p")),
+      (dict(draw_dir="x"), ("--draw_dir",)),
+      (dict(task="segment"), ("--vae_npz",)),
+      (dict(image=image), ("--image",)),
+      (dict(input_jsonl=None, image=image), ("--image and --prompt",)),
+      (dict(checkpoint=str(tmp_path)), (str(tmp_path),))]:
+    with pytest.raises(errors.InputError) as e:
+      generate.validate_flags(types.SimpleNamespace(**{**defaults, **changes}))
+    assert all(n in str(e.value) for n in needles), (changes, str(e.value))
+  assert (tmp_path / "in.jsonl").read_text() == before
+  assert sorted(os.listdir(tmp_path)) == ["im0.png", "in.jsonl"]  # Nothing written.
+
+
+def test_killed_run_continues_after_its_finished_lines(converted_checkpoint, tmp_path):
+  """kill -9 at any moment, then the same command: the output is what one run writes."""
+  import signal
+  import time
+  directory, _ = converted_checkpoint(2)
+  images = _images(tmp_path, 4)
+  lines = [json.dumps({"image": images[i % 4], "prompt": "caption en" + " a" * (i % 3), "i": i})
+           for i in range(30)]
+  (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+  args = lambda out, n=4: [sys.executable, "-m", "paligemma_jax.generate", f"--checkpoint={directory}",
+                           f"--input_jsonl={tmp_path / 'in.jsonl'}", f"--output_jsonl={out}",
+                           "--batch_size=1", f"--max_new_tokens={n}"]
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  whole = run(*args(tmp_path / "whole.jsonl")[3:])
+  assert whole.returncode == 0, whole.stderr[-3000:]
+  want = (tmp_path / "whole.jsonl").read_text()
+
+  out = tmp_path / "out.jsonl"
+  proc = subprocess.Popen(args(out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  partial = tmp_path / "out.jsonl.partial"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if partial.exists() and partial.read_bytes().count(b"\n") >= 3:
+      break
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_early = not out.exists()
+  if killed_early:  # Make the kill land mid-line too.
+    with open(partial, "ab") as f:
+      f.write(b'{"image": "cut')
+  # A run with other settings does not mix into what the killed one left.
+  other = run(*args(out, n=5)[3:])
+  _no_traceback_one_line(other, "max_new_tokens: 4 then, 5 now")
+  again = run(*args(out)[3:])
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert out.read_text() == want
+  assert sorted(p for p in os.listdir(tmp_path) if p.startswith("out")) == ["out.jsonl"]
+  assert killed_early  # The run was caught mid-way, so the resume was tested.

@@ -13,8 +13,8 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-NUM_LOC = 1024  # <loc0000> .. <loc1023>
-NUM_SEG = 128  # <seg000> .. <seg127>
+from paligemma_jax.tokenizer import NUM_LOC, SEG_CODEBOOK_SIZE
+
 _DIGITS = {"loc": 4, "seg": 3}
 _TOKEN = re.compile(r"\s*<(loc|seg)([0-9]+)>")
 
@@ -36,8 +36,8 @@ def split_objects(text: str) -> list:
   return [g.strip() for g in text.split(";") if g.strip()]
 
 
-def parse_object(group: str, num_seg: int = 0):
-  """One group -> (4 loc values, `num_seg` seg values, label), or None if malformed.
+def parse_object(group: str, seg_tokens: int = 0):
+  """One group -> (4 loc values, `seg_tokens` seg values, label), or None if malformed.
 
   Malformed: another token count or order, a token with the wrong digit count or out of
   range, or stray loc/seg tokens inside the label (two objects missing their separator).
@@ -47,13 +47,13 @@ def parse_object(group: str, num_seg: int = 0):
     tokens.append((m[1], m[2]))
     pos = m.end()
   label = group[pos:].strip()
-  if [k for k, _ in tokens] != ["loc"] * 4 + ["seg"] * num_seg or _TOKEN.search(label):
+  if [k for k, _ in tokens] != ["loc"] * 4 + ["seg"] * seg_tokens or _TOKEN.search(label):
     return None
   if any(len(d) != _DIGITS[k] for k, d in tokens):
     return None
   values = [int(d) for _, d in tokens]
   locs, segs = values[:4], values[4:]
-  if max(locs) >= NUM_LOC or any(s >= NUM_SEG for s in segs):
+  if max(locs) >= NUM_LOC or any(s >= SEG_CODEBOOK_SIZE for s in segs):
     return None
   return locs, segs, label
 

@@ -8,6 +8,7 @@ bilinearly (PIL, float) into the box truncated to whole pixels and thresholded a
 """
 
 import functools
+import zipfile
 from typing import Mapping, NamedTuple
 
 import flax.linen as nn
@@ -16,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from paligemma_jax import inference
+from paligemma_jax import batching
+from paligemma_jax import errors
 from paligemma_jax.tasks import detection
 
-NUM_CODES = 16  # Seg tokens per object: a 4x4 grid.
+SEG_TOKENS_PER_OBJECT = 16  # A 4x4 grid of codebook entries.
 
 
 class ResBlock(nn.Module):
@@ -84,7 +86,7 @@ def _expected_shapes(code_dim: int, num_embeddings: int = 128, width: int = 128)
 def convert_vae(weights: Mapping) -> dict:
   """PyTorch-layout VAE arrays (names as in vae-oid.npz) -> MaskDecoder params.
 
-  Raises ValueError naming every missing or misshapen tensor. Conv weights [out, in, kh, kw]
+  Raises InputError naming every missing or misshapen tensor. Conv weights [out, in, kh, kw]
   and ConvTranspose weights [in, out, kh, kw] both become [kh, kw, ., .] by the same
   transposition (2, 3, 1, 0): Flax's Conv wants [kh, kw, in, out] and its ConvTranspose
   with transpose_kernel=True wants [kh, kw, out, in].
@@ -96,7 +98,7 @@ def convert_vae(weights: Mapping) -> dict:
   wrong = [f"{k} {tuple(np.shape(weights[k]))} (expected {v})" for k, v in expected.items()
            if k in weights and tuple(np.shape(weights[k])) != v]
   if missing or wrong:
-    raise ValueError("VAE decoder weights do not match vae-oid.npz:"
+    raise errors.InputError("VAE decoder weights do not match vae-oid.npz:"
                      + (f" missing {', '.join(missing)}." if missing else "")
                      + (f" wrong shape: {'; '.join(wrong)}." if wrong else ""))
 
@@ -115,8 +117,13 @@ def convert_vae(weights: Mapping) -> dict:
 
 def load_vae_npz(path) -> dict:
   """Reads vae-oid.npz (path or file object) into MaskDecoder params; see `convert_vae`."""
-  with np.load(path) as f:
-    return convert_vae({k: f[k] for k in f.files})
+  try:
+    with np.load(path) as f:
+      return convert_vae({k: f[k] for k in f.files})
+  except errors.InputError as e:
+    raise errors.InputError(f"{path}: {e}") from None
+  except (ValueError, EOFError, zipfile.BadZipFile) as e:  # Not an .npz, or a truncated one.
+    raise errors.InputError(f"{path}: not a readable .npz file ({e}).") from None
 
 
 @jax.jit
@@ -164,7 +171,7 @@ def decode_masks(text: str, width: int, height: int, vae_params: dict) -> Segmen
   """Parses a `segment ...` answer and decodes every object's mask at the image's full size."""
   boxes, labels, codes, pixel_boxes, skipped = [], [], [], [], 0
   for group in detection.split_objects(text):
-    parsed = detection.parse_object(group, num_seg=NUM_CODES)
+    parsed = detection.parse_object(group, seg_tokens=SEG_TOKENS_PER_OBJECT)
     if parsed is None:
       skipped += 1
       continue
@@ -180,7 +187,7 @@ def decode_masks(text: str, width: int, height: int, vae_params: dict) -> Segmen
   masks = np.zeros((len(codes), height, width), bool)
   if codes:
     # Padded to a power of two objects: one compile per size class, not per object count.
-    padded = np.zeros((inference.power_of_two_bucket(len(codes)), NUM_CODES), np.int32)
+    padded = np.zeros((batching.power_of_two_bucket(len(codes)), SEG_TOKENS_PER_OBJECT), np.int32)
     padded[:len(codes)] = codes
     logits = np.asarray(reconstruct_masks(vae_params, jnp.asarray(padded)))
     for i, (m, box) in enumerate(zip(logits, pixel_boxes)):
