@@ -1,9 +1,10 @@
 """Training data: JSONL lines {"image", "prefix", "suffix"} -> fixed-shape batches.
 
   read_jsonl   parses and tokenises every line up front (image tokens, <bos>, prefix, "\\n",
-               suffix, <eos>, see `processor.build_prompt`); a bad line (not JSON, missing or
-               mistyped field, missing image file, prompt longer than max_text_len) is reported
-               with its line number and left out.
+               suffix, <eos>, see `processor.build_prompt`); a bad line (invalid UTF-8 or JSON,
+               text that is not valid Unicode, a missing or mistyped field, a missing image
+               file, a prompt longer than max_text_len) is reported with its line number,
+               counted and left out.
   TrainLoader  an endless, seeded stream over the examples, epoch after epoch, each epoch in its
                own permutation. Images are decoded in background threads; one that cannot be
                decoded is reported with its line number and skipped.
@@ -19,12 +20,13 @@ import collections
 import concurrent.futures
 import dataclasses
 import hashlib
-import json
 import os
 
 from absl import logging
 import numpy as np
 
+from paligemma_jax import errors
+from paligemma_jax import files
 from paligemma_jax import processor
 
 
@@ -53,53 +55,53 @@ class Layout:
     return self.num_image_tokens + self.max_text_len
 
 
-def _parse(line: bytes):
-  record = json.loads(line.decode("utf-8"))
-  if not isinstance(record, dict):
-    raise TypeError("expected a JSON object")
-  fields = [record[k] for k in ("image", "prefix", "suffix")]
+_FIELDS = ("image", "prefix", "suffix")
+
+
+def _fields(value) -> list[str]:
+  if not isinstance(value, dict):
+    raise errors.InputError("expected a JSON object")
+  for key in _FIELDS:
+    if key not in value:
+      raise errors.InputError(f"missing field {key!r}")
+  fields = [value[k] for k in _FIELDS]
   if not all(isinstance(f, str) for f in fields):
-    raise TypeError("'image', 'prefix' and 'suffix' must be strings")
+    raise errors.InputError("'image', 'prefix' and 'suffix' must be strings")
   return fields
+
+
+def _record(where: str, value, root: str, tokenizer, layout: Layout) -> Record:
+  """The record of one parsed line; InputError says why the line is unusable."""
+  image, prefix, suffix = _fields(value)
+  image = os.path.join(root, image)  # An absolute `image` stays as it is.
+  if not os.path.isfile(image):
+    raise errors.InputError(f"image not found: {image}")
+  # The tokenizer raises InputError for text it cannot take.
+  tokens, prefix_mask, loss_mask = processor.build_prompt(
+      tokenizer, prefix, layout.num_image_tokens, layout.image_token_id, suffix)
+  if prefix_mask.sum() >= layout.length:
+    raise errors.InputError(f"the prompt alone has {prefix_mask.sum() - layout.num_image_tokens} "
+                            f"text tokens, max_text_len is {layout.max_text_len}")
+  if len(tokens) > layout.length:
+    logging.warning("%s: %d text tokens cut to max_text_len=%d (the suffix loses its end)",
+                    where, len(tokens) - layout.num_image_tokens, layout.max_text_len)
+    tokens, prefix_mask, loss_mask = (x[:layout.length] for x in (tokens, prefix_mask, loss_mask))
+  return Record(where, image, prefix, suffix, tokens, prefix_mask, loss_mask)
 
 
 def read_jsonl(path: str, tokenizer, layout: Layout, image_root: str = "") -> list[Record]:
   """The usable lines of `path`, in file order; the others are logged as warnings and left out."""
   root = image_root or os.path.dirname(os.path.abspath(path))
   records, bad = [], 0
-  with open(path, "rb") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{number}"
-      try:
-        image, prefix, suffix = _parse(line)
-      except KeyError as e:
-        bad += 1
-        logging.warning("%s: bad line, skipped: missing field %s", where, e)
-        continue
-      except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
-        bad += 1
-        logging.warning("%s: bad line, skipped: %s", where, e)
-        continue
-      image = os.path.join(root, image)  # An absolute `image` stays as it is.
-      if not os.path.isfile(image):
-        bad += 1
-        logging.warning("%s: bad line, skipped: image not found: %s", where, image)
-        continue
-      tokens, prefix_mask, loss_mask = processor.build_prompt(
-          tokenizer, prefix, layout.num_image_tokens, layout.image_token_id, suffix)
-      if prefix_mask.sum() >= layout.length:
-        bad += 1
-        logging.warning("%s: bad line, skipped: the prompt alone has %d text tokens, max_text_len "
-                        "is %d", where, prefix_mask.sum() - layout.num_image_tokens,
-                        layout.max_text_len)
-        continue
-      if len(tokens) > layout.length:
-        logging.warning("%s: %d text tokens cut to max_text_len=%d (the suffix loses its end)",
-                        where, len(tokens) - layout.num_image_tokens, layout.max_text_len)
-        tokens, prefix_mask, loss_mask = (x[:layout.length] for x in (tokens, prefix_mask, loss_mask))
-      records.append(Record(where, image, prefix, suffix, tokens, prefix_mask, loss_mask))
+  for line in files.read_jsonl(path):
+    where = f"{path}:{line.number}"
+    try:
+      if line.error:
+        raise errors.InputError(line.error)
+      records.append(_record(where, line.value, root, tokenizer, layout))
+    except errors.InputError as e:
+      bad += 1
+      logging.warning("%s: bad line, skipped: %s", where, e)
   if bad:
     logging.warning("%s: %d bad line(s) skipped, %d usable.", path, bad, len(records))
   return records
@@ -149,7 +151,7 @@ class TrainLoader:
   def __init__(self, records: list[Record], layout: Layout, *, batch_size: int, seed: int,
                position: int = 0, num_threads: int = 8, prefetch: int | None = None):
     if not records:
-      raise ValueError("No usable training examples.")
+      raise errors.InputError("No usable training examples.")
     self.records, self.layout = records, layout
     self.batch_size, self.seed = batch_size, seed
     self.position = position  # Next stream slot to hand out.
@@ -188,7 +190,8 @@ class TrainLoader:
           logging.warning("%s", error)
           self._bad.add(record.where)
         if len(self._bad) == len(self.records):
-          raise ValueError("No training example has a readable image.")
+          raise errors.InputError(f"None of the {len(self.records)} training examples has a "
+                                  "readable image (each is reported above).")
         continue
       examples.append(example)
     return stack(examples), self.position

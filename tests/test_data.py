@@ -141,3 +141,23 @@ def test_eval_batches_pad_with_zero_weight(tmp_path, tok):
   expected = [tuple(r.tokens[r.loss_mask]) for r in records]
   got = [s for b in batches for s, w in zip(_suffix_ids(b), b["weight"]) if w]
   assert got == expected  # File order.
+
+
+def test_text_that_is_not_unicode_is_a_bad_line_not_a_stop(tmp_path, tok, caplog):
+  """A lone surrogate ("\\ud83d", valid JSON) in the prefix or the suffix, or bytes that are not
+  UTF-8, make that line's error; the lines after it are still read."""
+  _write_images(tmp_path, 1)
+  good = json.dumps({"image": "img0.png", "prefix": "caption en", "suffix": "cat"}).encode()
+  path = tmp_path / "d.jsonl"
+  path.write_bytes(b"\n".join([
+      good,
+      b'{"image": "img0.png", "prefix": "caption \\ud83d", "suffix": "cat"}',
+      b'{"image": "img0.png", "prefix": "caption en", "suffix": "cat \\ud83d"}',
+      b'{"image": "img0.png", "prefix": "caption \xff en", "suffix": "cat"}',
+      good]) + b"\n")
+  with caplog.at_level(logging.WARNING):
+    records = data.read_jsonl(str(path), tok, LAYOUT)
+  assert [r.where.rsplit(":", 1)[1] for r in records] == ["1", "5"]
+  for number in (2, 3, 4):
+    assert any(f"d.jsonl:{number}: bad line, skipped: " in m for m in caplog.messages), number
+  assert any("3 bad line(s) skipped, 2 usable" in m for m in caplog.messages)

@@ -10,8 +10,11 @@ shared by the runs (and the subprocess) keeps identical programs from compiling 
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import flax.linen as nn
 import flax.traverse_util as traverse_util
@@ -27,11 +30,14 @@ from configs import finetune as finetune_config
 from configs.paligemma import get_config
 from paligemma_jax import checkpoint
 from paligemma_jax import data
-from paligemma_jax import finetune
+from paligemma_jax import errors
 from paligemma_jax import inference
+from paligemma_jax import loading
 from paligemma_jax import lora
 from paligemma_jax import paligemma
+from paligemma_jax import trainer
 from paligemma_jax import training
+from paligemma_jax import workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = [("caption en", "red car"), ("caption en", "blue tree near house"),
@@ -113,7 +119,7 @@ def _cli_overrides(config):
 
 def _generate(export_dir, image_dir, examples=EXAMPLES):
   """Greedy answers of an exported checkpoint, the way `python -m paligemma_jax.generate` runs."""
-  params, config, tokenizer = inference.load_model(export_dir)
+  params, config, tokenizer = loading.load_model(export_dir)
   predictor = inference.Predictor(config, params, tokenizer, batch_size=4)
   inputs = [inference.Example(str(image_dir / f"img{i}.png"), p) for i, (p, _) in enumerate(examples)]
   return [r["text"] for r in predictor.predict(inputs, max_new_tokens=12)]
@@ -256,11 +262,91 @@ def test_metric_writer_trims_to_the_restored_step(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "eval_loss": 2.5}\n{"step": 3, "loss": 2.0}\n'
                   '{"step": 4, "lo')
-  writer = finetune.MetricWriter(str(path), start_step=2)
+  writer = workdir.MetricWriter(str(path), start_step=2)
   writer.write(3, loss=1.5)
   writer.close()
-  assert finetune.read_metrics(str(path)) == [
+  assert workdir.read_metrics(str(path)) == [
       {"step": 1, "loss": 3.0}, {"step": 2, "eval_loss": 2.5}, {"step": 3, "loss": 1.5}]
+
+
+# ----------------------------------------------------------------------------------------------
+# Expected failures: named on one line, before anything loads where they can be.
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 0, "--config.batch_size=0: must be at least 1"),
+    ("accum_steps", 3, "--config.batch_size=4 is not a multiple of --config.accum_steps=3"),
+    ("total_steps", 0, "--config.total_steps=0"),
+    ("lr", -1.0, "--config.lr=-1.0"),
+    ("lr", float("nan"), "--config.lr=nan"),
+    ("max_text_len", 0, "--config.max_text_len=0"),
+    ("lora.rank", 0, "--config.lora.rank=0"),
+    ("optimizer", "lion", "--config.optimizer='lion': choose one of 'adamw', 'sgd'"),
+    ("schedule", "step", "--config.schedule='step'"),
+    ("eval_batch_size", 0, "--config.eval_batch_size=0"),
+    ("eval_max_new_tokens", 0, "--config.eval_max_new_tokens=0"),
+    ("checkpoint_every", 0, "--config.checkpoint_every=0"),
+    ("log_every", 0, "--config.log_every=0"),
+    ("keep_checkpoints", 0, "--config.keep_checkpoints=0"),
+    ("warmup_percent", 1.5, "--config.warmup_percent=1.5: must be in [0, 1]"),
+    ("param_dtype", "int8", "--config.param_dtype='int8'"),
+    ("trainable", "llm/(", "--config.trainable='llm/(' is not a preset or a regular expression"),
+    ("image_root", "/no/such/dir", "--config.image_root=/no/such/dir: no such directory"),
+])
+def test_validate_config_names_the_field(field, value, message):
+  config = _config("lora")
+  config.update_from_flattened_dict({field: value})
+  with pytest.raises(errors.InputError, match=re.escape(message)):
+    trainer.validate_config(config)
+  trainer.validate_config(_config("lora"))  # The defaults are fine.
+
+
+def test_train_checks_flags_and_config_before_loading(base, tmp_path, monkeypatch):
+  monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+  (tmp_path / "taken").mkdir()
+  missing = str(tmp_path / "missing.jsonl")
+  good = dict(base=str(base / "base"), train_jsonl=str(base / "clean.jsonl"),
+              workdir=str(tmp_path / "work"))
+  for config, arguments, message in [
+      (_config("lora", batch_size=0), {}, "--config.batch_size=0"),
+      (_config("lora"), dict(base=str(tmp_path / "nothing")), "no such checkpoint directory"),
+      (_config("lora"), dict(train_jsonl=missing), f"--train_jsonl={missing}: no such file"),
+      (_config("lora"), dict(eval_jsonl=missing), f"--eval_jsonl={missing}: no such file"),
+      (_config("lora"), dict(export_dir=str(tmp_path / "taken")), "--export_dir="),
+      (_config("lora"), dict(max_steps_this_run=0), "--max_steps_this_run=0"),
+  ]:
+    with pytest.raises(errors.InputError, match=re.escape(message)):
+      trainer.train(config, **{**good, **arguments})
+  assert not os.path.exists(tmp_path / "work")
+
+
+def test_command_line_reports_expected_errors_on_one_line(base, compile_cache, tmp_path):
+  """A bad config value (before loading), a corrupt checkpoint and a training file without a
+  usable line (after loading): exit status 1 and one `error:` line, no traceback."""
+  corrupt = tmp_path / "corrupt"
+  corrupt.mkdir()
+  (corrupt / "params").mkdir()  # Orbax finds no parameters in it.
+  for name in ("config.json", "tokenizer.model"):
+    (corrupt / name).write_bytes((base / "base" / name).read_bytes())
+  unusable = tmp_path / "unusable.jsonl"
+  unusable.write_text('{broken\n{"image": "gone.png", "prefix": "p", "suffix": "s"}\n')
+  config = _config("lora", total_steps=2)
+  cases = [
+      ((base / "base", base / "clean.jsonl", "--config.accum_steps=3"),
+       "--config.batch_size=4 is not a multiple of --config.accum_steps=3"),
+      ((corrupt, base / "clean.jsonl"), "corrupt"),
+      ((base / "base", unusable), f"--train_jsonl={unusable} has no usable example"),
+  ]
+  procs = [subprocess.Popen(_command(config, checkpoint_dir, train_jsonl, tmp_path / f"work{i}",
+                                     tmp_path / f"export{i}", *extra),
+                            cwd=ROOT, env=_cli_env(compile_cache), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+           for i, ((checkpoint_dir, train_jsonl, *extra), _) in enumerate(cases)]
+  for proc, (_, message) in zip(procs, cases):
+    _, stderr = proc.communicate(timeout=300)
+    errors_printed = [line for line in stderr.splitlines() if ": error: " in line]
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert len(errors_printed) == 1 and message in errors_printed[0], stderr[-3000:]
+  assert not [n for n in os.listdir(tmp_path) if n.startswith("export")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,9 +355,9 @@ def test_metric_writer_trims_to_the_restored_step(tmp_path):
 def test_full_finetune_overfits_until_generation_reproduces_the_suffixes(base, compile_cache,
                                                                          tmp_path):
   config = _config("all", optimizer="adamw", lr=3e-3, checkpoint_every=100)
-  result = finetune.train(config, base=str(base / "base"), train_jsonl=str(base / "clean.jsonl"),
+  result = trainer.train(config, base=str(base / "base"), train_jsonl=str(base / "clean.jsonl"),
                           workdir=str(tmp_path / "work"), export_dir=str(tmp_path / "export"))
-  metrics = finetune.read_metrics(str(tmp_path / "work" / "metrics.jsonl"))
+  metrics = workdir.read_metrics(str(tmp_path / "work" / "metrics.jsonl"))
   assert [m["step"] for m in metrics] == list(range(1, 41))
   assert metrics[0]["loss"] > 5 and metrics[-1]["loss"] < 0.5
   assert all(m["examples_per_s"] > 0 and m["step_time_s"] > 0 for m in metrics)
@@ -286,11 +372,11 @@ def test_full_finetune_overfits_until_generation_reproduces_the_suffixes(base, c
 
 def test_lora_overfits_and_exports_merged(base, compile_cache, tmp_path):
   config = _config("lora", lr=1e-2, checkpoint_every=100)
-  result = finetune.train(config, base=str(base / "base"), train_jsonl=str(base / "clean.jsonl"),
+  result = trainer.train(config, base=str(base / "base"), train_jsonl=str(base / "clean.jsonl"),
                           eval_jsonl=str(base / "clean.jsonl"), workdir=str(tmp_path / "work"),
                           export_dir=str(tmp_path / "export"))
   assert result["eval"]["eval_exact_match"] == 1.0 and result["eval"]["eval_examples"] == 5
-  metrics = finetune.read_metrics(str(tmp_path / "work" / "metrics.jsonl"))
+  metrics = workdir.read_metrics(str(tmp_path / "work" / "metrics.jsonl"))
   assert metrics[-1]["step"] == 40 and metrics[-1]["eval_loss"] < 0.5 * metrics[0]["loss"]
   assert _generate(tmp_path / "export", base) == [s for _, s in EXAMPLES]
 
@@ -309,30 +395,49 @@ def test_lora_overfits_and_exports_merged(base, compile_cache, tmp_path):
       np.testing.assert_array_equal(flat_exported[path], w)  # Frozen: untouched.
 
 
-def test_stopped_and_crashed_runs_resume_to_the_uninterrupted_result(base, compile_cache, tmp_path,
-                                                                     monkeypatch):
+def _command(config, checkpoint_dir, train_jsonl, work, export, *extra):
+  return [sys.executable, "-m", "paligemma_jax.finetune",
+          f"--config=configs/finetune.py:{config.trainable}", *_cli_overrides(config),
+          f"--checkpoint={checkpoint_dir}", f"--train_jsonl={train_jsonl}", f"--workdir={work}",
+          f"--export_dir={export}", *extra]
+
+
+def _cli_env(compile_cache):
+  return dict(os.environ, PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=compile_cache,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def _temporaries(directory):
+  """Temporary files or directories anywhere under `directory` (ours, files.py's, Orbax's)."""
+  return [os.path.join(d, n) for d, subdirs, names in os.walk(directory)
+          for n in subdirs + names if "tmp" in n]
+
+
+def test_stopped_crashed_and_killed_runs_resume_to_the_uninterrupted_result(
+    base, compile_cache, tmp_path, monkeypatch):
+  """Stopped by --max_steps_this_run, crashed mid-step, then killed (SIGKILL) by the command
+  line once it saved a checkpoint: the same command run again ends with the metrics and export
+  of an uninterrupted run, and nothing temporary is left in the workdir or next to the export."""
   config = _config("lora", lr=1e-2)  # As in the LoRA test: its compiled step is reused.
   common = dict(base=str(base / "base"), train_jsonl=str(base / "train.jsonl"))
+  work, export = tmp_path / "work", tmp_path / "export"
+  command = _command(config, common["base"], common["train_jsonl"], work, export)
+  env = _cli_env(compile_cache)
 
   # Reference: one uninterrupted run of the command line.
-  cmd = [sys.executable, "-m", "paligemma_jax.finetune", "--config=configs/finetune.py:lora",
-         *_cli_overrides(config), f"--checkpoint={common['base']}",
-         f"--train_jsonl={common['train_jsonl']}", f"--workdir={tmp_path / 'ref'}",
-         f"--export_dir={tmp_path / 'ref_export'}"]
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=compile_cache,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(_command(config, common["base"], common["train_jsonl"], tmp_path / "ref",
+                                 tmp_path / "ref_export"),
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "train.jsonl:3: bad line, skipped" in proc.stderr
   assert "train.jsonl:4: bad line, skipped: image not found" in proc.stderr
   assert "step 40/40: loss" in proc.stderr
 
   # The same run stopped after 13 steps (checkpoints at 5, 10, 13) ...
-  work = str(tmp_path / "work")
-  stopped = finetune.train(config, workdir=work, max_steps_this_run=13, **common)
-  assert int(stopped["state"]["step"]) == 13 and not os.path.exists(tmp_path / "export")
+  stopped = trainer.train(config, workdir=str(work), max_steps_this_run=13, **common)
+  assert stopped["step"] == 13 and not os.path.exists(export)
 
-  # ... resumed, then killed while fetching the data of step 23 (last checkpoint: step 20) ...
+  # ... resumed, then crashed while fetching the data of step 23 (last checkpoint: step 20) ...
   next_batch = data.TrainLoader.__next__
 
   def crash(self):
@@ -342,24 +447,36 @@ def test_stopped_and_crashed_runs_resume_to_the_uninterrupted_result(base, compi
 
   monkeypatch.setattr(data.TrainLoader, "__next__", crash)
   with pytest.raises(KeyboardInterrupt):
-    finetune.train(config, workdir=work, **common)
-  assert max(m["step"] for m in finetune.read_metrics(os.path.join(work, "metrics.jsonl"))) == 22
+    trainer.train(config, workdir=str(work), **common)
+  assert max(m["step"] for m in workdir.read_metrics(str(work / workdir.METRICS))) == 22
   monkeypatch.setattr(data.TrainLoader, "__next__", next_batch)
 
-  # ... and resumed to the end.
-  final = finetune.train(config, workdir=work, export_dir=str(tmp_path / "export"), **common)
+  # ... resumed by the command line and killed as soon as it has saved a new checkpoint ...
+  with open(tmp_path / "killed.log", "w") as log:  # A file: a full pipe would stall the run.
+    killed = subprocess.Popen(command, cwd=ROOT, env=env, stderr=log)
+  while killed.poll() is None and not any(
+      n.isdigit() and int(n) > 20 for n in os.listdir(work / workdir.CHECKPOINTS)):
+    time.sleep(0.005)
+  killed.send_signal(signal.SIGKILL)
+  assert killed.wait() == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+  assert not os.path.exists(export)
 
-  got = finetune.read_metrics(os.path.join(work, "metrics.jsonl"))
-  want = finetune.read_metrics(str(tmp_path / "ref" / "metrics.jsonl"))
+  # ... and the same command again, to the end.
+  proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Resumed from step" in proc.stderr and "Exported the fine-tuned model" in proc.stderr
+
+  got = workdir.read_metrics(str(work / workdir.METRICS))
+  want = workdir.read_metrics(str(tmp_path / "ref" / workdir.METRICS))
   assert [m["step"] for m in got] == list(range(1, 41))
   for key in ("loss", "lr", "grad_norm"):
     np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=1e-6, atol=1e-6)
   ref_export, _ = checkpoint.load(str(tmp_path / "ref_export"))
-  our_export, _ = checkpoint.load(str(tmp_path / "export"))
+  our_export, _ = checkpoint.load(str(export))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), our_export,
                ref_export)
-  assert int(final["state"]["step"]) == 40
-  jax.tree.map(lambda a: np.testing.assert_array_equal(np.isfinite(a), True), final["state"]["params"])
+  assert not _temporaries(work)
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # The export's temporary.
 
 
 def test_sharded_command_line_run_matches_one_device(base, compile_cache, tmp_path):
@@ -372,15 +489,13 @@ def test_sharded_command_line_run_matches_one_device(base, compile_cache, tmp_pa
                    eval_num_generate=2, eval_max_new_tokens=4)
   common = dict(base=str(base / "base"), train_jsonl=str(base / "clean.jsonl"),
                 eval_jsonl=str(base / "clean.jsonl"))
-  cmd = [sys.executable, "-m", "paligemma_jax.finetune", "--config=configs/finetune.py:all",
-         *_cli_overrides(config), "--mesh=data:2,fsdp:2,tensor:2", f"--checkpoint={common['base']}",
-         f"--train_jsonl={common['train_jsonl']}", f"--eval_jsonl={common['eval_jsonl']}",
-         f"--workdir={tmp_path / 'work'}", f"--export_dir={tmp_path / 'export'}"]
+  cmd = _command(config, common["base"], common["train_jsonl"], tmp_path / "work",
+                 tmp_path / "export", "--mesh=data:2,fsdp:2,tensor:2",
+                 f"--eval_jsonl={common['eval_jsonl']}")
   # Less LLVM optimisation halves the compile time, which dominates these runs.
   flags = ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
            "--xla_llvm_disable_expensive_passes=true"]
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags),
-             JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env = dict(_cli_env(compile_cache), JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
 
   def start(name, *extra):  # The log goes to a file: a full pipe would stall the run.
     with open(tmp_path / name, "w") as log:
@@ -392,7 +507,7 @@ def test_sharded_command_line_run_matches_one_device(base, compile_cache, tmp_pa
     return log.read_text()
 
   stopped = start("stopped.log", "--max_steps_this_run=2")  # Runs while the reference trains here.
-  finetune.train(config, workdir=str(tmp_path / "ref"), export_dir=str(tmp_path / "ref_export"),
+  trainer.train(config, workdir=str(tmp_path / "ref"), export_dir=str(tmp_path / "ref_export"),
                  **common)
   logs = [finish(*stopped)]
   assert not os.path.exists(tmp_path / "export")
@@ -400,8 +515,8 @@ def test_sharded_command_line_run_matches_one_device(base, compile_cache, tmp_pa
   assert "Sharded over {'data': 2, 'fsdp': 2, 'tensor': 2}" in logs[0]
   assert "Resumed from step 2" in logs[1]
 
-  got = finetune.read_metrics(str(tmp_path / "work" / "metrics.jsonl"))
-  want = finetune.read_metrics(str(tmp_path / "ref" / "metrics.jsonl"))
+  got = workdir.read_metrics(str(tmp_path / "work" / "metrics.jsonl"))
+  want = workdir.read_metrics(str(tmp_path / "ref" / "metrics.jsonl"))
   assert [sorted(m) for m in got] == [sorted(m) for m in want] and len(got) == 5  # 4 steps, 1 eval.
   for key in ("loss", "lr", "grad_norm", "eval_loss", "eval_exact_match"):
     np.testing.assert_allclose([m[key] for m in got if key in m], [m[key] for m in want if key in m],
