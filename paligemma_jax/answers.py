@@ -80,11 +80,11 @@ def answer(predictor: inference.Predictor, items: list, *, output: str | None, s
   again without running the model. `predict_args` go to `Predictor.predict` (max_new_tokens,
   sampler, seed).
   """
-  writer = output is not None and multihost.is_writer()
   partial = None
-  if writer:
-    files.remove_stale_temps(output)
-    partial = files.Resumable(output + ".partial", settings)
+  if output is not None:  # Every host reads what is done (they must run the same batches).
+    if multihost.is_writer():
+      files.remove_stale_temps(output)
+    partial = files.Resumable(output + ".partial", settings, write=multihost.is_writer())
   try:
     done = partial.done if partial else []
     if len(done) > len(items) or not all(map(_same_example, done, items)):
@@ -105,7 +105,7 @@ def answer(predictor: inference.Predictor, items: list, *, output: str | None, s
         partial.append(result)
       yield index, result
     if partial:
-      partial.finish(output)
+      partial.finish(output if multihost.is_writer() else None)
       partial = None
   finally:
     if partial:

@@ -117,7 +117,7 @@ def fingerprint(records: list[Record]) -> str:
 
 def load_example(record: Record, layout: Layout) -> dict:
   """Padded arrays for one record; raises processor.ImageLoadError for an unreadable image."""
-  pixels = processor.preprocess_image(processor.load_image(record.image), layout.image_size)
+  pixels, _ = processor.load_pixels(record.image, layout.image_size)  # Bounded decode memory.
   n, pad = len(record.tokens), layout.length - len(record.tokens)
   return dict(tokens=np.pad(record.tokens, (0, pad)),  # Pad id 0.
               input_mask=np.arange(layout.length) < n,

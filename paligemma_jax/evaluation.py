@@ -127,8 +127,8 @@ class Evaluator:
         logging.info("Resuming: %d of %d examples are already in %s.", len(done), len(rows),
                      predictions)
       if todo:
-        self._predict(task, todo, max_new_tokens, out if writer else None, done, skips, dataset,
-                      progress, total=len(rows))
+        self._predict(task, todo, max_new_tokens, out, done, skips, dataset, progress,
+                      total=len(rows))
     finally:
       out.close()
     skips.sort(key=lambda s: s.line)
@@ -164,6 +164,5 @@ class Evaluator:
         prediction = {"line": row.line, "task": task.name, "image": row.record["image"],
                       "prompt": row.record["prompt"], "image_size": list(result["image_size"]),
                       **fields, "reference": row.reference}
-        if out is not None:
-          out.append(prediction)
+        out.append(prediction)  # Only the writing process writes.
         done[row.line] = prediction

@@ -175,7 +175,7 @@ class Resumable:
 
   def __init__(self, path: str, settings: dict, *, write: bool = True):
     self.path, self.settings_path = path, path + ".run.json"
-    self.done = self._read()
+    self.done = self._read(cut=write)
     if self.done:
       stored = self._stored_settings()
       if stored != settings:
@@ -198,8 +198,8 @@ class Resumable:
       raise errors.InputError(f"{self.settings_path} is not valid JSON; delete it and {self.path} "
                               "to start over.") from None
 
-  def _read(self) -> list:
-    """The complete lines; a truncated last line (a killed run) is cut off the file."""
+  def _read(self, cut: bool) -> list:
+    """The complete lines; a truncated last line (a killed run) is cut off the file if `cut`."""
     if not os.path.exists(self.path):
       return []
     with open(self.path, "rb") as f:
@@ -212,11 +212,14 @@ class Resumable:
       except ValueError:
         raise errors.InputError(f"{self.path}:{number}: not a result line of this tool; pass a new "
                                 "output file to start over.") from None
-    if end < len(raw):
+    if end < len(raw) and cut:
       os.truncate(self.path, end)
     return done
 
   def append(self, record: dict):
+    """Adds one line (flushed: a kill loses nothing written); a no-op where write=False."""
+    if self._file is None:
+      return
     self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
     self._file.flush()
 

@@ -96,6 +96,8 @@ def main(argv):
     task = tasks.get(f.task, segmentation.load_vae_npz(f.vae_npz) if f.vae_npz else None)
   if f.input_jsonl:
     items = answers.read_examples(f.input_jsonl)
+    if not items:
+      raise errors.InputError(f"--input_jsonl={f.input_jsonl} has no examples (no non-empty line).")
   else:
     items = [inference.Example(f.image, f.prompt)]
   settings = {**cli.model_settings(), "max_new_tokens": f.max_new_tokens, "sampler": f.sampler,

@@ -180,7 +180,9 @@ def test_expected_failures_are_one_line_before_any_loading(converted_checkpoint,
       (["--checkpoint=/nonexistent", f"--image={image}", "--prompt=x"], ("/nonexistent",)),
       (common + ["--batch_size=0"], ("--batch_size",)),
       (common + [f"--output_jsonl={tmp_path / 'in.jsonl'}"], ("--output_jsonl", "--input_jsonl")),
-      (common + ["stray"], ("unexpected arguments",))]:
+      (common + ["stray"], ("unexpected arguments",)),
+      ([f"--checkpoint={directory}", f"--input_jsonl={tmp_path / 'empty.jsonl'}"], ("no examples",))]:
+    (tmp_path / "empty.jsonl").write_text("\n  \n")
     _no_traceback_one_line(run(*args), *needles)
   # The rest of the checks, in process.
   defaults = dict(checkpoint=directory, input_jsonl=str(tmp_path / "in.jsonl"), image=None,
@@ -200,7 +202,7 @@ def test_expected_failures_are_one_line_before_any_loading(converted_checkpoint,
       generate.validate_flags(types.SimpleNamespace(**{**defaults, **changes}))
     assert all(n in str(e.value) for n in needles), (changes, str(e.value))
   assert (tmp_path / "in.jsonl").read_text() == before
-  assert sorted(os.listdir(tmp_path)) == ["im0.png", "in.jsonl"]  # Nothing written.
+  assert sorted(os.listdir(tmp_path)) == ["empty.jsonl", "im0.png", "in.jsonl"]  # Nothing written.
 
 
 def test_killed_run_continues_after_its_finished_lines(converted_checkpoint, tmp_path):
