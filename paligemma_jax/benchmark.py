@@ -19,29 +19,25 @@ alone (no weights allocated) and prints one JSON line per preset with XLA's memo
 
 import functools
 import json
-import os
 import statistics
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import finetune as finetune_configs
 from configs import paligemma as presets
 from paligemma_jax import batching
 from paligemma_jax import cli
-from paligemma_jax import data
 from paligemma_jax import decode
 from paligemma_jax import errors
+from paligemma_jax import finetune_memory
 from paligemma_jax import hf
 from paligemma_jax import paligemma
 from paligemma_jax import sampling
 from paligemma_jax import scoring
-from paligemma_jax import training
 
 
 def define_flags():
@@ -103,7 +99,8 @@ def build_reference(variant, vision_layers, text_layers, directory):
 
 
 def time_ours(config, params, inputs, batch, new_tokens, repeats):
-  generator = decode.Generator(config, params, eos_id=-1)  # -1: never stop early.
+  # -1: never stop early. As Predictor does, ids from the image token on are never sampled.
+  generator = decode.Generator(config, params, eos_id=-1, vocab_size=config.image_token_id)
   params = generator.params  # The decoding layout (per-layer weights on CPU).
   prefill, loop = generator.compiled(new_tokens)
   args = [np.repeat(x, batch, axis=0) for x in inputs]
@@ -196,46 +193,6 @@ def compile_seconds(variant):
   return time.perf_counter() - start
 
 
-def finetune_memory(model_config, dtype: str = "bfloat16", preset_names=tuple(training.PRESETS)):
-  """Per fine-tuning preset, XLA's memory analysis of its compiled train step, in GiB.
-
-  The step `finetune` runs (`training.train_step` under jax.jit, state donated), with remat, batch
-  1 at the text length of configs/finetune.py and the model's compute and frozen weights in
-  `dtype`, compiled from jax.ShapeDtypeStruct inputs: no weight is allocated.
-  """
-  model_config = model_config.copy_and_resolve_references()
-  model_config.update(dtype=dtype, param_dtype=dtype, remat=True)
-  model = paligemma.PaliGemma(model_config)
-  shapes = paligemma.param_shapes(model_config)
-  rng = jax.random.PRNGKey(0)
-  records = []
-  for preset in preset_names:
-    config = finetune_configs.get_config(preset)
-    layout = data.Layout(paligemma.num_image_tokens(model_config), model_config.image_token_id,
-                         model_config.vision.image_size, config.max_text_len)
-    parametrization = training.Parametrization.from_config(config)
-    trainable, frozen = jax.eval_shape(
-        lambda p: training.init_trainable(config, p, rng, jnp.dtype(dtype))[1:], shapes)
-    tx, schedule = training.make_optimizer(config)
-    state = jax.eval_shape(lambda t: training.init_state(t, tx, rng), trainable)
-    step = jax.jit(functools.partial(training.train_step, model=model,
-                                     parametrization=parametrization, tx=tx, schedule=schedule,
-                                     accum_steps=config.accum_steps), donate_argnums=0)
-    memory = step.lower(state, frozen, _batch_shapes(layout)).compile().memory_analysis()
-    records.append(dict(preset=preset, temp_gib=memory.temp_size_in_bytes / 2**30,
-                        argument_gib=memory.argument_size_in_bytes / 2**30))
-  return records
-
-
-def _batch_shapes(layout: data.Layout, batch_size: int = 1) -> dict:
-  """The shapes of a training batch (`data.TrainLoader`'s arrays)."""
-  tokens = jax.ShapeDtypeStruct((batch_size, layout.length), jnp.int32)
-  masks = {k: jax.ShapeDtypeStruct(tokens.shape, bool)
-           for k in ("input_mask", "prefix_mask", "loss_mask")}
-  images = jax.ShapeDtypeStruct((batch_size, layout.image_size, layout.image_size, 3), jnp.float32)
-  return dict(tokens=tokens, images=images, **masks)
-
-
 def main(argv):
   del argv
   f = flags.FLAGS
@@ -244,7 +201,7 @@ def main(argv):
   except ValueError as e:
     raise errors.InputError(f"--variant: {e}") from e
   if f.finetune_memory:
-    for record in finetune_memory(model_config, f.dtype or "bfloat16"):
+    for record in finetune_memory.per_preset(model_config, f.dtype or "bfloat16"):
       print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()}))
     return
   dtype = f.dtype or "float32"

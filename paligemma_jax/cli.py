@@ -26,15 +26,15 @@ from paligemma_jax import sharding
 EXPECTED = (errors.InputError, OSError, app.UsageError)
 
 
-def one_line(error: BaseException) -> str:
-  """The message of `error` on one line (an OSError's filename included)."""
-  text = " ".join(str(error).split()) or type(error).__name__
-  return text
+def one_line(error: BaseException | str) -> str:
+  """The message of `error` on one line (an OSError's names the file)."""
+  return " ".join(str(error).split()) or type(error).__name__
 
 
 def report(error: BaseException | str):
-  program = os.path.basename(sys.argv[0]) or "paligemma_jax"
-  if program in ("__main__.py", "-m", "-c"):
+  """`PROGRAM: error: MESSAGE` on stderr; PROGRAM is the entry point's file, e.g. generate.py."""
+  program = os.path.basename(sys.argv[0])
+  if program in ("", "__main__.py", "-m", "-c"):
     program = "paligemma_jax"
   print(f"{program}: error: {one_line(error)}", file=sys.stderr, flush=True)
 

@@ -3,7 +3,8 @@
 from absl import flags
 
 from configs.paligemma import get_config
-from paligemma_jax import benchmark
+from paligemma_jax import benchmark  # noqa: F401  Imported beside the converter below.
+from paligemma_jax import finetune_memory
 
 
 def test_importing_beside_the_converter_defines_no_flags():
@@ -18,7 +19,7 @@ def test_finetune_memory_per_preset_and_lora_needs_the_least():
   config.vision = get_config("tiny-pg2").vision
   config.text.update(depth=1, vocab_size=1600)
   config.image_token_id = config.text.vocab_size - 64
-  records = benchmark.finetune_memory(config, dtype="float32", preset_names=("attn", "lora"))
+  records = finetune_memory.per_preset(config, dtype="float32", preset_names=("attn", "lora"))
   assert [sorted(r) for r in records] == [["argument_gib", "preset", "temp_gib"]] * 2
   attn, lora = records
   assert attn["preset"] == "attn" and lora["preset"] == "lora"
