@@ -23,9 +23,16 @@ from paligemma_jax import multihost
 from paligemma_jax.tasks import base
 
 
+# What a result line holds: dropped from an input line (an earlier run's output fed back in to
+# retry its errors), so that a stale `error` or `text` cannot pass for this run's.
+RESULT_FIELDS = ("line", "error", "text", "tokens", "logprobs", "stop_reason", "image_size",
+                 "boxes", "labels", "skipped", "masks", "drawing")
+
+
 def read_examples(path: str) -> list:
   """One item per non-empty line of `path`: an inference.Example, or for an unusable line a
-  result dict {"line": n, "error": "path:n: bad input line: ..."}."""
+  result dict {"line": n, "error": "path:n: bad input line: ..."}. Other fields are carried
+  through to the result line, except RESULT_FIELDS."""
   items = []
   for line in files.read_jsonl(path):
     error = line.error
@@ -40,7 +47,7 @@ def read_examples(path: str) -> list:
     if error is not None:
       items.append({"line": line.number, "error": f"{path}:{line.number}: bad input line: {error}"})
       continue
-    record = dict(line.value)
+    record = {k: v for k, v in line.value.items() if k not in RESULT_FIELDS}
     items.append(inference.Example(record.pop("image"), record.pop("prompt"), extra=record))
   return items
 
@@ -61,7 +68,7 @@ class Outputs:
       stem = os.path.splitext(os.path.basename(result["image"]))[0]
       fields["drawing"] = os.path.join(self.draw_dir, f"{index:05d}_{stem}.png")
       drawn = self.task.draw(processor.load_image(result["image"]), objects)
-      with files.atomic_writer(fields["drawing"], binary=True) as f:
+      with files.atomic_writer(fields["drawing"], binary=True, clean=False) as f:  # Swept once.
         drawn.save(f, format="PNG")
     return {**result, **fields}
 
@@ -82,8 +89,6 @@ def answer(predictor: inference.Predictor, items: list, *, output: str | None, s
   """
   partial = None
   if output is not None:  # Every host reads what is done (they must run the same batches).
-    if multihost.is_writer():
-      files.remove_stale_temps(output)
     partial = files.Resumable(output + ".partial", settings, write=multihost.is_writer())
   try:
     done = partial.done if partial else []

@@ -47,7 +47,8 @@ def run(main, define_flags=None):
   def reporting_main(argv):
     # Undecodable input (a lone surrogate from argv bytes) is echoed as an escape, not a crash.
     for stream in (sys.stdout, sys.stderr):
-      stream.reconfigure(errors="backslashreplace")
+      if hasattr(stream, "reconfigure"):  # Not when a caller replaced the stream.
+        stream.reconfigure(errors="backslashreplace")
     try:
       if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]} (flags are written --name=value)")

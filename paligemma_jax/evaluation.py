@@ -66,7 +66,7 @@ class Evaluator:
   """Runs datasets through one model. The model is loaded on first use (`load()` returns
   (params, config, tokenizer)), so a finished run's metrics are recomputed without it.
 
-  model_identity: what names the model in the predictions' settings (loading.model_identity), so
+  model_identity: what names the model in the predictions' settings (cli.model_settings: loading.checkpoint_identity and the dtype), so
   predictions of different models are never mixed.
   """
 

@@ -48,9 +48,16 @@ def remove_stale_temps(path: str) -> list[str]:
   """Removes the temporaries of `path` that killed writers on this host left; returns them.
   Those of live processes and of other hosts (a shared filesystem) are kept."""
   directory, name = os.path.split(os.path.abspath(path))
+  return remove_stale_temps_in(directory, name)
+
+
+def remove_stale_temps_in(directory: str, name: str | None = None) -> list[str]:
+  """`remove_stale_temps` for every file of `directory` (or only `name`'s)."""
   removed = []
   for entry in os.listdir(directory) if os.path.isdir(directory) else []:
-    match = _TEMP.fullmatch(entry[len(name) + 1:]) if entry.startswith(f".{name}.tmp-") else None
+    target, _, suffix = entry[1:].rpartition(".tmp-")
+    match = (_TEMP.fullmatch(".tmp-" + suffix) if entry.startswith(".") and target
+             and name in (None, target) else None)
     full = os.path.join(directory, entry)
     if match and _left_by_killed_writer(full, match["host"], int(match["pid"])):
       logging.info("Removing %s, left by a killed run.", full)
@@ -64,10 +71,12 @@ def remove_stale_temps(path: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def writing_aside(path: str):
+def writing_aside(path: str, clean: bool = True):
   """A temporary sibling name for writing `path` aside (`.NAME.tmp-HOST.PID.RANDOM`), owned by
-  this process while the block runs. What killed writers of `path` left is removed first."""
-  remove_stale_temps(path)
+  this process while the block runs. What killed writers of `path` left is removed first, unless
+  `clean` is False (many files into one directory: sweep it once, `remove_stale_temps_in`)."""
+  if clean:
+    remove_stale_temps(path)
   directory, name = os.path.split(os.path.abspath(path))
   tmp = os.path.join(directory, f".{name}.tmp-{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
   _writing.add(tmp)
@@ -88,10 +97,10 @@ def open_for_writing(path: str, mode: str = "w"):
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str, binary: bool = False):
+def atomic_writer(path: str, binary: bool = False, clean: bool = True):
   """A file that appears at `path` only once complete; on failure nothing is left behind, and
-  the temporary of an earlier killed run is removed."""
-  with writing_aside(path) as tmp:
+  the temporary of an earlier killed run is removed (see `writing_aside`)."""
+  with writing_aside(path, clean) as tmp:
     try:
       with open_for_writing(tmp, "wb" if binary else "w") as f:
         yield f
@@ -174,6 +183,7 @@ class Resumable:
   """
 
   def __init__(self, path: str, settings: dict, *, write: bool = True):
+    settings = json.loads(json.dumps(settings))  # As stored: tuples become lists.
     self.path, self.settings_path = path, path + ".run.json"
     self.done = self._read(cut=write)
     if self.done:

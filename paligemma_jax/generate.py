@@ -29,6 +29,7 @@ from absl import logging
 from paligemma_jax import answers
 from paligemma_jax import cli
 from paligemma_jax import errors
+from paligemma_jax import files
 from paligemma_jax import inference
 from paligemma_jax import loading
 from paligemma_jax import sampling
@@ -87,6 +88,14 @@ def validate_flags(f) -> sampling.Sampler:
   return sampler
 
 
+def sampler_settings(sampler: sampling.Sampler, seed: int) -> dict:
+  """What decides the sampled tokens: a greedy run ignores temperature, k, p and the seed."""
+  used = {"greedy": (), "temperature": ("temperature",), "top_k": ("temperature", "top_k"),
+          "top_p": ("temperature", "top_p")}[sampler.method]
+  seeded = {"seed": seed} if sampler.method != "greedy" else {}
+  return {"sampler": sampler.method, **{k: getattr(sampler, k) for k in used}, **seeded}
+
+
 def main(argv):
   f = flags.FLAGS
   sampler = validate_flags(f)
@@ -100,11 +109,11 @@ def main(argv):
       raise errors.InputError(f"--input_jsonl={f.input_jsonl} has no examples (no non-empty line).")
   else:
     items = [inference.Example(f.image, f.prompt)]
-  settings = {**cli.model_settings(), "max_new_tokens": f.max_new_tokens, "sampler": f.sampler,
-              "temperature": f.temperature, "top_k": f.top_k, "top_p": f.top_p, "seed": f.seed,
-              "task": f.task}
+  settings = {**cli.model_settings(), "max_new_tokens": f.max_new_tokens, "task": f.task,
+              **sampler_settings(sampler, f.seed)}
   if f.draw_dir and multihost.is_writer():
     os.makedirs(f.draw_dir, exist_ok=True)
+    files.remove_stale_temps_in(f.draw_dir)  # Drawings a killed run was writing.
   params, config, tokenizer = cli.load_model_from_flags(mesh)
   predictor = inference.Predictor(config, params, tokenizer, batch_size=f.batch_size)
   results = answers.answer(predictor, items, output=f.output_jsonl, settings=settings,

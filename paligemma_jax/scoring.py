@@ -16,7 +16,6 @@ power of two of prompts (dummies are masked out), so compiled shapes repeat.
 import collections
 import dataclasses
 import functools
-import math
 from typing import Iterable, Iterator
 
 import jax
@@ -187,9 +186,3 @@ class Scorer:
     counts = [len(lp) for lp in lps]
     return {**out, "logprob": sums, "mean_logprob": [s / n for s, n in zip(sums, counts)],
             "num_tokens": counts, "choice": int(np.argmax(sums)), "image_size": list(p.image_size)}
-
-
-def perplexity(logprob_sums, token_counts) -> float:
-  """exp(-sum log p / number of tokens) over a corpus of scored suffixes; NaN when empty."""
-  n = sum(token_counts)
-  return math.exp(-sum(logprob_sums) / n) if n else float("nan")

@@ -194,7 +194,7 @@ def shard_batch(batch, mesh: Mesh, process_local: bool = False):
 
   process_local=False: every process holds the same global batch (e.g. the same seeded loader
   on every host) and copies only the rows its own devices need. True: each process passes only
-  its own rows (see `host_slice`); the global batch is their concatenation in process order.
+  its own rows (see `multihost.host_slice`); the global batch is their concatenation in process order.
   """
   def put(x):
     x = np.asarray(x)

@@ -28,16 +28,16 @@ import tqdm
 from paligemma_jax import checkpoint
 from paligemma_jax import data
 from paligemma_jax import errors
+from paligemma_jax import hf_config
 from paligemma_jax import inference
 from paligemma_jax import loading
-from paligemma_jax import paligemma
 from paligemma_jax import multihost
+from paligemma_jax import paligemma
 from paligemma_jax import sharding
 from paligemma_jax import training
 from paligemma_jax import workdir as workdir_lib
 from paligemma_jax.tokenizer import Tokenizer
 
-DTYPES = ("float32", "bfloat16", "float16")
 # Numeric config fields (dotted paths) and their smallest usable values.
 _MINIMUM = {"total_steps": 1, "batch_size": 1, "accum_steps": 1, "max_text_len": 1,
             "lora.rank": 1, "num_threads": 1, "log_every": 1, "checkpoint_every": 1,
@@ -71,7 +71,8 @@ def validate_config(config: ml_collections.ConfigDict):
     raise errors.InputError(f"--config.batch_size={config.batch_size} is not a multiple of "
                             f"--config.accum_steps={config.accum_steps}.")
   for name, choices in (("optimizer", training.OPTIMIZERS), ("schedule", training.SCHEDULES),
-                        ("dtype", ("",) + DTYPES), ("param_dtype", ("",) + DTYPES)):
+                        ("dtype", ("",) + hf_config.DTYPES),
+                        ("param_dtype", ("",) + hf_config.DTYPES)):
     if config[name] not in choices:
       raise errors.InputError(f"--config.{name}={config[name]!r}: choose one of "
                               f"{', '.join(map(repr, choices))}.")
@@ -123,7 +124,9 @@ class HeldOutEvaluator:
         batch = sharding.shard_batch(batch, self.mesh)
       loss_sum, n = multihost.fetch(self.loss_fn(trainable, frozen, batch))
       total, count = total + float(loss_sum), count + float(n)
-    params = self.parametrization.full(trainable, frozen)
+    # In the frozen weights' dtype, as exported: LoRA merged without float32 copies.
+    params = self.parametrization.full(trainable, frozen,
+                                       dtype=jnp.dtype(self.model.config.param_dtype))
     if self.predictor is None:
       self.predictor = inference.Predictor(self.model.config, params, self.tokenizer,
                                            batch_size=self.config.eval_batch_size,
@@ -141,8 +144,9 @@ class HeldOutEvaluator:
       if scored <= 3:
         _info("eval %s: %r -> %r (target %r)", record.where, record.prefix, result["text"],
               record.suffix)
-    return dict(eval_loss=total / max(count, 1.0), eval_exact_match=hits / max(scored, 1),
-                eval_examples=scored)
+    # NaN, not 0 (a perfect loss), when no held-out image could be read.
+    return dict(eval_loss=total / count if count else float("nan"),
+                eval_exact_match=hits / max(scored, 1), eval_examples=scored)
 
 
 @dataclasses.dataclass

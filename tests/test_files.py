@@ -112,3 +112,25 @@ def test_resumable_refuses_a_file_it_did_not_write(tmp_path):
   path.write_text('{"line": 1}\nnot json\n')
   with pytest.raises(errors.InputError, match="p.jsonl:2: not a result line"):
     files.Resumable(str(path), {})
+
+
+def test_resumable_settings_compare_as_stored(tmp_path):
+  """A --config override holds tuples (text.layer_types); JSON stores lists: still the same run."""
+  path = str(tmp_path / "p.jsonl")
+  out = files.Resumable(path, {"config": {"layer_types": ("full", "sliding")}})
+  out.append({"x": 1})
+  out.close()
+  again = files.Resumable(path, {"config": {"layer_types": ("full", "sliding")}})
+  assert again.done == [{"x": 1}]
+  again.close()
+
+
+def test_a_directory_of_outputs_is_swept_once(tmp_path):
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True).stdout.strip()
+  host = socket.gethostname()
+  for name in ("00001_a.png", "00002_b.png"):
+    (tmp_path / f".{name}.tmp-{host}.{dead}.abcd1234").write_bytes(b"half a drawing")
+  (tmp_path / "00000_c.png").write_bytes(b"done")
+  assert len(files.remove_stale_temps_in(str(tmp_path))) == 2
+  assert os.listdir(tmp_path) == ["00000_c.png"]

@@ -11,12 +11,14 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from paligemma_jax import answers
 from paligemma_jax import decode
 from paligemma_jax import errors
 from paligemma_jax import generate
 from paligemma_jax import inference
 from paligemma_jax import loading
 from paligemma_jax import processor
+from paligemma_jax import sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -245,3 +247,19 @@ def test_killed_run_continues_after_its_finished_lines(converted_checkpoint, tmp
   assert out.read_text() == want
   assert sorted(p for p in os.listdir(tmp_path) if p.startswith("out")) == ["out.jsonl"]
   assert killed_early  # The run was caught mid-way, so the resume was tested.
+
+
+def test_input_lines_cannot_smuggle_in_result_fields(tmp_path):
+  """An earlier output fed back in (to retry its errors) must not carry its `error` or `text`."""
+  path = tmp_path / "in.jsonl"
+  path.write_text(json.dumps({"image": "a.png", "prompt": "ocr", "id": 7, "error": "old",
+                              "text": "old", "tokens": [1]}) + "\n")
+  example, = answers.read_examples(str(path))
+  assert (example.image, example.prompt, example.extra) == ("a.png", "ocr", {"id": 7})
+
+
+def test_a_greedy_run_records_only_what_decides_its_tokens():
+  greedy = generate.sampler_settings(sampling.Sampler("greedy", temperature=0.7, top_p=0.5), 3)
+  assert greedy == {"sampler": "greedy"}  # Resuming with another --temperature is the same run.
+  top_p = generate.sampler_settings(sampling.Sampler("top_p", temperature=0.7, top_p=0.5), 3)
+  assert top_p == {"sampler": "top_p", "temperature": 0.7, "top_p": 0.5, "seed": 3}

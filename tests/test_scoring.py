@@ -10,6 +10,7 @@ from PIL import Image
 from paligemma_jax import loading
 from paligemma_jax import processor
 from paligemma_jax import scoring
+from paligemma_jax.tasks import score
 
 SUFFIXES = ["cat", "a red car on the street near two trees", "dog ; <loc0012><loc0400> man"]
 
@@ -119,5 +120,5 @@ def test_collate_runs_each_prompt_once_and_points_rows_at_theirs():
 
 
 def test_perplexity():
-  assert scoring.perplexity([-2.0, -4.0], [2, 4]) == pytest.approx(math.e)
-  assert math.isnan(scoring.perplexity([], []))
+  assert score.perplexity([-2.0, -4.0], [2, 4]) == pytest.approx(math.e)
+  assert math.isnan(score.perplexity([], []))
