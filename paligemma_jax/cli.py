@@ -143,26 +143,3 @@ def dtype_from_flags() -> str:
 def load_model_from_flags(mesh):
   f = flags.FLAGS
   return loading.load_model(f.checkpoint, dtype=dtype_from_flags(), mesh=mesh, config=f.config)
-
-
-def check_readable(flag: str, path: str | None):
-  """A --flag naming an input file: it must be a readable file."""
-  if path is None:
-    return
-  if not os.path.isfile(path):
-    raise errors.InputError(f"--{flag}={path}: no such file.")
-  if not os.access(path, os.R_OK):
-    raise errors.InputError(f"--{flag}={path}: not readable.")
-
-
-def check_writable(flag: str, path: str | None):
-  """A --flag naming an output file: its directory must exist; it must not be a directory."""
-  if path is None:
-    return
-  directory = os.path.dirname(os.path.abspath(path))
-  if os.path.isdir(path):
-    raise errors.InputError(f"--{flag}={path} is a directory; give a file name.")
-  if not os.path.isdir(directory):
-    raise errors.InputError(f"--{flag}={path}: directory {directory} does not exist.")
-  if not os.access(directory, os.W_OK):
-    raise errors.InputError(f"--{flag}={path}: directory {directory} is not writable.")

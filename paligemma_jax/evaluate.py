@@ -18,6 +18,7 @@ from absl import flags
 from paligemma_jax import cli
 from paligemma_jax import errors
 from paligemma_jax import evaluation
+from paligemma_jax import files
 from paligemma_jax import loading
 from paligemma_jax import tasks
 from paligemma_jax.tasks import segmentation
@@ -44,12 +45,12 @@ def define_flags():
 
 def validate_flags(f):
   """Everything that can be checked before the model loads."""
-  cli.check_readable("dataset", f.dataset)
-  cli.check_writable("predictions", f.predictions)
-  cli.check_writable("metrics", f.metrics)
+  files.check_readable("dataset", f.dataset)
+  files.check_writable("predictions", f.predictions)
+  files.check_writable("metrics", f.metrics)
   if f.task == "segment" and not f.vae_npz:
     raise errors.InputError("--task=segment needs --vae_npz (big_vision's vae-oid.npz).")
-  cli.check_readable("vae_npz", f.vae_npz)
+  files.check_readable("vae_npz", f.vae_npz)
   if f.image_dir is not None and not os.path.isdir(f.image_dir):
     raise errors.InputError(f"--image_dir={f.image_dir}: no such directory.")
   for flag in ("predictions", "metrics"):

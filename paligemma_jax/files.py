@@ -4,7 +4,8 @@
                   (invalid UTF-8, invalid JSON, a lone surrogate), named `path:line`;
   atomic_writer   a file that appears at its path only once complete (written aside, renamed);
   Resumable       an append-only JSONL that a rerun of the same command continues after its last
-                  complete line, refusing to mix runs of different settings.
+                  complete line, refusing to mix runs of different settings;
+  check_readable, check_writable   a --flag's input or output file, checked before any work.
 
 Temporary names carry this host and process (`.NAME.tmp-HOST.PID.RANDOM`), so a later run can tell
 what a killed run left (its process is gone) from a live one's, and remove it
@@ -113,6 +114,29 @@ def atomic_writer(path: str, binary: bool = False, clean: bool = True):
 def write_atomically(path: str, text: str):
   with atomic_writer(path) as f:
     f.write(text)
+
+
+def check_readable(flag: str, path: str | None):
+  """A --flag naming an input file: it must be a readable file."""
+  if path is None:
+    return
+  if not os.path.isfile(path):
+    raise errors.InputError(f"--{flag}={path}: no such file.")
+  if not os.access(path, os.R_OK):
+    raise errors.InputError(f"--{flag}={path}: not readable.")
+
+
+def check_writable(flag: str, path: str | None):
+  """A --flag naming an output file: its directory must exist; it must not be a directory."""
+  if path is None:
+    return
+  directory = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise errors.InputError(f"--{flag}={path} is a directory; give a file name.")
+  if not os.path.isdir(directory):
+    raise errors.InputError(f"--{flag}={path}: directory {directory} does not exist.")
+  if not os.access(directory, os.W_OK):
+    raise errors.InputError(f"--{flag}={path}: directory {directory} is not writable.")
 
 
 def _has_lone_surrogate(value) -> bool:

@@ -68,14 +68,14 @@ def validate_flags(f) -> sampling.Sampler:
     raise errors.InputError("--image and --prompt go together.")
   if f.output_jsonl and not f.input_jsonl:
     raise errors.InputError("--output_jsonl goes with --input_jsonl.")
-  cli.check_readable("input_jsonl", f.input_jsonl)
-  cli.check_writable("output_jsonl", f.output_jsonl)
+  files.check_readable("input_jsonl", f.input_jsonl)
+  files.check_writable("output_jsonl", f.output_jsonl)
   if f.input_jsonl and f.output_jsonl and (
       os.path.realpath(f.input_jsonl) == os.path.realpath(f.output_jsonl)):
     raise errors.InputError("--output_jsonl is the --input_jsonl file; refusing to overwrite it.")
   if f.task == "segment" and not f.vae_npz:
     raise errors.InputError("--task=segment needs --vae_npz (big_vision's vae-oid.npz).")
-  cli.check_readable("vae_npz", f.vae_npz)
+  files.check_readable("vae_npz", f.vae_npz)
   if f.draw_dir and not f.task:
     raise errors.InputError("--draw_dir draws boxes and masks: give --task=detect or --task=segment.")
   if f.draw_dir and os.path.exists(f.draw_dir) and not os.path.isdir(f.draw_dir):

@@ -28,6 +28,7 @@ import tqdm
 from paligemma_jax import checkpoint
 from paligemma_jax import data
 from paligemma_jax import errors
+from paligemma_jax import files
 from paligemma_jax import hf_config
 from paligemma_jax import inference
 from paligemma_jax import loading
@@ -92,9 +93,8 @@ def validate(config: ml_collections.ConfigDict, *, base: str, train_jsonl: str, 
   """Everything `train` is given, checked before it loads anything; InputError names the flag."""
   validate_config(config)
   loading.checkpoint_kind(base)
-  for flag, path in (("--train_jsonl", train_jsonl), ("--eval_jsonl", eval_jsonl or None)):
-    if path is not None and not os.path.isfile(path):
-      raise errors.InputError(f"{flag}={path}: no such file.")
+  files.check_readable("train_jsonl", train_jsonl)
+  files.check_readable("eval_jsonl", eval_jsonl or None)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise errors.InputError(f"--workdir={workdir} exists and is not a directory.")
   if export_dir and os.path.exists(export_dir):
