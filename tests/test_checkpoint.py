@@ -7,6 +7,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs.paligemma import get_config
@@ -169,3 +170,30 @@ def test_missing_checkpoint_parts(saved, tmp_path):
   os.remove(os.path.join(directory, checkpoint.TOKENIZER))
   with pytest.raises(errors.InputError, match=f"{directory} .*tokenizer.model is missing"):
     checkpoint.tokenizer_path(directory)
+
+
+def _bytes_under(directory):
+  return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(directory)
+             for n in names)
+
+
+def test_arrays_are_stored_raw(tiny, tmp_path):
+  """Uncompressed (restores decode nothing): even all-zero weights take their full size."""
+  params, config = tiny
+  zeros = jax.tree.map(np.zeros_like, params)
+  checkpoint.save(str(tmp_path / "ckpt"), zeros, config)
+  raw = sum(x.nbytes for x in jax.tree.leaves(zeros))
+  assert _bytes_under(tmp_path / "ckpt" / checkpoint.PARAMS) >= raw
+
+
+def test_checkpoints_of_the_earlier_writer_load(tiny, tmp_path, spm_model_path):
+  """Written as before (StandardCheckpointer: zarr2, zstd): they load unchanged."""
+  params, config = tiny
+  directory = tmp_path / "old"
+  directory.mkdir()
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(str(directory / checkpoint.PARAMS), params)
+    ckpt.wait_until_finished()
+  (directory / checkpoint.CONFIG).write_text(checkpoint._stored_structure(params, config))
+  loaded, _ = checkpoint.load(str(directory))
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
