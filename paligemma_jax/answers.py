@@ -26,7 +26,7 @@ from paligemma_jax.tasks import base
 # What a result line holds: dropped from an input line (an earlier run's output fed back in to
 # retry its errors), so that a stale `error` or `text` cannot pass for this run's.
 RESULT_FIELDS = ("line", "error", "text", "tokens", "logprobs", "stop_reason", "image_size",
-                 "boxes", "labels", "skipped", "masks", "drawing")
+                 "score", "boxes", "labels", "skipped", "masks", "drawing")
 
 
 def read_examples(path: str) -> list:

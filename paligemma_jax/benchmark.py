@@ -8,7 +8,14 @@ prefill latency, decode ms/token at each batch size, decode tokens/s, the teache
 of --choices answers to the prompt (evaluate --task=score), and our compile time, each
 with the ratio transformers / ours (> 1 means we are faster). Batch-1 decode is also reported as
 a fraction of the memory-bandwidth limit: bytes of weights read per step / measured bandwidth.
-Medians over --repeats. Results go to docs/benchmarks.md by hand.
+Beam search at each of --beam_sizes (decode ms per generated token, against transformers'
+num_beams and against our greedy decode at the same batch) follows in a second table.
+Medians over --repeats. Results go to docs/benchmarks.md by hand. --quantize=int8 times ours
+with int8 weights (transformers stays float32).
+
+  python -m paligemma_jax.benchmark --e2e
+
+instead times whole processes, the generate CLI against a transformers script (e2e_benchmark.py).
 
   python -m paligemma_jax.benchmark --finetune_memory --variant=pg2-3b
 
@@ -30,8 +37,10 @@ import numpy as np
 
 from configs import paligemma as presets
 from paligemma_jax import batching
+from paligemma_jax import beam_search
 from paligemma_jax import cli
 from paligemma_jax import decode
+from paligemma_jax import e2e_benchmark
 from paligemma_jax import errors
 from paligemma_jax import finetune_memory
 from paligemma_jax import hf
@@ -49,12 +58,16 @@ def define_flags():
   flags.DEFINE_integer("new_tokens", 32, "Tokens generated per row.")
   flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to time decode at.")
   flags.DEFINE_integer("repeats", 3, "Timed repetitions (medians are reported).")
+  flags.DEFINE_list("beam_sizes", ["2", "3"], "Beam sizes to time beam search at, against greedy "
+                    "(at each batch size; empty: none).")
   flags.DEFINE_integer("choices", 4, "Suffixes scored per example (multiple choice).")
   flags.DEFINE_bool("skip_transformers", False, "Time ours only (e.g. on a GPU host).")
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Our compute/param dtype (default: "
                     "float32; with --finetune_memory bfloat16, also the frozen weights' dtype).")
+  flags.DEFINE_enum("quantize", None, ["int8"], "Time ours with int8 weights (quantize.py).")
   flags.DEFINE_bool("finetune_memory", False, "Instead of timing generation, print the compiled "
                     "memory of each fine-tuning preset's train step for the full --variant.")
+  e2e_benchmark.define_flags()
 
 
 def median_seconds(fn, repeats):
@@ -120,7 +133,7 @@ def time_ours(config, params, inputs, batch, new_tokens, repeats):
   return dict(prefill=prefill_s, decode=decode_s, first_call=first_call)
 
 
-def time_transformers(model, inputs, batch, new_tokens, repeats):
+def time_transformers(model, inputs, batch, new_tokens, repeats, **generate_kwargs):
   import torch
   tokens, images, input_mask, prefix_mask = (np.repeat(x, batch, axis=0) for x in inputs)
   kwargs = dict(input_ids=torch.tensor(tokens, dtype=torch.long),
@@ -130,12 +143,30 @@ def time_transformers(model, inputs, batch, new_tokens, repeats):
 
   def run(n):
     with torch.no_grad():
-      model.generate(**kwargs, max_new_tokens=n, min_new_tokens=n)
+      model.generate(**kwargs, **generate_kwargs, max_new_tokens=n, min_new_tokens=n)
 
   run(2)  # Warm-up.
   prefill_s = median_seconds(lambda: run(1), repeats)
   total_s = median_seconds(lambda: run(new_tokens), repeats)
   return dict(prefill=prefill_s, decode=(total_s - prefill_s) / (new_tokens - 1))
+
+
+def time_beams(config, params, inputs, batch, new_tokens, repeats, beam_size):
+  """Seconds per generated token (per decode step, as `time_ours`) of our beam search; eos -1:
+  no hypothesis finishes early, so every run takes all `new_tokens` steps."""
+  generator = decode.Generator(config, params, eos_id=-1, vocab_size=config.image_token_id)
+  prefill, search = beam_search.BeamGenerator(generator).compiled(beam_size, new_tokens)
+  args = [np.repeat(x, batch, axis=0) for x in inputs]
+  prompt = lambda: jax.block_until_ready(prefill(generator.params, *args))
+  run = lambda out: jax.block_until_ready(search(generator.params, *out, np.float32(1)))
+  run(prompt())  # Compile.
+  times = []
+  for _ in range(repeats):
+    out = prompt()
+    start = time.perf_counter()
+    run(out)
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) / (new_tokens - 1)
 
 
 def scoring_rows(inputs, choices, rng, suffix_tokens=8):
@@ -175,9 +206,10 @@ def time_scoring_transformers(model, rows, repeats):
   return median_seconds(run, repeats)
 
 
-def compile_seconds(variant):
+def compile_seconds(variant, quantize=None):
   """Compile time of prefill + decode loop for the full-depth preset (no weights allocated)."""
   config = presets.get_config(variant)
+  config.quantize = quantize
   generator = decode.Generator(config, None)
   shapes = jax.eval_shape(generator.decoding_layout, paligemma.param_shapes(config))
   prefill, loop = generator.compiled(32)
@@ -200,6 +232,8 @@ def main(argv):
     model_config = presets.get_config(f.variant)
   except ValueError as e:
     raise errors.InputError(f"--variant: {e}") from e
+  if f.e2e:
+    return e2e_benchmark.main(f)
   if f.finetune_memory:
     for record in finetune_memory.per_preset(model_config, f.dtype or "bfloat16"):
       print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()}))
@@ -210,6 +244,8 @@ def main(argv):
     model = build_reference(f.variant, f.vision_layers, f.text_layers, directory)
     params, config, _ = hf.load_hf(directory, dtype=dtype)
   config.dtype = dtype
+  if f.quantize:
+    params, config = paligemma.quantize_params(params, config)
   if f.skip_transformers:
     del model
   params = jax.device_put(params)
@@ -225,7 +261,8 @@ def main(argv):
   llm_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params["llm"]))
   bandwidth = memory_bandwidth_gbs()
   limit_ms = llm_bytes / bandwidth / 1e6
-  print(f"model: {f.variant} widths, {f.vision_layers}+{f.text_layers} layers, "
+  print(f"model: {f.variant} widths{', int8 weights' if f.quantize else ''}, "
+        f"{f.vision_layers}+{f.text_layers} layers, "
         f"prompt {tokens.shape[1]} tokens, {f.new_tokens} new; decoder weights "
         f"{llm_bytes / 1e9:.2f} GB; bandwidth {bandwidth:.1f} GB/s -> limit {limit_ms:.1f} ms/token")
   rows = []
@@ -255,12 +292,23 @@ def main(argv):
     print(f"| {batch} | first call (compile + run) s | {ours['first_call']:.1f} | - | - |")
   print(f"| 1 x {f.choices} answers | score ms | {fmt(score_ours)} | {fmt(score_ref)} | "
         f"{ratio(score_ref, score_ours)} |")
+  if f.beam_sizes:
+    print("\n| batch | decoding | ours ms/token | transformers ms/token | transformers / ours "
+          "| ours / our greedy |")
+    print("|---|---|---|---|---|---|")
+  for batch, greedy, ref in rows:
+    for k in map(int, f.beam_sizes):
+      ours = time_beams(config, params, inputs, batch, f.new_tokens, f.repeats, k)
+      theirs = None if f.skip_transformers else time_transformers(
+          model, inputs, batch, f.new_tokens, f.repeats, num_beams=k, early_stopping=True)["decode"]
+      print(f"| {batch} | beam {k} | {fmt(ours)} | {fmt(theirs)} | {ratio(theirs, ours)} | "
+            f"{ours / greedy['decode']:.2f}x |")
   batch1 = next((ours for b, ours, _ in rows if b == 1), None)
   if batch1:
     print(f"\nbatch-1 decode at {limit_ms / (batch1['decode'] * 1e3):.0%} of the bandwidth limit "
           f"({limit_ms:.1f} ms/token)")
   print(f"compile time, full {f.variant} config (prefill + decode loop): "
-        f"{compile_seconds(f.variant):.1f} s")
+        f"{compile_seconds(f.variant, f.quantize):.1f} s")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 
 from absl import flags
 
+from paligemma_jax import beam_search
 from paligemma_jax import cli
 from paligemma_jax import errors
 from paligemma_jax import evaluation
@@ -39,12 +40,18 @@ def define_flags():
                        f"task: {MAX_NEW_TOKENS}.", lower_bound=1)
   flags.DEFINE_string("vae_npz", None, "Mask decoder weights (big_vision's vae-oid.npz), for "
                       "--task=segment.")
+  flags.DEFINE_enum("sampler", "greedy", ["greedy", beam_search.BeamSearch.method],
+                    "greedy, or beam search (beam_search.py; its best hypothesis is the answer).")
+  flags.DEFINE_integer("beam_size", None, "Beams per example, for --sampler=beam.")
+  flags.DEFINE_float("length_penalty", None, "For --sampler=beam: a hypothesis scores "
+                     "sum(log-probs) / length ** A (default 1, as transformers; 0: big_vision's "
+                     "sum).")
   flags.DEFINE_string("image_dir", None, "Resolve relative image and mask paths here (default: "
                       "the dataset file's directory).")
 
 
-def validate_flags(f):
-  """Everything that can be checked before the model loads."""
+def validate_flags(f) -> beam_search.BeamSearch | None:
+  """Everything that can be checked before the model loads; returns the beam search, if any."""
   files.check_readable("dataset", f.dataset)
   files.check_writable("predictions", f.predictions)
   files.check_writable("metrics", f.metrics)
@@ -57,16 +64,23 @@ def validate_flags(f):
     path = getattr(f, flag)
     if path and os.path.realpath(path) == os.path.realpath(f.dataset):
       raise errors.InputError(f"--{flag} is the --dataset file; refusing to overwrite it.")
+  beams = beam_search.from_flags(getattr(f, "sampler", "greedy"), getattr(f, "beam_size", None),
+                                 getattr(f, "length_penalty", None))
+  if beams and tasks.REGISTRY[f.task].scores_suffixes:
+    raise errors.InputError(f"--task={f.task} scores given answers; --sampler=beam is for "
+                            "generating them.")
   loading.checkpoint_kind(f.checkpoint)
+  return beams
 
 
 def main(argv):
   f = flags.FLAGS
-  validate_flags(f)
+  beams = validate_flags(f)
   mesh = cli.mesh_from_flags()  # Before anything touches a device.
   vae_params = segmentation.load_vae_npz(f.vae_npz) if f.task == "segment" else None
   evaluator = evaluation.Evaluator(lambda: cli.load_model_from_flags(mesh), batch_size=f.batch_size,
-                                   vae_params=vae_params, model_identity=cli.model_settings())
+                                   vae_params=vae_params, model_identity=cli.model_settings(),
+                                   beams=beams)
   result = evaluator.run(f.dataset, f.task, f.predictions, f.metrics,
                          max_new_tokens=f.max_new_tokens, image_dir=f.image_dir)
   print(json.dumps(result, indent=2, ensure_ascii=False))

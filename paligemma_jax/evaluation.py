@@ -11,6 +11,7 @@ cannot run (a bad line, a missing image, a prompt too long) are skipped and coun
 """
 
 import collections
+import dataclasses
 import functools
 import json
 import math
@@ -19,6 +20,7 @@ import os
 from absl import logging
 import tqdm
 
+from paligemma_jax import beam_search
 from paligemma_jax import dataset as dataset_lib
 from paligemma_jax import errors
 from paligemma_jax import files
@@ -68,11 +70,14 @@ class Evaluator:
 
   model_identity: what names the model in the predictions' settings (cli.model_settings: loading.checkpoint_identity and the dtype), so
   predictions of different models are never mixed.
+
+  beams: answer with beam search (its best hypothesis) instead of greedy decoding.
   """
 
-  def __init__(self, load, *, batch_size: int = 1, vae_params=None, model_identity=None):
+  def __init__(self, load, *, batch_size: int = 1, vae_params=None, model_identity=None,
+               beams: beam_search.BeamSearch | None = None):
     self._load, self.batch_size, self.vae_params = load, batch_size, vae_params
-    self.model_identity = model_identity
+    self.model_identity, self.beams = model_identity, beams
 
   @functools.cached_property
   def model(self):
@@ -94,7 +99,9 @@ class Evaluator:
       return self.scorer.score(scoring.Candidates(r.image, r.record["prompt"], r.record["suffixes"])
                                for r in rows)
     examples = (inference.Example(r.image, r.record["prompt"]) for r in rows)
-    return self.predictor.predict(examples, max_new_tokens=max_new_tokens)
+    if self.beams is None:
+      return self.predictor.predict(examples, max_new_tokens=max_new_tokens)
+    return self.predictor.predict(examples, max_new_tokens=max_new_tokens, sampler=self.beams)
 
   def run(self, dataset: str, task: str, predictions: str, metrics_path: str | None = None, *,
           max_new_tokens: int | None = None, image_dir: str | None = None,
@@ -111,7 +118,9 @@ class Evaluator:
     examples = len(rows) + len(skips)  # Non-empty dataset lines.
     settings = {"task": task.name, "dataset": os.path.abspath(dataset), "model": self.model_identity,
                 "max_new_tokens": None if task.scores_suffixes else max_new_tokens,
-                "decoding": None if task.scores_suffixes else "greedy"}
+                "decoding": None if task.scores_suffixes else (
+                    "greedy" if self.beams is None else
+                    {"sampler": self.beams.method, **dataclasses.asdict(self.beams)})}
     writer = multihost.is_writer()  # On a multi-host job every host decodes, the first writes.
     out = files.Resumable(predictions, settings, write=writer)
     try:

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from paligemma_jax import kv_cache
+from paligemma_jax import quantize
 
 
 def layer_is_sliding(cfg: ml_collections.ConfigDict) -> np.ndarray:
@@ -59,14 +60,16 @@ class Attention(nn.Module):
   config: ml_collections.ConfigDict
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  quantized: bool = False  # int8 kernels (quantize.py).
 
   @nn.compact
   def __call__(self, x, positions, mask, cache=None, layer=None):
     cfg = self.config
     kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
-    q = nn.DenseGeneral((cfg.num_heads, cfg.head_dim), name="q", **kw)(x)  # [B, T, N, H]
-    k = nn.DenseGeneral((cfg.num_kv_heads, cfg.head_dim), name="k", **kw)(x)  # [B, T, K, H]
-    v = nn.DenseGeneral((cfg.num_kv_heads, cfg.head_dim), name="v", **kw)(x)
+    DenseGeneral = quantize.Dense if self.quantized else nn.DenseGeneral
+    q = DenseGeneral((cfg.num_heads, cfg.head_dim), name="q", **kw)(x)  # [B, T, N, H]
+    k = DenseGeneral((cfg.num_kv_heads, cfg.head_dim), name="k", **kw)(x)  # [B, T, K, H]
+    v = DenseGeneral((cfg.num_kv_heads, cfg.head_dim), name="v", **kw)(x)
     q, k = apply_rope(q, positions, cfg.rope_base), apply_rope(k, positions, cfg.rope_base)
 
     if cache is not None:  # Write this step's keys/values, then attend over every slot.
@@ -82,7 +85,7 @@ class Attention(nn.Module):
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
-    out = nn.DenseGeneral(x.shape[-1], axis=(-2, -1), name="o", **kw)(out)
+    out = DenseGeneral(x.shape[-1], axis=(-2, -1), name="o", **kw)(out)
     return out, cache
 
 
@@ -91,12 +94,14 @@ class Mlp(nn.Module):
   mlp_dim: int
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  quantized: bool = False
 
   @nn.compact
   def __call__(self, x):
     kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
-    gate = jax.nn.gelu(nn.Dense(self.mlp_dim, name="gate", **kw)(x), approximate=True)
-    return nn.Dense(x.shape[-1], name="down", **kw)(gate * nn.Dense(self.mlp_dim, name="up", **kw)(x))
+    Dense = quantize.Dense if self.quantized else nn.Dense
+    gate = jax.nn.gelu(Dense(self.mlp_dim, name="gate", **kw)(x), approximate=True)
+    return Dense(x.shape[-1], name="down", **kw)(gate * Dense(self.mlp_dim, name="up", **kw)(x))
 
 
 class Block(nn.Module):
@@ -104,6 +109,7 @@ class Block(nn.Module):
   config: ml_collections.ConfigDict
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  quantized: bool = False
 
   @nn.compact
   def __call__(self, carry, layer_inputs, positions, full_mask, sliding_mask):
@@ -114,10 +120,11 @@ class Block(nn.Module):
     norm = lambda name: RMSNorm(cfg.norm_eps, self.param_dtype, name=name)
     post_norms = cfg.family == "gemma2"
 
-    h, cache = Attention(cfg, self.dtype, self.param_dtype, name="attn")(
+    h, cache = Attention(cfg, self.dtype, self.param_dtype, self.quantized, name="attn")(
         norm("pre_attention_norm")(x), positions, mask, cache, layer)
     x = x + (norm("post_attention_norm")(h) if post_norms else h)
-    h = Mlp(cfg.mlp_dim, self.dtype, self.param_dtype, name="mlp")(norm("pre_ffw_norm")(x))
+    h = Mlp(cfg.mlp_dim, self.dtype, self.param_dtype, self.quantized, name="mlp")(
+        norm("pre_ffw_norm")(x))
     x = x + (norm("post_ffw_norm")(h) if post_norms else h)
     return (x, cache), None
 
@@ -128,6 +135,7 @@ class Decoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  quantized: bool = False  # int8 matrices and embedding table (quantize.py).
   # True: one scanned block over stacked [L, ...] weights (`layers`), so compile time does not
   # grow with depth. False: separate blocks `layers_0`..`layers_{L-1}`, for decoding: XLA on CPU
   # copies a weight sliced out of a stacked array before a matrix-vector product, which costs
@@ -136,14 +144,15 @@ class Decoder(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.embedder = Embedder(cfg.vocab_size, cfg.width, self.dtype, self.param_dtype)
+    self.embedder = Embedder(cfg.vocab_size, cfg.width, self.dtype, self.param_dtype,
+                             self.quantized)
     block = nn.remat(Block, prevent_cse=False) if self.remat else Block
     if self.scan_layers:
       self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.depth)(
-                                cfg, self.dtype, self.param_dtype)
+                                cfg, self.dtype, self.param_dtype, self.quantized)
     else:
-      self.blocks = [block(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")
+      self.blocks = [block(cfg, self.dtype, self.param_dtype, self.quantized, name=f"layers_{i}")
                      for i in range(cfg.depth)]
     self.final_norm = RMSNorm(cfg.norm_eps, self.param_dtype)
 
@@ -168,21 +177,34 @@ class Decoder(nn.Module):
 
 
 class Embedder(nn.Module):
-  """The token table, shared by the input embedding and the LM head."""
+  """The token table, shared by the input embedding and the LM head. int8: one scale per row."""
   vocab_size: int
   width: int
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  quantized: bool = False
 
   def setup(self):
-    self.input_embedding = self.param("input_embedding", nn.initializers.normal(1.0),
-                                      (self.vocab_size, self.width), self.param_dtype)
+    shape = (self.vocab_size, self.width)
+    if self.quantized:
+      self.input_embedding = self.param("input_embedding", nn.initializers.zeros, shape, jnp.int8)
+      self.input_embedding_scale = self.param("input_embedding_scale", nn.initializers.ones,
+                                              (self.vocab_size, 1), self.param_dtype)
+    else:
+      self.input_embedding = self.param("input_embedding", nn.initializers.normal(1.0), shape,
+                                        self.param_dtype)
 
   def encode(self, tokens):
     # The reference multiplies by sqrt(width) rounded to the parameter dtype (48.0 for 2304 in bf16).
     normalizer = jnp.asarray(self.width**0.5, self.param_dtype).astype(self.dtype)
-    return self.input_embedding[tokens].astype(self.dtype) * normalizer
+    x = self.input_embedding[tokens].astype(self.dtype)
+    if self.quantized:
+      x = x * self.input_embedding_scale[tokens].astype(self.dtype)
+    return x * normalizer
 
   def decode(self, hidden):
+    if self.quantized:
+      return quantize.matmul(hidden, self.input_embedding, self.input_embedding_scale, (1,),
+                             self.dtype)
     # `hidden @ table.T` lowers to a faster XLA CPU dot than einsum("btd,vd->btv") (2x at batch 1).
     return hidden @ self.input_embedding.astype(self.dtype).T

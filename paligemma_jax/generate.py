@@ -13,6 +13,11 @@ example's error; the rest carries on). Results are appended to OUT.partial as th
 renamed to OUT when every input has its line; rerunning a killed command continues after the
 last finished line (see paligemma_jax/answers.py).
 
+Beam search, with transformers' semantics (num_beams, length_penalty, early_stopping=True):
+  --sampler=beam --beam_size=3 [--length_penalty=0]
+each line then holds the best hypothesis and its score (sum of its log-probs, <eos> included,
+/ its length ** length_penalty; see paligemma_jax/beam_search.py).
+
 Detection and segmentation answers, read into pixel coordinates of the original image:
   --task=detect --prompt="detect cat ; dog" [--draw_dir=out/]
   --task=segment --prompt="segment cat" --vae_npz=vae-oid.npz [--draw_dir=out/]
@@ -21,12 +26,14 @@ segment, masks (COCO uncompressed run-length encoding, see `segmentation.rle_enc
 --draw_dir writes each image with its boxes (and masks) drawn, named in the line's `drawing`.
 """
 
+import dataclasses
 import os
 
 from absl import flags
 from absl import logging
 
 from paligemma_jax import answers
+from paligemma_jax import beam_search
 from paligemma_jax import cli
 from paligemma_jax import errors
 from paligemma_jax import files
@@ -38,6 +45,10 @@ from paligemma_jax import tasks
 from paligemma_jax.tasks import segmentation
 
 
+# Defaults of the settings of sampled decoding: another value with --sampler=beam is an error.
+SAMPLING_DEFAULTS = dict(temperature=1.0, top_k=40, top_p=0.95)
+
+
 def define_flags():
   cli.define_model_flags()
   flags.DEFINE_string("image", None, "Image path, for a single example (with --prompt).")
@@ -47,10 +58,18 @@ def define_flags():
   flags.DEFINE_string("output_jsonl", None, "Write one result line per input, in input order; "
                       "a rerun of a killed command continues it.")
   flags.DEFINE_integer("max_new_tokens", 64, "Most tokens to generate per example.", lower_bound=1)
-  flags.DEFINE_enum("sampler", "greedy", list(sampling.METHODS), "How to pick each token.")
-  flags.DEFINE_float("temperature", 1.0, "Softmax temperature (all but greedy).")
-  flags.DEFINE_integer("top_k", 40, "Tokens kept by --sampler=top_k.")
-  flags.DEFINE_float("top_p", 0.95, "Probability mass kept by --sampler=top_p.")
+  flags.DEFINE_enum("sampler", "greedy", [*sampling.METHODS, beam_search.BeamSearch.method],
+                    "How to pick each token; beam: beam search (beam_search.py), the best "
+                    "hypothesis and its `score` in each line.")
+  flags.DEFINE_float("temperature", SAMPLING_DEFAULTS["temperature"],
+                     "Softmax temperature (all but greedy and beam).")
+  flags.DEFINE_integer("top_k", SAMPLING_DEFAULTS["top_k"], "Tokens kept by --sampler=top_k.")
+  flags.DEFINE_float("top_p", SAMPLING_DEFAULTS["top_p"],
+                     "Probability mass kept by --sampler=top_p.")
+  flags.DEFINE_integer("beam_size", None, "Beams per example, for --sampler=beam.")
+  flags.DEFINE_float("length_penalty", None, "For --sampler=beam: a hypothesis scores "
+                     "sum(log-probs) / length ** A (default 1, as transformers; 0: big_vision's "
+                     "sum).")
   flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed reproduces sampled outputs.")
   flags.DEFINE_enum("task", None, list(tasks.OBJECT_TASKS), "Also read the answers as boxes "
                     "(detect) or boxes and masks (segment) into each output line.")
@@ -60,7 +79,7 @@ def define_flags():
                       "masks) drawn here, as NNNNN_<image name>.png.")
 
 
-def validate_flags(f) -> sampling.Sampler:
+def validate_flags(f) -> sampling.Sampler | beam_search.BeamSearch:
   """Everything that can be checked before the model loads; returns the sampler."""
   if bool(f.input_jsonl) == bool(f.image or f.prompt):
     raise errors.InputError("give either --image and --prompt, or --input_jsonl.")
@@ -80,16 +99,24 @@ def validate_flags(f) -> sampling.Sampler:
     raise errors.InputError("--draw_dir draws boxes and masks: give --task=detect or --task=segment.")
   if f.draw_dir and os.path.exists(f.draw_dir) and not os.path.isdir(f.draw_dir):
     raise errors.InputError(f"--draw_dir={f.draw_dir} is not a directory.")
+  beams = beam_search.from_flags(f.sampler, getattr(f, "beam_size", None),
+                                 getattr(f, "length_penalty", None))
+  if beams is not None:
+    for name, default in SAMPLING_DEFAULTS.items():
+      if getattr(f, name) != default:
+        raise errors.InputError(f"--{name} is for sampled decoding, not --sampler=beam.")
   try:
-    sampler = sampling.Sampler(f.sampler, f.temperature, f.top_k, f.top_p)
+    sampler = beams or sampling.Sampler(f.sampler, f.temperature, f.top_k, f.top_p)
   except ValueError as e:
     raise errors.InputError(f"--sampler={f.sampler}: {e}") from None
   loading.checkpoint_kind(f.checkpoint)
   return sampler
 
 
-def sampler_settings(sampler: sampling.Sampler, seed: int) -> dict:
+def sampler_settings(sampler: sampling.Sampler | beam_search.BeamSearch, seed: int) -> dict:
   """What decides the sampled tokens: a greedy run ignores temperature, k, p and the seed."""
+  if isinstance(sampler, beam_search.BeamSearch):
+    return {"sampler": sampler.method, **dataclasses.asdict(sampler)}
   used = {"greedy": (), "temperature": ("temperature",), "top_k": ("temperature", "top_k"),
           "top_p": ("temperature", "top_p")}[sampler.method]
   seeded = {"seed": seed} if sampler.method != "greedy" else {}

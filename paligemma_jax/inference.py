@@ -17,6 +17,7 @@ import ml_collections
 import tqdm
 
 from paligemma_jax import batching
+from paligemma_jax import beam_search
 from paligemma_jax import decode
 from paligemma_jax import errors
 from paligemma_jax import paligemma
@@ -46,6 +47,7 @@ class Predictor:
     self.generator = decode.Generator(config, params, eos_id=tokenizer.eos_id,
                                       pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size,
                                       mesh=mesh)
+    self.beam_generator = beam_search.BeamGenerator(self.generator)  # Compiles on first use.
     self.num_image_tokens = paligemma.num_image_tokens(config)
     self.max_positions = batching.max_positions(config)
 
@@ -70,14 +72,18 @@ class Predictor:
     return batching.prepare(example, rows, self.config.vision.image_size)
 
   def predict(self, examples: Iterable[Example], *, max_new_tokens: int,
-              sampler: sampling.Sampler = sampling.Sampler(), seed: int = 0,
+              sampler: sampling.Sampler | beam_search.BeamSearch = sampling.Sampler(),
+              seed: int = 0,
               first_index: int = 0, progress: bool = False,
               total: int | None = None) -> Iterator[dict]:
     """Yields one result dict per example, in input order.
 
     Example i samples with its own key, fold_in(PRNGKey(seed), first_index + i), whatever batch
     it lands in: a run resumed at example k (first_index=k) gives the answers of a whole run.
+    A `beam_search.BeamSearch` sampler answers with the best hypothesis and adds its `score`.
     """
+    beams = isinstance(sampler, beam_search.BeamSearch)
+    generator = self.beam_generator if beams else self.generator
     key = jax.random.PRNGKey(seed)
     bar = tqdm.tqdm(total=total, unit="ex", disable=not progress, desc="generate")
     prepare = lambda e: self.prepare(e, max_new_tokens)
@@ -92,11 +98,12 @@ class Predictor:
       if ready:
         rows = [indices[id(p)] for p in ready]
         keys = decode.row_keys(key, rows + rows[:1] * (self.batch_size - len(rows)))  # + dummies.
-        generation = self.generator.generate(
+        generation = generator.generate(
             *batching.collate(ready, self.batch_size, self.bucket), max_new_tokens=max_new_tokens,
             sampler=sampler, rng=keys)
         for i, p in enumerate(ready):
-          answers[id(p)] = generation.row(i)
+          extra = {"score": float(generation.scores[i])} if beams else {}
+          answers[id(p)] = (*generation.row(i), extra)
       bar.update(len(prepared))
       if bar.n == total:
         bar.close()
@@ -108,6 +115,6 @@ class Predictor:
     out = {"image": p.example.image, "prompt": p.example.prompt, **p.example.extra}
     if answer is None:
       return {**out, "error": p.error}
-    tokens, logprobs, stop_reason = answer
+    tokens, logprobs, stop_reason, extra = answer
     return {**out, "text": self.tokenizer.decode(tokens), "tokens": tokens, "logprobs": logprobs,
-            "stop_reason": stop_reason, "image_size": list(p.image_size)}
+            "stop_reason": stop_reason, "image_size": list(p.image_size), **extra}

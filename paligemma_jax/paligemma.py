@@ -21,6 +21,7 @@ import ml_collections
 
 from paligemma_jax import gemma
 from paligemma_jax import kv_cache as kv_cache_lib
+from paligemma_jax import quantize
 from paligemma_jax import siglip
 from paligemma_jax.attention_mask import attention_mask
 
@@ -30,7 +31,8 @@ class PaliGemma(nn.Module):
 
   def setup(self):
     cfg = self.config
-    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), remat=cfg.remat)
+    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), remat=cfg.remat,
+              quantized=quantize.enabled(cfg))
     self.img = siglip.Encoder(cfg.vision, **kw)
     self.projector = nn.Dense(cfg.text.width, dtype=kw["dtype"], param_dtype=kw["param_dtype"])
     self.llm = gemma.Decoder(cfg.text, **kw, scan_layers=cfg.get("scan_layers", True))
@@ -134,3 +136,13 @@ def unstack_layers(params):
 def param_shapes(config: ml_collections.ConfigDict):
   """The parameter tree as jax.ShapeDtypeStruct leaves, computed without allocating anything."""
   return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+
+
+def quantize_params(params, config: ml_collections.ConfigDict):
+  """(params, config) of the model in int8 (see quantize.py), from its float checkpoint-layout
+  params; an already quantized model is returned as it is."""
+  if quantize.enabled(config):
+    return params, config
+  config = config.copy_and_resolve_references()
+  config.quantize = quantize.INT8
+  return quantize.quantize_tree(params, param_shapes(config)), config

@@ -10,25 +10,29 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from paligemma_jax import quantize
+
 
 class Attention(nn.Module):
   """Multi-head self-attention with biases; softmax in float32."""
   num_heads: int
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  quantized: bool = False  # int8 kernels (quantize.py).
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
     head_dim = width // self.num_heads
-    dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,
-                                         param_dtype=self.param_dtype, name=name)
+    DenseGeneral = quantize.Dense if self.quantized else nn.DenseGeneral
+    dense = lambda name: DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,
+                                      param_dtype=self.param_dtype, name=name)
     q, k, v = dense("q")(x), dense("k")(x), dense("v")(x)  # [B, T, N, H]
     logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(logits * head_dim**-0.5, axis=-1).astype(self.dtype)
     out = jnp.einsum("bnts,bsnh->btnh", probs, v)
-    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-                           name="o")(out)
+    return DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+                        name="o")(out)
 
 
 class Mlp(nn.Module):
@@ -36,12 +40,14 @@ class Mlp(nn.Module):
   mlp_dim: int
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  quantized: bool = False
 
   @nn.compact
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = jax.nn.gelu(nn.Dense(self.mlp_dim, name="fc1", **kw)(x), approximate=True)
-    return nn.Dense(x.shape[-1], name="fc2", **kw)(h)
+    Dense = quantize.Dense if self.quantized else nn.Dense
+    h = jax.nn.gelu(Dense(self.mlp_dim, name="fc1", **kw)(x), approximate=True)
+    return Dense(x.shape[-1], name="fc2", **kw)(h)
 
 
 class Block(nn.Module):
@@ -49,13 +55,14 @@ class Block(nn.Module):
   config: ml_collections.ConfigDict
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  quantized: bool = False
 
   @nn.compact
   def __call__(self, x, _):
     cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm = lambda name: nn.LayerNorm(epsilon=cfg.norm_eps, name=name, **kw)
-    x = x + Attention(cfg.num_heads, name="attn", **kw)(norm("norm1")(x))
-    x = x + Mlp(cfg.mlp_dim, name="mlp", **kw)(norm("norm2")(x))
+    x = x + Attention(cfg.num_heads, name="attn", quantized=self.quantized, **kw)(norm("norm1")(x))
+    x = x + Mlp(cfg.mlp_dim, name="mlp", quantized=self.quantized, **kw)(norm("norm2")(x))
     return x, None
 
 
@@ -65,6 +72,7 @@ class Encoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  quantized: bool = False  # int8 attention and MLP kernels (quantize.py).
 
   @nn.compact
   def __call__(self, images):
@@ -77,5 +85,5 @@ class Encoder(nn.Module):
     x = x + pos.astype(self.dtype)[None]
     block = nn.remat(Block, prevent_cse=False) if self.remat else Block
     x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                   length=cfg.depth)(cfg, name="layers", **kw)(x, None)
+                   length=cfg.depth)(cfg, name="layers", quantized=self.quantized, **kw)(x, None)
     return nn.LayerNorm(epsilon=cfg.norm_eps, name="norm", **kw)(x)
