@@ -18,6 +18,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from paligemma_jax import checkpoint
+from paligemma_jax import compilation_cache
 from paligemma_jax import errors
 from paligemma_jax import loading
 from paligemma_jax import multihost
@@ -43,6 +44,11 @@ def run(main, define_flags=None):
   """Defines the flags, parses them and calls `main(argv)`; expected errors become one line."""
   if define_flags is not None:
     define_flags()
+  if "compilation_cache" not in flags.FLAGS:  # Every program has it.
+    flags.DEFINE_string("compilation_cache", compilation_cache.default_dir(),
+                        "Folder of the persistent XLA compilation cache (a second run compiles "
+                        "nothing); empty turns it off. Default: $JAX_COMPILATION_CACHE_DIR or "
+                        "$XDG_CACHE_HOME/paligemma_jax/xla.")
 
   def reporting_main(argv):
     # Undecodable input (a lone surrogate from argv bytes) is echoed as an escape, not a crash.
@@ -53,6 +59,7 @@ def run(main, define_flags=None):
       if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]} (flags are written --name=value)")
       checkpoint.quiet_orbax_logs()
+      compilation_cache.enable(flags.FLAGS.compilation_cache)
       return main(argv)
     except EXPECTED as e:
       report(e)
@@ -76,11 +83,12 @@ def _parse_flags(argv):
 
 
 def define_model_flags():
-  """--checkpoint, --config, --dtype, --batch_size, --mesh, --distributed: how to load and run a
-  model, shared by generate and evaluate."""
+  """--checkpoint, --config, --dtype, --batch_size, --quantize, --mesh, --distributed: how to
+  load and run a model, shared by generate and evaluate."""
   main = _listed_with_the_program()
   flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory "
-                      "(checkpoints_convert.hf_to_orbax), or a Hugging Face PaliGemma directory.",
+                      "(checkpoints_convert.hf_to_orbax), a Hugging Face PaliGemma directory, or "
+                      "a Hub id ORG/NAME[@REVISION] (e.g. google/paligemma2-3b-pt-224).",
                       required=True, **main)
   config_flags.DEFINE_config_file(
       "config", None, "Optional model config overriding the checkpoint's, e.g. "
@@ -92,6 +100,9 @@ def define_model_flags():
                     **main)
   flags.DEFINE_integer("batch_size", 1, "Examples per compiled batch (the last is padded).",
                        lower_bound=1, **main)
+  flags.DEFINE_enum("quantize", None, ["int8"], "Compute with int8 weights (a float checkpoint "
+                    "is quantized as it loads); default: as stored (a checkpoint converted with "
+                    "--quantize=int8 is int8).", **main)
   define_mesh_flags()
 
 
@@ -129,11 +140,12 @@ def mesh_from_flags():
 
 def model_settings() -> dict:
   """What names the model and how it runs, recorded beside results: the checkpoint's identity
-  (without loading it), the dtype and any --config override."""
+  (without loading it), the dtype, any --config override and --quantize."""
   f = flags.FLAGS
   override = None if f.config is None else f.config.to_dict()
+  quantized = {"quantize": f.quantize} if f.quantize else {}  # Older runs' settings still match.
   return {**loading.checkpoint_identity(f.checkpoint), "dtype": dtype_from_flags(),
-          "config": override}
+          "config": override, **quantized}
 
 
 def dtype_from_flags() -> str:
@@ -142,4 +154,5 @@ def dtype_from_flags() -> str:
 
 def load_model_from_flags(mesh):
   f = flags.FLAGS
-  return loading.load_model(f.checkpoint, dtype=dtype_from_flags(), mesh=mesh, config=f.config)
+  return loading.load_model(f.checkpoint, dtype=dtype_from_flags(), mesh=mesh, config=f.config,
+                            quantize=f.quantize)

@@ -9,7 +9,8 @@ Each data line is {"image": path, "prefix": str, "suffix": str}; the model learn
 training state (trainable parameters, optimizer state, step, PRNG key, data position), the
 training config and metrics.jsonl (one line per step, plus evaluation lines). Running the same
 command again resumes from the last checkpoint and continues exactly where the run would have
-been. When the last step is done, the model (LoRA merged) is written to `--export_dir`.
+been. When the last step is done, the model (LoRA merged) is written to `--export_dir`: our
+checkpoint, or with `--export_format=hf` a Hugging Face directory (transformers, vLLM).
 A bad flag or config value, a missing file or an existing `--export_dir` is reported on one
 line (exit status 1) before anything loads.
 
@@ -38,12 +39,15 @@ def define_flags():
   config_flags.DEFINE_config_file(
       "config", _DEFAULT_CONFIG, "Training config, e.g. configs/finetune.py:lora (default: attn).",
       lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "Base model: a converted checkpoint or a Hugging Face "
-                      "PaliGemma directory.", required=True)
+  flags.DEFINE_string("checkpoint", None, "Base model: a converted checkpoint, a Hugging Face "
+                      "PaliGemma directory or a Hub id ORG/NAME[@REVISION].", required=True)
   flags.DEFINE_string("train_jsonl", None, 'Lines {"image", "prefix", "suffix"}.', required=True)
   flags.DEFINE_string("eval_jsonl", None, "Held-out lines, same format: loss and exact match.")
   flags.DEFINE_string("workdir", None, "Training state and metrics; rerun to resume.", required=True)
   flags.DEFINE_string("export_dir", None, "Where the fine-tuned checkpoint goes at the end.")
+  flags.DEFINE_enum("export_format", "orbax", list(trainer.EXPORT_FORMATS), "orbax: our "
+                    "checkpoint (generate, evaluate); hf: a Hugging Face PaliGemma directory that "
+                    "transformers and vLLM load (LoRA merged).")
   flags.DEFINE_integer("max_steps_this_run", None, "Stop (with a checkpoint) after this many "
                        "steps; rerun to go on.")
   cli.define_mesh_flags()
@@ -54,7 +58,7 @@ def main(argv):
   f = flags.FLAGS
   arguments = dict(base=f.checkpoint, train_jsonl=f.train_jsonl, workdir=f.workdir,
                    eval_jsonl=f.eval_jsonl, export_dir=f.export_dir,
-                   max_steps_this_run=f.max_steps_this_run)
+                   max_steps_this_run=f.max_steps_this_run, export_format=f.export_format)
   trainer.validate(f.config, **arguments)  # Before the mesh or the model take any time.
   mesh = cli.mesh_from_flags()  # Before anything touches a device.
   result = trainer.train(f.config, **arguments, mesh=mesh)

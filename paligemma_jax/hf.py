@@ -17,12 +17,14 @@ the model cannot drift apart: every leaf names its source tensor and how to tran
 are read one at a time into preallocated [L, ...] arrays, so a checkpoint is never held twice.
 """
 
+import json
 import math
 import os
 from typing import Callable, NamedTuple
 
 import jax
 import ml_collections
+import ml_dtypes
 import numpy as np
 import safetensors
 import tqdm
@@ -59,20 +61,25 @@ def canonical_name(name: str) -> str | None:
 
 
 class _Rule(NamedTuple):
-  """How one of our leaves (per-layer shape `s`) comes from a torch tensor."""
+  """How one of our leaves (per-layer shape `s`) comes from a torch tensor, and goes back to one
+  (`invert`: our leaf, torch shape -> the tensor; used by hf_export.py)."""
   hf_shape: Callable[[tuple], tuple]
   apply: Callable[[np.ndarray, tuple], np.ndarray]
+  invert: Callable[[np.ndarray, tuple], np.ndarray] | None = None
 
 
 def _linear(n_in):
   """torch Linear weight [out, in] -> kernel [*in_axes, *out_axes], the first n_in axes inputs."""
-  return _Rule(lambda s: (math.prod(s[n_in:]), math.prod(s[:n_in])), lambda x, s: x.T.reshape(s))
+  return _Rule(lambda s: (math.prod(s[n_in:]), math.prod(s[:n_in])), lambda x, s: x.T.reshape(s),
+               lambda y, h: y.reshape(h[1], h[0]).T)
 
 
-_COPY = _Rule(tuple, lambda x, s: x)
-_FLAT = _Rule(lambda s: (math.prod(s),), lambda x, s: x.reshape(s))  # [H*hd] -> [H, hd] biases.
+_COPY = _Rule(tuple, lambda x, s: x, lambda y, h: y)
+# [H*hd] -> [H, hd] biases.
+_FLAT = _Rule(lambda s: (math.prod(s),), lambda x, s: x.reshape(s), lambda y, h: y.reshape(h))
 # OIHW -> HWIO.
-_CONV = _Rule(lambda s: (s[3], s[2], s[0], s[1]), lambda x, s: x.transpose(2, 3, 1, 0))
+_CONV = _Rule(lambda s: (s[3], s[2], s[0], s[1]), lambda x, s: x.transpose(2, 3, 1, 0),
+              lambda y, h: y.transpose(3, 2, 0, 1))
 
 
 def _sources(family):
@@ -166,6 +173,27 @@ def _open(path, framework="numpy"):
                             "file?)") from None
 
 
+_NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                 "BF16": ml_dtypes.bfloat16}
+
+
+def _mapped(path) -> dict:
+  """Stored name -> read-only numpy view of a memory-mapped safetensors file (read by the OS as
+  it is touched, from its page cache; safe_open's get_tensor copies each tensor first, and
+  cannot return bfloat16 without going through jax). The file was checked by `_inventory`."""
+  with open(path, "rb") as f:
+    header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+  data = np.memmap(path, np.uint8, mode="r")
+  start = 8 + int.from_bytes(data[:8].tobytes(), "little")
+  tensors = {}
+  for name, info in header.items():
+    if name != "__metadata__" and info["dtype"] in _NUMPY_DTYPES:
+      begin, end = info["data_offsets"]
+      tensors[name] = data[start + begin:start + end].view(_NUMPY_DTYPES[info["dtype"]]).reshape(
+          info["shape"])
+  return tensors
+
+
 def safetensors_files(hf_dir: str) -> list[str]:
   """The checkpoint's safetensors files: the shards of model.safetensors.index.json, else
   model.safetensors."""
@@ -232,19 +260,21 @@ def load_params(hf_dir: str, config: ml_collections.ConfigDict, progress: bool =
   for hub, (path, name, dtype) in found.items():
     by_file.setdefault(path, []).append((hub, name, dtype))
   bar = tqdm.tqdm(total=len(found), unit="tensor", desc="Converting", disable=not progress)
-  with jax.default_device(jax.devices("cpu")[0]), bar:
+  with bar:
     for path, names in by_file.items():
-      with _open(path, "flax" if any(d == "BF16" for _, _, d in names) else "numpy") as f:
-        for hub, name, _ in names:
-          t = targets[hub]
-          leaf = out[t.path]
-          shape = leaf.shape[1:] if t.layer is not None else leaf.shape
-          x = t.rule.apply(np.asarray(f.get_tensor(name)), shape).astype(leaf.dtype, copy=False)
-          if t.layer is None:
-            out[t.path][...] = x
-          else:
-            out[t.path][t.layer] = x
-          bar.update()
+      tensors = _mapped(path)
+      for hub, name, _ in names:
+        t = targets[hub]
+        leaf = out[t.path]
+        shape = leaf.shape[1:] if t.layer is not None else leaf.shape
+        x = t.rule.apply(tensors[name], shape)
+        if t.layer is None and x.dtype == leaf.dtype and x.flags.c_contiguous:
+          out[t.path] = x  # The mapped file itself: no copy until the arrays go to a device.
+        elif t.layer is None:
+          out[t.path][...] = x
+        else:
+          out[t.path][t.layer] = x
+        bar.update()
   return _unflat(out)
 
 
@@ -255,3 +285,17 @@ def load_hf(hf_dir: str, dtype: str | None = None, progress: bool = False):
   params = load_params(hf_dir, config, progress=progress)
   tokenizer = os.path.join(hf_dir, "tokenizer.model")
   return params, config, tokenizer if os.path.exists(tokenizer) else None
+
+
+# The way back, for hf_export.py: the same table, read in reverse.
+
+def hub_targets(config: ml_collections.ConfigDict) -> dict:
+  """Hub tensor name -> (our param path, layer or None, torch shape, rule) for every tensor the
+  model has, in our parameter tree's order."""
+  return _targets(config)[0]
+
+
+def to_hub(leaf: np.ndarray, target) -> np.ndarray:
+  """The torch-layout tensor of `target` (a `hub_targets` value) from our leaf at target.path."""
+  x = leaf if target.layer is None else leaf[target.layer]
+  return np.ascontiguousarray(target.rule.invert(x, target.shape))

@@ -222,3 +222,40 @@ def read_config(hf_dir: str, dtype: str | None = None) -> ml_collections.ConfigD
   if dtype is not None:
     config.param_dtype = dtype
   return config
+
+
+def config_to_hf(config: ml_collections.ConfigDict, dtype: str) -> dict:
+  """The inverse of `config_from_hf`: a config.json dict, as transformers 5 writes it, for a
+  model whose weights are stored in `dtype`."""
+  v, t = config.vision, config.text
+  text = dict(model_type=t.family, vocab_size=t.vocab_size, hidden_size=t.width,
+              num_hidden_layers=t.depth, num_attention_heads=t.num_heads,
+              num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
+              intermediate_size=t.mlp_dim, rms_norm_eps=t.norm_eps, attention_bias=False,
+              rope_parameters=dict(rope_type="default", rope_theta=t.rope_base),
+              bos_token_id=2, eos_token_id=1, pad_token_id=0, tie_word_embeddings=True,
+              use_bidirectional_attention=True,
+              num_image_tokens=(v.image_size // v.patch_size) ** 2)
+  if t.family == "gemma":
+    text["hidden_act"] = _GELU_TANH
+    if t.query_pre_attn_scalar != t.head_dim:
+      raise errors.InputError(f"Gemma (PaliGemma 1) scales queries by head_dim^-0.5; this model "
+                              f"uses {t.query_pre_attn_scalar}^-0.5, which config.json cannot say.")
+  else:
+    scalar = t.query_pre_attn_scalar  # transformers insists on an int.
+    text.update(hidden_activation=_GELU_TANH,
+                query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
+                attn_logit_softcapping=t.attn_logit_softcap or None,
+                final_logit_softcapping=t.final_logit_softcap or None,
+                sliding_window=t.sliding_window or None,
+                layer_types=list(t.layer_types) or [_LAYER_TYPES[i % 2] for i in range(t.depth)])
+    if not t.sliding_window:  # No window: no sliding layers either.
+      text["layer_types"] = ["full_attention"] * t.depth
+  vision = dict(model_type="siglip_vision_model", hidden_size=v.width, intermediate_size=v.mlp_dim,
+                num_hidden_layers=v.depth, num_attention_heads=v.num_heads, num_channels=3,
+                patch_size=v.patch_size, image_size=v.image_size, layer_norm_eps=v.norm_eps,
+                hidden_act=_GELU_TANH, vision_use_head=False, projection_dim=t.width)
+  return dict(architectures=["PaliGemmaForConditionalGeneration"], model_type="paligemma",
+              dtype=dtype, hidden_size=t.width, projection_dim=t.width, vocab_size=t.vocab_size,
+              image_token_index=config.image_token_id, tie_word_embeddings=True,
+              text_config=text, vision_config=vision)

@@ -2,6 +2,10 @@
 
   converted (checkpoints_convert.hf_to_orbax, or a fine-tune export): DIR/params + config.json
   Hugging Face PaliGemma directory: config.json + safetensors (+ tokenizer.model)
+  Hugging Face Hub id, ORG/NAME[@REVISION]: that directory, fetched into the Hub cache (hub.py);
+  an existing local path always wins
+  big_vision checkpoint (Kaggle, the Hub's -jax repos): FILE.npz, the tokenizer.model beside it
+  or `tokenizer=` (npz.py)
 
 Runtime choices (compute/parameter dtype, remat) are arguments; the returned config is a new
 one with them filled in, so neither the checkpoint's stored config nor a caller's is changed.
@@ -19,8 +23,11 @@ import ml_collections
 from paligemma_jax import checkpoint
 from paligemma_jax import errors
 from paligemma_jax import hf
+from paligemma_jax import hub
 from paligemma_jax import paligemma
 from paligemma_jax import multihost
+from paligemma_jax import quantize as quantize_lib
+from paligemma_jax import npz
 from paligemma_jax import sharding
 from paligemma_jax.tokenizer import Tokenizer
 
@@ -37,7 +44,10 @@ def default_dtype() -> str:
 
 
 def checkpoint_kind(path: str) -> str:
-  """"converted" or "hf"; an InputError naming `path` for anything else."""
+  """"converted", "hf" or "npz"; an InputError naming `path` for anything else."""
+  path = hub.resolve(path)
+  if path.endswith(".npz") and os.path.isfile(path):
+    return "npz"
   if os.path.isdir(os.path.join(path, checkpoint.PARAMS)):
     return "converted"
   if os.path.isfile(os.path.join(path, "config.json")):
@@ -52,17 +62,25 @@ STORED = "stored"  # param_dtype: keep the checkpoint's own dtypes (fine-tuning 
 
 
 def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None = None, mesh=None,
-               remat: bool = False, config: ml_collections.ConfigDict | None = None) -> Model:
+               remat: bool = False, config: ml_collections.ConfigDict | None = None,
+               tokenizer: str | None = None, quantize: str | None = None) -> Model:
   """(params, config, tokenizer) of the checkpoint at `path`.
 
   dtype: compute dtype (default `default_dtype()`).
   param_dtype: the dtype the weights are cast to (default: `dtype`), or STORED.
   config: replaces the stored model config (e.g. to turn the sliding window off); its parameter
     shapes must match the checkpoint's.
+  tokenizer: a tokenizer.model to use instead of the checkpoint's (an .npz's: the one beside it).
+  quantize: "int8" computes with int8 weights (quantize.py), quantizing a float checkpoint after
+    it is read (memory then peaks at the float weights plus the int8 ones); None: as stored (a
+    checkpoint converted with --quantize=int8 is int8).
   """
+  if quantize not in (None, quantize_lib.INT8):
+    raise errors.InputError(f"quantize={quantize!r}: choose {quantize_lib.INT8!r} or None.")
   dtype = dtype or default_dtype()
   param_dtype = param_dtype or dtype
   cast = None if param_dtype == STORED else param_dtype
+  path = hub.resolve(path)
   kind = checkpoint_kind(path)
   if kind == "converted":
     stored = checkpoint.load_config(path)
@@ -70,31 +88,46 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
         paligemma.param_shapes(stored), mesh)
     params, stored = checkpoint.load(path, dtype=cast, shardings=shardings)
     tokenizer_file = checkpoint.tokenizer_path(path)
+  elif kind == "npz":
+    tokenizer_file = tokenizer or npz.tokenizer_beside(path)
+    if not os.path.isfile(tokenizer_file):  # Before the long part.
+      raise errors.InputError(f"{path}: no tokenizer {tokenizer_file}; give tokenizer=PATH.")
+    params, stored = npz.load_npz(path, dtype=cast, progress=multihost.is_writer())
+    if mesh is not None:
+      params = sharding.shard_params(params, mesh)
   else:
     params, stored, tokenizer_file = hf.load_hf(path, dtype=cast, progress=multihost.is_writer())
-    if tokenizer_file is None:
+    if tokenizer_file is None and tokenizer is None:
       raise errors.InputError(f"{path} has no tokenizer.model.")
     if mesh is not None:
       params = sharding.shard_params(params, mesh)
   if config is not None:
+    if quantize_lib.enabled(stored):  # The override describes the structure; int8 is stored.
+      config = config.copy_and_resolve_references()
+      config.quantize = quantize_lib.INT8
     expected = jax.tree.map(lambda x: x.shape, paligemma.param_shapes(config))
     if jax.tree.map(lambda x: x.shape, params) != expected:
       raise errors.InputError("The --config model does not match the checkpoint's parameter shapes.")
     stored = config
+  if quantize == quantize_lib.INT8 and not quantize_lib.enabled(stored):
+    params, stored = paligemma.quantize_params(params, stored)
+    if mesh is not None:
+      params = sharding.shard_params(params, mesh)
   result = stored.copy_and_resolve_references()
   result.dtype, result.remat = dtype, remat
   if cast is not None:
     result.param_dtype = cast
-  return Model(params, result, Tokenizer(tokenizer_file))
+  return Model(params, result, Tokenizer(tokenizer or tokenizer_file))
 
 
 def checkpoint_identity(path: str) -> dict:
   """What tells two checkpoints apart without reading their weights: the resolved path and a
   digest of every file's name, size and modification time (a re-converted or re-exported
   checkpoint at the same path differs). Recorded with results so that runs are never mixed."""
-  root = os.path.realpath(path)
+  root = os.path.realpath(hub.resolve(path))  # A Hub id: its snapshot, named by its commit.
   digest = hashlib.sha256()
-  for directory, subdirs, names in os.walk(root):
+  one_file = [(os.path.dirname(root), [], [os.path.basename(root)])]  # An .npz.
+  for directory, subdirs, names in one_file if os.path.isfile(root) else os.walk(root):
     subdirs.sort()
     for name in sorted(names):
       full = os.path.join(directory, name)

@@ -5,7 +5,8 @@
                placed on one device or sharded over a mesh
   _resume      the latest checkpoint of the workdir, if there is one (see workdir.py)
   _run_steps   the step loop: metrics, logs, checkpoints, held-out evaluation (HeldOutEvaluator)
-  _export      the trained model, LoRA merged, as a checkpoint `generate` loads
+  _export      the trained model, LoRA merged, as a checkpoint `generate` loads, or (export_format
+               "hf") as a Hugging Face directory transformers loads (hf_export.py)
 
 Everything that decides the next step (trainable parameters, optimizer state, step, PRNG key,
 data position) is checkpointed, and the data stream is a pure function of (seed, position), so
@@ -30,10 +31,12 @@ from paligemma_jax import data
 from paligemma_jax import errors
 from paligemma_jax import files
 from paligemma_jax import hf_config
+from paligemma_jax import hf_export
 from paligemma_jax import inference
 from paligemma_jax import loading
 from paligemma_jax import multihost
 from paligemma_jax import paligemma
+from paligemma_jax import quantize
 from paligemma_jax import sharding
 from paligemma_jax import training
 from paligemma_jax import workdir as workdir_lib
@@ -46,6 +49,7 @@ _MINIMUM = {"total_steps": 1, "batch_size": 1, "accum_steps": 1, "max_text_len":
             "eval_max_new_tokens": 1, "eval_num_generate": 1, "lr": 0, "eps": 0,
             "weight_decay": 0, "momentum": 0, "end_lr_factor": 0, "grad_clip": 0}
 _FRACTIONS = ("warmup_percent", "b1", "b2")
+EXPORT_FORMATS = ("orbax", "hf")  # Our checkpoint; a Hugging Face directory.
 
 
 def _info(*args):
@@ -89,9 +93,11 @@ def validate_config(config: ml_collections.ConfigDict):
 
 def validate(config: ml_collections.ConfigDict, *, base: str, train_jsonl: str, workdir: str,
              eval_jsonl: str | None = None, export_dir: str | None = None,
-             max_steps_this_run: int | None = None):
+             max_steps_this_run: int | None = None, export_format: str = "orbax"):
   """Everything `train` is given, checked before it loads anything; InputError names the flag."""
   validate_config(config)
+  if export_format not in EXPORT_FORMATS:
+    raise errors.InputError(f"--export_format={export_format}: choose one of {EXPORT_FORMATS}.")
   loading.checkpoint_kind(base)
   files.check_readable("train_jsonl", train_jsonl)
   files.check_readable("eval_jsonl", eval_jsonl or None)
@@ -195,6 +201,9 @@ def _setup(config, base: str, train_jsonl: str, eval_jsonl: str | None, mesh):
   params, model_config, tokenizer = loading.load_model(
       base, dtype=config.dtype or loading.default_dtype(), param_dtype=loading.STORED, mesh=mesh,
       remat=config.remat)
+  if quantize.enabled(model_config):  # Gradients of int8 weights, or LoRA over them, are undefined.
+    raise errors.InputError(f"{base} is an int8 checkpoint: fine-tune the float checkpoint it was "
+                            "converted from (and quantize the result).")
   model_config.param_dtype = param_dtype  # A fresh copy: ours to set.
   layout = data.Layout(paligemma.num_image_tokens(model_config), model_config.image_token_id,
                        model_config.vision.image_size, config.max_text_len)
@@ -282,24 +291,30 @@ def _run_steps(config, run: _Run, state, position: int, *, stop: int, manager, d
   return state, eval_metrics
 
 
-def _export(run: _Run, state, export_dir: str):
+def _export(run: _Run, state, export_dir: str, export_format: str = "orbax"):
   """The trained model, LoRA merged, in the frozen dtype (the checkpoint stores the model's
   structure, not runtime choices such as remat); every process writes its shards."""
   dtype = jnp.dtype(run.model.config.param_dtype)
   params = run.parametrization.full(state["params"], run.frozen, dtype=dtype)
-  checkpoint.save(export_dir, params, run.model.config, run.tokenizer.path)
+  if export_format == "hf":
+    hf_export.export(params, run.model.config, run.tokenizer.path, export_dir,
+                     progress=multihost.is_writer())
+  else:
+    checkpoint.save(export_dir, params, run.model.config, run.tokenizer.path)
 
 
 def train(config: ml_collections.ConfigDict, *, base: str, train_jsonl: str, workdir: str,
           eval_jsonl: str | None = None, export_dir: str | None = None,
-          max_steps_this_run: int | None = None, mesh=None) -> dict:
+          max_steps_this_run: int | None = None, mesh=None, export_format: str = "orbax") -> dict:
   """Runs (or resumes) training and, once the last step is done, exports to `export_dir`.
 
   Returns dict(state, frozen, parametrization, step, eval: the last evaluation's metrics).
   mesh: shard the parameters, the training state and the batches over it.
+  export_format: "orbax" (our checkpoint) or "hf" (a Hugging Face directory, hf_export.py).
   """
   validate(config, base=base, train_jsonl=train_jsonl, workdir=workdir, eval_jsonl=eval_jsonl,
-           export_dir=export_dir, max_steps_this_run=max_steps_this_run)
+           export_dir=export_dir, max_steps_this_run=max_steps_this_run,
+           export_format=export_format)
   workdir = os.path.abspath(workdir)  # Orbax wants absolute paths.
   if multihost.is_writer():
     os.makedirs(workdir, exist_ok=True)
@@ -320,6 +335,6 @@ def train(config: ml_collections.ConfigDict, *, base: str, train_jsonl: str, wor
     manager.close()
   step = int(state["step"])
   if step >= config.total_steps and export_dir:
-    _export(run, state, export_dir)
+    _export(run, state, export_dir, export_format)
   return dict(state=state, frozen=run.frozen, parametrization=run.parametrization, step=step,
               eval=eval_metrics)

@@ -1,0 +1,64 @@
+r"""Converts a big_vision PaliGemma / PaliGemma 2 `.npz` (Kaggle, the Hub's `-jax` repos) into our
+Orbax checkpoint.
+
+  python -m checkpoints_convert.npz_to_orbax --npz=paligemma2-3b-pt-224.b16.npz \
+      --tokenizer=paligemma_tokenizer.model --output_dir=pg2-3b-224
+
+The model (variant, resolution, every dimension) comes from the arrays' shapes; --variant (e.g.
+pg2-3b-448) replaces it. Weights keep the file's dtype unless --dtype is given. The tokenizer is
+checked before any weight is read. The output directory must not exist; it appears only once
+complete, and a rerun removes what a killed run left.
+"""
+
+from absl import flags
+from absl import logging
+
+from paligemma_jax import checkpoint
+from paligemma_jax import cli
+from paligemma_jax import errors
+from paligemma_jax import hf_config
+from paligemma_jax import npz
+from paligemma_jax.tokenizer import Tokenizer
+
+
+def define_flags():
+  """The command-line flags; defined only when this module runs as a program."""
+  flags.DEFINE_string("npz", None, "big_vision PaliGemma checkpoint (.npz).", required=True)
+  flags.DEFINE_string("output_dir", None, "New checkpoint directory to create.", required=True)
+  flags.DEFINE_string("tokenizer", None, "SentencePiece tokenizer.model to include; default: the "
+                      "tokenizer.model beside --npz.")
+  flags.DEFINE_string("variant", None, "Model, VARIANT[-RESOLUTION] of configs/paligemma.py "
+                      "(e.g. pg2-3b-448); default: read from the arrays' shapes.")
+  flags.DEFINE_enum("dtype", None, hf_config.DTYPES, "Parameter dtype; default: the file's.")
+
+
+def _check_tokenizer(path: str):
+  """A checkpoint without a usable tokenizer cannot generate: refuse it before the long part."""
+  try:
+    Tokenizer(path)
+  except (ValueError, OSError) as e:
+    raise errors.InputError(f"{e}; give a tokenizer.model with --tokenizer=PATH.") from None
+
+
+def convert(npz_path: str, output_dir: str, tokenizer: str | None = None,
+            variant: str | None = None, dtype: str | None = None, progress: bool = True):
+  """Reads `npz_path`, writes `output_dir`; returns the model config. `tokenizer` defaults to the
+  tokenizer.model beside the file."""
+  checkpoint.check_new(output_dir)
+  tokenizer = tokenizer or npz.tokenizer_beside(npz_path)
+  _check_tokenizer(tokenizer)
+  params, config = npz.load_npz(npz_path, dtype=dtype, variant=variant, progress=progress)
+  checkpoint.save(output_dir, params, config, tokenizer)
+  logging.info("Wrote %s: variant %s, %s parameters, image %dpx.", output_dir, config.variant,
+               config.param_dtype, config.vision.image_size)
+  return config
+
+
+def main(argv):
+  del argv  # cli.run refuses stray arguments.
+  f = flags.FLAGS
+  convert(f.npz, f.output_dir, f.tokenizer, f.variant, f.dtype)
+
+
+if __name__ == "__main__":
+  cli.run(main, define_flags)
