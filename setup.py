@@ -9,6 +9,7 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["paligemma_jax*", "configs*", "checkpoints_convert*"]),
+    package_data={"paligemma_jax.serving": ["page.html"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",
@@ -16,16 +17,22 @@ setuptools.setup(
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
         "numpy",
+        "ml_dtypes",  # bfloat16 arrays of big_vision .npz files (npz.py).
         "pillow",
         "sentencepiece",
         "protobuf",  # Editing tokenizer.model to add missing <loc>/<seg> tokens.
         "safetensors",
+        "huggingface_hub>=2.4",  # Hub ids (hub.py), sharding the transformers export (hf_export.py).
         "ml_collections",
         "absl-py",
         "tqdm",
+        "fastapi",  # The HTTP server (python -m paligemma_jax.serve).
+        "uvicorn",
+        "prometheus-client",
     ],
     extras_require={
         # transformers + torch (CPU) are the numerical reference in the tests.
-        "test": ["pytest", "pytest-xdist", "transformers==5.23.0", "torch==2.13.0", "nbclient", "nbformat", "ipykernel"],
+        "test": ["pytest", "pytest-xdist", "transformers==5.23.0", "torch==2.13.0", "nbclient", "nbformat", "ipykernel",
+                 "httpx", "selenium"],
     },
 )

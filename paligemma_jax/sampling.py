@@ -3,13 +3,16 @@
 Pure functions of (logits [B, V], one PRNG key per row, sampler values), so a seed reproduces
 its output, a row's choice does not depend on the other rows, and the choice runs inside the
 jitted decode loop. The sampler's values are traced, not static:
-one compiled loop serves every method, temperature, k and p.
+one compiled loop serves every method, temperature, k and p. They are scalars (one sampler for
+the batch, `Sampler.as_arrays`) or [B] arrays (one per row, `per_row`, for the serving engine);
+a row gets the same token either way.
 """
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 METHODS = ("greedy", "temperature", "top_k", "top_p")
 
@@ -37,6 +40,14 @@ class Sampler:
                 top_k=jnp.int32(self.top_k), top_p=jnp.float32(self.top_p))
 
 
+def per_row(samplers) -> dict:
+  """One sampler per row -> the `as_arrays()` dict of [B] numpy arrays."""
+  return dict(method=np.array([METHODS.index(s.method) for s in samplers], np.int32),
+              temperature=np.array([s.temperature for s in samplers], np.float32),
+              top_k=np.array([s.top_k for s in samplers], np.int32),
+              top_p=np.array([s.top_p for s in samplers], np.float32))
+
+
 def sample(logits, rng, sampler: dict, valid=None):
   """logits [B, V] float32, rng [B] keys (one per row), sampler = `Sampler.as_arrays()` ->
   token ids [B] int32.
@@ -45,6 +56,7 @@ def sample(logits, rng, sampler: dict, valid=None):
   dropped before temperature, k and p apply (ids past the tokenizer must never come out).
   """
   method = sampler["method"]
+  column = lambda x: x[:, None] if jnp.ndim(x) else x  # Per-row [B] values against [B, V].
   if valid is not None:
     logits = jnp.where(valid, logits, -jnp.inf)
 
@@ -52,7 +64,7 @@ def sample(logits, rng, sampler: dict, valid=None):
     return jnp.argmax(logits, axis=-1)
 
   def stochastic(logits):
-    logits = logits / sampler["temperature"]
+    logits = logits / column(sampler["temperature"])
     return jax.lax.cond(method == METHODS.index("temperature"), temperature, truncated, logits)
 
   draw = jax.vmap(jax.random.categorical)  # Row b from its own key: independent of the others.
@@ -65,14 +77,27 @@ def sample(logits, rng, sampler: dict, valid=None):
     order = jnp.argsort(-logits, axis=-1)  # Stable: of tied logits the lower id ranks first.
     ranked = jnp.take_along_axis(logits, order, axis=-1)
     last = logits.shape[-1] - 1
-    k_index = jnp.clip(sampler["top_k"] - 1, 0, last)
+    k_index = column(jnp.clip(sampler["top_k"] - 1, 0, last))
     cumulative = jnp.cumsum(jax.nn.softmax(ranked, axis=-1), axis=-1)
     # The nucleus ends at the first token whose cumulative probability reaches p; keep it too.
-    p_index = jnp.minimum(jnp.sum(cumulative < sampler["top_p"], axis=-1, keepdims=True), last)
-    kept = jnp.where(method == METHODS.index("top_k"), k_index, p_index)  # [B, 1] or []
+    p_index = jnp.minimum(jnp.sum(cumulative < column(sampler["top_p"]), axis=-1, keepdims=True),
+                          last)
+    kept = jnp.where(column(method) == METHODS.index("top_k"), k_index, p_index)  # [B, 1]
     rank = draw(rng, jnp.where(jnp.arange(last + 1) <= kept, ranked, -jnp.inf))
     return jnp.take_along_axis(order, rank[:, None], axis=-1)[:, 0]
 
+  if jnp.ndim(method):  # Per-row methods: every row takes its own method's choice.
+    is_greedy = method == METHODS.index("greedy")
+
+    def mixed(logits):
+      scaled = logits / jnp.where(is_greedy, 1.0, sampler["temperature"])[:, None]
+      drawn = temperature(scaled)
+      any_truncated = jnp.any(method >= METHODS.index("top_k"))
+      kept = jax.lax.cond(any_truncated, truncated, lambda _: drawn, scaled)
+      chosen = jnp.where(method == METHODS.index("temperature"), drawn, kept)
+      return jnp.where(is_greedy, greedy(logits), chosen)
+
+    return jax.lax.cond(jnp.all(is_greedy), greedy, mixed, logits).astype(jnp.int32)
   return jax.lax.cond(method == METHODS.index("greedy"), greedy, stochastic, logits).astype(jnp.int32)
 
 

@@ -1,0 +1,603 @@
+"""A continuous-batching engine: many requests share one jitted decode batch (pure JAX, no HTTP).
+
+Interface changes (for the server): nothing removed or renamed. Added: finish_reason
+"cancelled" (after Handle.cancel or shutdown(drain=False)) and "error" (the engine thread failed;
+Event.error says why), Event.logprobs (one per token id), exception Closed (submit after
+shutdown), Handle.result(timeout), Engine.stats() keys requests_finished, finish_<reason>,
+image_cache_entries, prefill_calls, decode_calls, error. Sampler(...) itself raises ValueError
+for bad values (the server builds it and maps that to a 400). max_prompt_tokens counts the text
+tokens (<bos> + prompt + "\n"), not the image tokens; Event.prompt_tokens counts both.
+
+  submit   validates a Request at once (InputError, QueueFull) and queues it;
+  thread   the engine thread owns the device: it prefills queued requests in batches (grouped
+           by prompt-length bucket) and INSERTS them into free rows ("slots") of the running
+           decode batch, runs `steps_per_call` decode steps per device call, streams the new
+           tokens to each request's Handle and frees a slot as soon as its request ends
+           (<eos>, a stop string, max_tokens or cancel), to refill it at the next step.
+
+One preallocated KV cache holds every slot ([L, slots, image + prompt + max_tokens_limit, ...]);
+each slot row keeps its own end, so slots advance independently. A request's result depends on
+nothing else that runs: rows never see each other, and its sampler settings, max_tokens and PRNG
+key (fold_in(PRNGKey(seed), 0), then folded with the step index, as `decode.Generator` keys row 0)
+are per-slot arrays. Greedy answers equal `generate`'s; sampled ones equal `generate`'s for a
+single example with the same seed.
+
+Image cache: the SigLIP + projector output (`embed_image`) of identical image bytes is computed
+once and reused (LRU, keyed by the bytes' sha256 and the model's resolution); a request whose
+image is cached skips decoding it too. The prompt's keys and values are NOT cached or shared:
+in PaliGemma's full-attention prefix the image tokens attend to the prompt tokens, so the
+image's keys and values differ with every prompt.
+
+Shapes, hence compiles: prefill batches of 1, 2, 4 .. slots rows, prompt text padded to 16, 32,
+64 .. max_prompt_tokens tokens; one decode chunk. `warmup` compiles the common ones (or all).
+Multi-host meshes are not supported (one process drives the device).
+"""
+
+import collections
+from concurrent import futures
+import dataclasses
+import functools
+import hashlib
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Iterator
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paligemma_jax import batching
+from paligemma_jax import decode
+from paligemma_jax import errors
+from paligemma_jax import kv_cache
+from paligemma_jax import loading
+from paligemma_jax import paligemma
+from paligemma_jax import processor
+from paligemma_jax import sampling
+from paligemma_jax import sharding
+
+MIN_TEXT_BUCKET = 16  # Prompt text lengths are padded to powers of two from here: few compiles.
+_DROP = -1  # Placeholder slot index of a prefill batch's dummy rows; never written.
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  prompt: str  # The text prompt as generate takes it ("caption en", "detect cat").
+  image: bytes  # Encoded image file bytes (PNG, JPEG, ...).
+  max_tokens: int = 32
+  sampler: sampling.Sampler = sampling.Sampler()  # Greedy by default.
+  seed: int = 0
+  stop: tuple[str, ...] = ()  # Stop strings; the returned text ends before the first one.
+
+
+@dataclasses.dataclass
+class Event:
+  """Streamed to the caller, in order; the last one has a finish_reason."""
+  text: str  # New text since the previous event (may be "").
+  token_ids: list[int]  # New token ids since the previous event (<eos> never included).
+  finish_reason: str | None  # None while running; then "stop" (<eos> or a stop string),
+  #                            "length", or (Added) "cancelled" / "error".
+  prompt_tokens: int  # Prompt length in tokens, image tokens included.
+  completion_tokens: int  # Tokens generated so far (<eos> not counted).
+  error: str | None = None  # Added: why, when finish_reason is "error".
+  logprobs: list[float] = dataclasses.field(default_factory=list)  # Added: one per token_ids.
+
+
+class QueueFull(Exception):
+  """submit() while max_queue requests already wait (HTTP 429)."""
+
+
+class Closed(Exception):
+  """Added: submit() after shutdown() began, or after the engine failed (HTTP 503)."""
+
+
+class Handle:
+  """The caller's side of one request: a thread-safe stream of Events."""
+
+  def __init__(self, engine, prompt_tokens: int):
+    self.prompt_tokens = prompt_tokens
+    self.cancelled = False
+    self.submitted = time.monotonic()
+    self._engine = engine
+    self._events = queue.Queue()
+    self._finished = False  # Set by the consumer once it read the finishing event.
+    self._result = None
+
+  def events(self, timeout: float | None = None) -> Iterator[Event]:
+    """Blocks for each event (queue.Empty -> TimeoutError if none comes within `timeout` s);
+    ends after the finishing one. One consumer per handle."""
+    while not self._finished:
+      try:
+        event = self._events.get(timeout=timeout)
+      except queue.Empty:
+        raise TimeoutError(f"no event within {timeout} s") from None
+      self._finished = event.finish_reason is not None
+      yield event
+
+  def cancel(self) -> None:
+    """The client went away: the slot is freed at the next step (finish_reason "cancelled")."""
+    self.cancelled = True
+    self._engine._notify()
+
+  def result(self, timeout: float | None = None) -> Event:
+    """Blocks; the whole text and token_ids, the final finish_reason and counts. Reads the
+    events itself: call it instead of `events`, not after (a second call returns the same)."""
+    if self._result is None:
+      text, ids, logprobs, last = [], [], [], None
+      for last in self.events(timeout):
+        text.append(last.text)
+        ids += last.token_ids
+        logprobs += last.logprobs
+      self._result = dataclasses.replace(last, text="".join(text), token_ids=ids,
+                                         logprobs=logprobs)
+    return self._result
+
+  def _put(self, event: Event):
+    self._events.put(event)
+
+
+@dataclasses.dataclass
+class _Live:
+  """One request from submit to its finishing event (host side)."""
+  request: Request
+  handle: Handle
+  tokens: np.ndarray  # [T] int32 prompt tokens (image tokens included).
+  prefix_mask: np.ndarray  # [T] bool.
+  length_bucket: int  # Padded prompt length of its prefill.
+  key: np.ndarray  # [2] uint32: fold_in(PRNGKey(seed), 0).
+  image_key: tuple
+  pixels: np.ndarray | None = None  # Only when its image features were not cached at submit.
+  features: jax.Array | None = None  # [N, D] once known.
+  generated: list = dataclasses.field(default_factory=list)
+  text: str = ""  # Text already sent.
+  slot: int | None = None
+
+
+@flax.struct.dataclass
+class SlotState:
+  """The running decode batch on the device: one row per slot (S slots)."""
+  cache: kv_cache.KVCache  # k, v [L, S, M, K, H]; end [S].
+  token: jax.Array  # [S] int32: the last chosen token, input of the next step.
+  step: jax.Array  # [S] int32: tokens chosen so far (the next key index).
+  limit: jax.Array  # [S] int32: max_tokens.
+  done: jax.Array  # [S] bool: chose <eos> or reached its limit.
+  rng: jax.Array  # [S, 2] uint32: the row's key; step s samples with fold_in(rng, s).
+  sampler: dict  # `sampling.per_row` arrays, [S] each.
+
+
+def _features_in_place_of_images():
+  """Within it, PaliGemma's `images` argument holds image features: embed_image is the identity.
+  So `PaliGemma.prefill` runs unchanged on features from the image cache."""
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, paligemma.PaliGemma) and context.method_name == "embed_image":
+      return args[0]
+    return next_fun(*args, **kwargs)
+  return nn.intercept_methods(interceptor)
+
+
+def _compile(model: paligemma.PaliGemma, mesh, *, steps: int, eos_id: int, valid: np.ndarray,
+             cache_dtype):
+  """The jitted (embed_images, prefill_insert, decode_chunk); they hold no engine or params."""
+  split_cache = lambda cache: sharding.constrain(cache, sharding.cache_shardings, mesh)
+  replicate = lambda x: sharding.constrain(x, lambda x, m: sharding.replicated(m), mesh)
+  step_keys = jax.vmap(jax.random.fold_in)  # Row b: fold_in(rng[b], step[b]).
+
+  def choose(logits, rng, step, sampler):
+    token = sampling.sample(logits, step_keys(rng, step), sampler, jnp.asarray(valid))
+    return token, sampling.chosen_logprobs(logits, token)
+
+  def embed_images(params, pixels):
+    return model.apply({"params": params}, pixels, method=model.embed_image)
+
+  def prefill_insert(params, state: SlotState, tokens, features, input_mask, prefix_mask, slots,
+                     rng, sampler, limit):
+    """Prefills B prompts and writes them into rows `slots` [B] of the running batch (rows
+    marked _DROP are padding and are not written); returns (state, first tokens, logprobs)."""
+    batch, length = tokens.shape
+    cache = paligemma.init_cache(model.config, batch, length, cache_dtype)
+    with _features_in_place_of_images():
+      logits, cache = model.apply({"params": params}, tokens, features, input_mask, prefix_mask,
+                                  cache, method=model.prefill)
+    token, logprob = choose(logits, rng, jnp.zeros((batch,), jnp.int32), sampler)
+    rows = jnp.where(slots == _DROP, state.token.shape[0], slots)  # Out of range: dropped.
+    put = lambda old, new: old.at[rows].set(new, mode="drop")
+    big = state.cache
+    big = big.replace(k=big.k.at[:, rows, :length].set(cache.k.astype(big.k.dtype), mode="drop"),
+                      v=big.v.at[:, rows, :length].set(cache.v.astype(big.v.dtype), mode="drop"),
+                      end=put(big.end, cache.end))
+    state = SlotState(cache=split_cache(big), token=put(state.token, token),
+                      step=put(state.step, jnp.ones_like(token)), limit=put(state.limit, limit),
+                      done=put(state.done, (token == eos_id) | (limit <= 1)),
+                      rng=put(state.rng, rng),
+                      sampler=jax.tree.map(put, state.sampler, sampler))
+    return state, replicate(token), replicate(logprob)
+
+  def decode_chunk(params, state: SlotState, active):
+    """`steps` decode steps of every active, unfinished slot -> (state, tokens [S, steps] with
+    -1 where a slot chose nothing, their logprobs)."""
+    num_slots = state.token.shape[0]
+
+    def body(i, carry):
+      s, out, out_logprobs = carry
+      running = active & ~s.done
+      logits, cache = model.apply({"params": params}, s.token, s.cache, method=model.decode_step)
+      token, logprob = choose(logits, s.rng, s.step, s.sampler)
+      token = jnp.where(running, token, s.token)
+      step = s.step + running
+      cache = cache.replace(end=jnp.where(running, cache.end, s.cache.end))  # Idle rows stay.
+      s = s.replace(cache=split_cache(cache), token=token, step=step,
+                    done=s.done | (running & ((token == eos_id) | (step >= s.limit))))
+      out = out.at[:, i].set(jnp.where(running, token, -1))
+      out_logprobs = out_logprobs.at[:, i].set(jnp.where(running, logprob, 0.0))
+      return s, out, out_logprobs
+
+    init = (state, jnp.full((num_slots, steps), -1, jnp.int32),
+            jnp.zeros((num_slots, steps), jnp.float32))
+    state, out, out_logprobs = jax.lax.fori_loop(0, steps, body, init)
+    return state, replicate(out), replicate(out_logprobs)
+
+  return (jax.jit(embed_images), jax.jit(prefill_insert, donate_argnums=1),
+          jax.jit(decode_chunk, donate_argnums=1))
+
+
+class Engine:
+  """Continuous batching over `slots` decode rows of one model; see the module docstring."""
+
+  def __init__(self, model: loading.Model, *, slots: int = 8, max_queue: int = 64,
+               steps_per_call: int = 4, max_prompt_tokens: int = 256, max_tokens_limit: int = 256,
+               image_cache_size: int = 64, mesh=None):
+    """max_prompt_tokens: text tokens of a prompt (<bos>, prompt, "\\n"; the image tokens are
+    not counted). mesh: default the one model.params are sharded over, if any; slots are split
+    over its `data` x `fsdp` axes, the weights stay as they are sharded."""
+    if slots < 1 or slots & (slots - 1):
+      raise ValueError(f"slots must be a power of two, got {slots}.")
+    if steps_per_call < 1 or max_prompt_tokens < 1 or max_tokens_limit < 1 or max_queue < 0:
+      raise ValueError("steps_per_call, max_prompt_tokens and max_tokens_limit must be >= 1.")
+    params, config, self.tokenizer = model
+    self.num_slots, self.max_queue, self.steps_per_call = slots, max_queue, steps_per_call
+    self.max_prompt_tokens, self.max_tokens_limit = max_prompt_tokens, max_tokens_limit
+    self.image_cache_size = image_cache_size
+    # The generator's parameter layout, valid-id mask, cache dtype and mesh, unchanged.
+    generator = decode.Generator(config, params, eos_id=self.tokenizer.eos_id,
+                                 pad_id=self.tokenizer.pad_id, vocab_size=self.tokenizer.vocab_size,
+                                 mesh=mesh)
+    self.config, self._params, self.mesh = generator.config, generator.params, generator.mesh
+    self.image_size = config.vision.image_size
+    self.num_image_tokens = paligemma.num_image_tokens(config)
+    self.text_buckets = [b for b in (MIN_TEXT_BUCKET << i for i in range(32))
+                         if b < max_prompt_tokens] + [max_prompt_tokens]
+    self.max_len = self.num_image_tokens + max_prompt_tokens + max_tokens_limit
+    positions = batching.max_positions(config)
+    if self.max_len > positions:
+      raise ValueError(f"{self.num_image_tokens} image + {max_prompt_tokens} prompt + "
+                       f"{max_tokens_limit} new tokens exceed the model's {positions} positions.")
+    self._embed, self._prefill, self._decode = _compile(
+        paligemma.PaliGemma(self.config), self.mesh, steps=steps_per_call,
+        eos_id=self.tokenizer.eos_id, valid=generator.valid_ids,
+        cache_dtype=generator.cache_dtype)
+    self._state = self._empty_state(generator.cache_dtype)
+    self._slots: list[_Live | None] = [None] * slots
+    self._pending: collections.deque[_Live] = collections.deque()
+    self._images = collections.OrderedDict()  # (sha256, size) -> features [N, D]; LRU order.
+    self._wake = threading.Condition()
+    self._device = threading.Lock()  # Held while the state is in use (steps, warmup).
+    self._thread = None
+    self._closing = False
+    self._drain = True
+    self._error = None
+    self._counts = collections.Counter()
+
+  def _empty_state(self, cache_dtype) -> SlotState:
+    s = self.num_slots
+    cache = paligemma.init_cache(self.config, s, self.max_len, cache_dtype)
+    zeros = np.zeros((s,), np.int32)
+    state = SlotState(cache=cache, token=zeros, step=zeros, limit=zeros, done=np.ones((s,), bool),
+                      rng=np.zeros((s, 2), np.uint32),
+                      sampler=sampling.per_row([sampling.Sampler()] * s))
+    if self.mesh is None:  # Committed, as every state a jitted step returns: else the second
+      return jax.device_put(state, jax.devices()[0])  # request's arguments differ: a recompile.
+    return jax.device_put(state, SlotState(
+        cache=sharding.cache_shardings(cache, self.mesh),
+        **{f: jax.tree.map(lambda x: sharding.batch_sharding(x.shape, self.mesh), getattr(state, f))
+           for f in ("token", "step", "limit", "done", "rng", "sampler")}))
+
+  # Caller side.
+
+  def submit(self, request: Request) -> Handle:
+    """Validates synchronously: errors.InputError (one line) for an undecodable image, a prompt
+    too long, max_tokens < 1 or > max_tokens_limit, a bad sampler, seed or stop; QueueFull when
+    max_queue requests wait; Closed after shutdown() or a failure."""
+    live = self._validate(request)
+    with self._wake:
+      if self._closing or self._error:
+        raise Closed("the engine is shutting down" if self._closing else f"the engine failed: "
+                     f"{self._error}")
+      if len(self._pending) >= self.max_queue:
+        raise QueueFull(f"{len(self._pending)} requests are already waiting")
+      self._pending.append(live)
+      self._counts["requests_total"] += 1
+      self._wake.notify_all()
+    return live.handle
+
+  def _validate(self, request: Request) -> _Live:
+    if not isinstance(request.prompt, str):
+      raise errors.InputError("the prompt must be a string")
+    if not isinstance(request.image, (bytes, bytearray)) or not request.image:
+      raise errors.InputError("the image must be non-empty encoded image bytes")
+    if not isinstance(request.max_tokens, int) or not 1 <= request.max_tokens <= self.max_tokens_limit:
+      raise errors.InputError(f"max_tokens must be an integer in [1, {self.max_tokens_limit}], got "
+                              f"{request.max_tokens!r}")
+    if not isinstance(request.sampler, sampling.Sampler):
+      raise errors.InputError("sampler must be a sampling.Sampler")
+    if not (isinstance(request.stop, (tuple, list)) and
+            all(isinstance(s, str) and s for s in request.stop)):
+      raise errors.InputError("stop must be a list of non-empty strings")
+    try:
+      key = np.asarray(decode.row_keys(jax.random.PRNGKey(request.seed), [0])[0])
+    except (TypeError, OverflowError, ValueError):
+      raise errors.InputError(f"seed must be a 64-bit integer, got {request.seed!r}") from None
+    tokens, prefix_mask, _ = processor.build_prompt(
+        self.tokenizer, request.prompt, self.num_image_tokens, self.config.image_token_id)
+    text_length = len(tokens) - self.num_image_tokens
+    if text_length > self.max_prompt_tokens:
+      raise errors.InputError(f"the prompt has {text_length} tokens (with <bos> and the final "
+                              f"newline); the limit is {self.max_prompt_tokens}")
+    bucket = next(b for b in self.text_buckets if b >= text_length) + self.num_image_tokens
+    image_key = (hashlib.sha256(request.image).hexdigest(), self.image_size)
+    live = _Live(request, Handle(self, len(tokens)), tokens, prefix_mask, bucket, key, image_key)
+    with self._wake:
+      live.features = self._images.get(image_key)
+      if live.features is not None:
+        self._images.move_to_end(image_key)
+    if live.features is None:  # Decoded here, in the caller's thread, within the decode budget.
+      live.pixels, _ = processor.load_pixels(bytes(request.image), self.image_size)
+    return live
+
+  def stats(self) -> dict:
+    with self._wake:
+      running = sum(s is not None for s in self._slots)
+      return dict(self._counts, queue_depth=len(self._pending), running_slots=running,
+                  slots=self.num_slots, image_cache_entries=len(self._images),
+                  **{k: self._counts[k] for k in (
+                      "requests_total", "requests_finished", "tokens_total", "image_cache_hits",
+                      "image_cache_misses", "prefill_calls", "decode_calls")},
+                  error=self._error)
+
+  # Lifecycle.
+
+  def start(self) -> None:
+    """Starts the background thread that owns the device."""
+    with self._wake:
+      if self._thread is None:
+        self._thread = threading.Thread(target=self._run, name="paligemma-engine", daemon=True)
+        self._thread.start()
+
+  def warmup(self, every_shape: bool = False) -> None:
+    """Compiles what most traffic needs: the image tower for every image batch size, the decode
+    chunk, prefill + insert for every batch size of the shortest prompt bucket and for one row of
+    every longer bucket (every_shape: every (batch size, bucket) pair; the others compile when
+    first needed). Changes no slot.
+
+    Ahead of time (lower + compile fills jit's cache) and in threads, as XLA compiles without
+    the GIL; nothing runs but one image-tower batch. The arguments are built as the engine thread
+    builds them (the committed state, features indexed out of the tower's output), or the first
+    request would compile again. With the persistent compilation cache a restart loads them."""
+    sizes = [1 << i for i in range(self.num_slots.bit_length())]
+    s = self.image_size
+    pixels = lambda b: np.zeros((b, s, s, 3), np.float32)
+    with self._device:
+      feature = self._embed(self._params, pixels(1))[0]
+      jobs = [functools.partial(self._embed.lower, self._params, pixels(b)) for b in sizes[1:]]
+      jobs.append(functools.partial(self._decode.lower, self._params, self._state,
+                                    np.zeros((self.num_slots,), bool)))
+      for b in sizes:
+        features = jnp.stack([feature] * b)
+        for length in self.text_buckets if every_shape or b == 1 else self.text_buckets[:1]:
+          t = length + self.num_image_tokens
+          tokens = np.zeros((b, t), np.int32)
+          tokens[:, :self.num_image_tokens] = self.config.image_token_id
+          mask = np.ones((b, t), bool)
+          jobs.append(functools.partial(
+              self._prefill.lower, self._params, self._state, tokens, features, mask, mask,
+              np.full((b,), _DROP, np.int32), np.zeros((b, 2), np.uint32),
+              sampling.per_row([sampling.Sampler()] * b), np.ones((b,), np.int32)))
+      with futures.ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        list(pool.map(lambda lower: lower().compile(), jobs))  # Raises what a compile raised.
+
+  def shutdown(self, drain: bool = True) -> None:
+    """Stops accepting; drain=True finishes what runs and what waits, False cancels it. Returns
+    when the engine thread has ended."""
+    with self._wake:
+      self._closing = True
+      self._drain = self._drain and drain
+      self._wake.notify_all()
+      thread = self._thread
+    if thread is None:  # Never started: nothing will run what waits.
+      with self._wake:
+        for live in self._pending:
+          self._finish(live, "cancelled")
+        self._pending.clear()
+      return
+    thread.join()
+
+  def _notify(self):
+    with self._wake:
+      self._wake.notify_all()
+
+  # The engine thread.
+
+  def _run(self):
+    try:
+      while self._step():
+        pass
+    except Exception as e:  # A bug or a device failure: fail every request, never hang one.
+      logging.exception("serving engine failed")
+      with self._wake:
+        self._error = f"{type(e).__name__}: {e}"
+        for live in [*self._pending, *filter(None, self._slots)]:
+          self._finish(live, "error", error=self._error)
+        self._pending.clear()
+        self._slots = [None] * self.num_slots
+
+  def _step(self, wait: bool = True) -> bool:
+    """One round: drop cancelled requests, prefill waiting ones into free slots, run one decode
+    chunk. Waits for work if `wait`; False once shut down and idle. (Tests call it directly.)"""
+    with self._wake:
+      if wait:
+        self._wake.wait_for(lambda: self._pending or self._closing or any(self._slots))
+      if not self._drain:
+        for live in [*self._pending, *filter(None, self._slots)]:
+          live.handle.cancelled = True
+      self._drop_cancelled()
+      if self._closing and not self._pending and not any(self._slots):
+        return False
+      admitted = self._admit()
+    with self._device:
+      if admitted:
+        self._prefill_batches(admitted)
+      if any(self._slots):
+        self._decode_chunk()
+    return True
+
+  def _drop_cancelled(self):
+    """Under the lock: finishes cancelled requests, waiting or running (their slot is free)."""
+    for live in [l for l in self._pending if l.handle.cancelled]:
+      self._pending.remove(live)
+      self._finish(live, "cancelled")
+    for live in filter(None, list(self._slots)):
+      if live.handle.cancelled:
+        self._finish(live, "cancelled")
+
+  def _admit(self) -> list[_Live]:
+    """Under the lock: moves waiting requests (first come, first served) into free slots."""
+    free = [i for i, s in enumerate(self._slots) if s is None]
+    admitted = []
+    while free and self._pending:
+      live = self._pending.popleft()
+      live.slot = free.pop(0)
+      self._slots[live.slot] = live
+      admitted.append(live)
+    return admitted
+
+  def _image_features(self, admitted: list[_Live]):
+    """Features for every admitted request: from the cache, else from one image-tower batch."""
+    todo = {}
+    for live in admitted:
+      with self._wake:
+        if live.features is None:
+          live.features = self._images.get(live.image_key)
+        if live.features is None:
+          todo.setdefault(live.image_key, []).append(live)
+        else:
+          self._counts["image_cache_hits"] += 1
+          if live.image_key in self._images:
+            self._images.move_to_end(live.image_key)
+    if not todo:
+      return
+    keys = list(todo)
+    pixels = [todo[k][0].pixels for k in keys]
+    pixels += pixels[:1] * (batching.power_of_two_bucket(len(keys)) - len(keys))
+    features = self._embed(self._params, np.stack(pixels))
+    with self._wake:
+      for i, key in enumerate(keys):
+        self._counts["image_cache_misses"] += 1
+        self._counts["image_cache_hits"] += len(todo[key]) - 1
+        for live in todo[key]:
+          live.features, live.pixels = features[i], None
+        if self.image_cache_size > 0:
+          self._images[key] = features[i]
+          while len(self._images) > self.image_cache_size:
+            self._images.popitem(last=False)
+
+  def _prefill_batches(self, admitted: list[_Live]):
+    """Prefills the admitted requests, one batch per prompt bucket, into their slots."""
+    self._image_features(admitted)
+    groups = collections.defaultdict(list)
+    for live in admitted:
+      groups[live.length_bucket].append(live)
+    for length, group in groups.items():
+      rows = group + group[:1] * (batching.power_of_two_bucket(len(group)) - len(group))
+      tokens, input_mask = batching.right_pad([l.tokens for l in rows], length)
+      prefix_mask, _ = batching.right_pad([l.prefix_mask for l in rows], length, bool)
+      slots = np.array([l.slot for l in group] + [_DROP] * (len(rows) - len(group)), np.int32)
+      self._state, token, logprob = self._prefill(
+          self._params, self._state, tokens, jnp.stack([l.features for l in rows]), input_mask,
+          prefix_mask, slots, np.stack([l.key for l in rows]),
+          sampling.per_row([l.request.sampler for l in rows]),
+          np.array([l.request.max_tokens for l in rows], np.int32))
+      self._counts["prefill_calls"] += 1
+      token, logprob = np.asarray(token), np.asarray(logprob)
+      with self._wake:
+        for i, live in enumerate(group):
+          self._advance(live, token[i:i + 1], logprob[i:i + 1])
+
+  def _decode_chunk(self):
+    active = np.array([s is not None for s in self._slots])
+    self._state, out, logprobs = self._decode(self._params, self._state, active)
+    out, logprobs = np.asarray(out), np.asarray(logprobs)
+    self._counts["decode_calls"] += 1
+    with self._wake:
+      for slot, live in enumerate(self._slots):
+        if live is not None and active[slot]:
+          chosen = out[slot] >= 0
+          self._advance(live, out[slot][chosen], logprobs[slot][chosen])
+
+  def _advance(self, live: _Live, tokens, logprobs):
+    """Under the lock: takes a request's new tokens; sends an event; finishes it if it ended."""
+    request, eos = live.request, self.tokenizer.eos_id
+    start, finish, cut = len(live.generated), None, None
+    for token in tokens.tolist():
+      if token == eos:
+        finish = "stop"
+        break
+      live.generated.append(token)
+      if request.stop:
+        cut = _find_stop(self.tokenizer.decode(live.generated), request.stop, len(live.text))
+        if cut is not None:
+          finish = "stop"
+          break
+      if len(live.generated) >= request.max_tokens:
+        finish = "length"
+        break
+    new = live.generated[start:]
+    self._counts["tokens_total"] += len(new)
+    text = self.tokenizer.decode(live.generated)
+    if cut is not None:
+      text = text[:cut]
+    elif finish is None:
+      text = text[:len(text) - _held_back(text, request.stop)]
+    delta = text[len(live.text):] if text.startswith(live.text) else ""
+    live.text += delta
+    self._finish(live, finish, delta=delta, ids=new, logprobs=logprobs[:len(new)].tolist())
+
+  def _finish(self, live: _Live, finish: str | None, *, delta: str = "", ids=(), logprobs=(),
+              error: str | None = None):
+    """Under the lock: sends one event; a finishing one also frees the request's slot."""
+    if finish is not None:
+      if live.slot is not None and self._slots[live.slot] is live:
+        self._slots[live.slot] = None
+      self._counts["requests_finished"] += 1
+      self._counts[f"finish_{finish}"] += 1
+    live.handle._put(Event(delta, list(ids), finish, live.handle.prompt_tokens,
+                           len(live.generated), error, list(logprobs)))
+
+
+def _find_stop(text: str, stops, sent: int) -> int | None:
+  """Where the text must end for the earliest stop string in it, if any."""
+  found = [i for i in (text.find(s) for s in stops) if i >= 0]
+  return max(min(found), sent) if found else None
+
+
+def _held_back(text: str, stops) -> int:
+  """How many trailing characters to hold back while running: an incomplete UTF-8 character
+  (SentencePiece shows it as U+FFFD) or the start of a stop string."""
+  held = len(text) - len(text.rstrip("\ufffd"))
+  for s in stops:
+    held = max(held, next((k for k in range(min(len(s) - 1, len(text)), 0, -1)
+                           if text.endswith(s[:k])), 0))
+  return held

@@ -1,0 +1,293 @@
+"""The OpenAI-compatible HTTP server (FastAPI) over an `engine.Engine`.
+
+  POST /v1/chat/completions  schema.parse_chat_request -> engine.submit -> the reply, or with
+                             "stream": true server-sent events in OpenAI's chunk format, then
+                             `data: [DONE]`
+  GET  /v1/models            the one model this server runs
+  GET  /health               {"status": "ok"}, never behind the API key (load balancers)
+  GET  /metrics              Prometheus text (metrics.py)
+  GET  /                     page.html, a static page to try the model (it sends the key itself)
+
+A refused request gets an OpenAI error body and touches nothing else: 400 bad request, 401
+missing or wrong key, 413 body or image over a limit, 429 the engine's queue is full, 503
+shutting down. Each request's events come from a thread that blocks on its `Handle.events()` (so
+the event loop never blocks); a client that goes away mid-answer cancels its request, which
+frees its slot. The lifespan's end drains the engine, after uvicorn's graceful shutdown (SIGTERM)
+has stopped accepting connections and let the running requests finish.
+"""
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import importlib.resources
+import json
+import threading
+import time
+import uuid
+
+import fastapi
+from fastapi import responses
+from starlette.concurrency import run_in_threadpool
+
+from paligemma_jax import errors
+from paligemma_jax import tasks
+from paligemma_jax.serving import engine as engine_lib
+from paligemma_jax.serving import metrics as metrics_lib
+from paligemma_jax.serving import schema
+
+DISCONNECT_POLL_S = 0.5  # How often a non-streaming request checks that its client is still there.
+
+
+def _error(status: int, message: str, *, type: str = "invalid_request_error", code=None,
+           param=None) -> responses.JSONResponse:
+  body = schema.APIError(status, message, type=type, code=code, param=param).body()
+  return responses.JSONResponse(body, status_code=status)
+
+
+class _Events:
+  """A handle's events on the event loop: a thread blocks on `handle.events()` and hands each
+  one over; `get()` returns the next Event, or raises what the engine raised."""
+
+  def __init__(self, handle):
+    self.handle = handle
+    self._loop = asyncio.get_running_loop()
+    self._queue = asyncio.Queue()
+    threading.Thread(target=self._pump, daemon=True, name="paligemma-events").start()
+
+  def _put(self, item):
+    try:
+      self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+    except RuntimeError:  # The loop has closed: nobody is waiting any more.
+      pass
+
+  def _pump(self):
+    try:
+      for event in self.handle.events():
+        self._put(event)
+    except BaseException as e:  # noqa: BLE001  Delivered to the request, which answers 500.
+      self._put(e)
+
+  async def get(self, timeout: float | None = None):
+    item = await asyncio.wait_for(self._queue.get(), timeout)
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+
+class _ClosingStream(responses.StreamingResponse):
+  """Closes its generator however the response ends, so its `finally` (cancel) always runs."""
+
+  async def __call__(self, scope, receive, send):
+    try:
+      await super().__call__(scope, receive, send)
+    finally:
+      await self.body_iterator.aclose()
+
+
+def _finish_reason(reason: str | None) -> str | None:
+  return {"eos": "stop"}.get(reason, reason)
+
+
+def create_app(engine, *, model_name: str, api_key: str | None = None,
+               limits: schema.Limits = schema.Limits(), vae_params=None,
+               default_max_tokens: int = 32, on_ready=None) -> fastapi.FastAPI:
+  """The server app for a started `engine` (its lifespan's end calls engine.shutdown(drain=True)).
+
+  api_key: every endpoint but /health and the static page needs `Authorization: Bearer KEY`.
+  vae_params: the mask decoder (segmentation.load_vae_npz), for "task": "segment".
+  on_ready: called once the app has started (the CLI prints the URL).
+  """
+  limits = dataclasses.replace(limits, segment=vae_params is not None)
+  metrics = metrics_lib.Metrics(engine)
+  object_tasks = {name: tasks.get(name, vae_params) for name in tasks.OBJECT_TASKS}
+  page = importlib.resources.files("paligemma_jax.serving").joinpath("page.html").read_text()
+  created = int(time.time())
+  key = api_key.encode() if api_key else None
+
+  @contextlib.asynccontextmanager
+  async def lifespan(app):
+    if on_ready is not None:
+      on_ready()
+    yield
+    await run_in_threadpool(engine.shutdown, True)
+
+  def authorize(request: fastapi.Request):
+    if key is None:
+      return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key):
+      raise schema.APIError(401, "Missing or wrong API key: send the header 'Authorization: "
+                            "Bearer KEY'.", code="invalid_api_key")
+
+  app = fastapi.FastAPI(title="paligemma-jax", lifespan=lifespan, docs_url=None, redoc_url=None,
+                        openapi_url=None)
+  keyed = dict(dependencies=[fastapi.Depends(authorize)])
+
+  @app.exception_handler(schema.APIError)
+  async def refused(request, error: schema.APIError):
+    if request.url.path == "/v1/chat/completions":
+      metrics.requests.labels(str(error.status)).inc()
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return responses.JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+  @app.get("/health")
+  async def health():
+    return {"status": "ok"}
+
+  @app.get("/", response_class=responses.HTMLResponse)
+  async def index():
+    return page
+
+  @app.get("/metrics", **keyed)
+  async def get_metrics():
+    body, content_type = metrics.render()
+    return responses.Response(body, media_type=content_type)
+
+  @app.get("/v1/models", **keyed)
+  async def models():
+    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                        "owned_by": "paligemma-jax"}]}
+
+  async def read_body(request: fastapi.Request) -> bytes:
+    """The body, refused (413) as soon as it passes the limit, before it is all read."""
+    limit = limits.max_body_bytes
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+      raise schema.APIError(413, f"The request body is over {limit} bytes.",
+                            code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+      size += len(chunk)
+      if size > limit:
+        raise schema.APIError(413, f"The request body is over {limit} bytes.",
+                              code="request_too_large")
+      chunks.append(chunk)
+    return b"".join(chunks)
+
+  async def submit(chat: schema.ChatRequest):
+    request = engine_lib.Request(prompt=chat.prompt, image=chat.image, max_tokens=chat.max_tokens,
+                                 sampler=chat.sampler, seed=chat.seed, stop=chat.stop)
+    try:
+      return await run_in_threadpool(engine.submit, request)  # Decodes the image: not here.
+    except errors.InputError as e:
+      raise schema.APIError(400, " ".join(str(e).split()), param="messages",
+                            code="invalid_value") from None
+    except engine_lib.QueueFull:
+      raise schema.APIError(429, "The server is busy (its queue is full); retry shortly.",
+                            type="rate_limit_error", code="queue_full") from None
+    except engine_lib.Closed:
+      raise schema.APIError(503, "The server is shutting down.", type="server_error",
+                            code="shutting_down") from None
+
+  async def task_fields(chat: schema.ChatRequest, text: str) -> dict:
+    if chat.task is None:
+      return {}
+    return await run_in_threadpool(object_tasks[chat.task].answer_fields, text, *chat.image_size)
+
+  @app.post("/v1/chat/completions", **keyed)
+  async def chat_completions(request: fastapi.Request):
+    arrival = time.monotonic()
+    body = schema.parse_json(await read_body(request))
+    chat = await run_in_threadpool(schema.parse_chat_request, body, limits, default_max_tokens)
+    if chat.max_tokens > getattr(engine, "max_tokens_limit", chat.max_tokens):
+      raise schema.APIError(400, f"max_tokens must be at most {engine.max_tokens_limit} on this "
+                            f"server, got {chat.max_tokens}.", param="max_tokens",
+                            code="invalid_value")
+    handle = await submit(chat)
+    reply = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model_name)
+    timing = _Timing(metrics, arrival)
+    if chat.stream:
+      metrics.requests.labels("200").inc()
+      return _ClosingStream(_stream(chat, handle, reply, timing, task_fields),
+                            media_type="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    events, text, final = _Events(handle), [], None
+    try:
+      while final is None:
+        try:
+          event = await events.get(DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+          if await request.is_disconnected():
+            metrics.requests.labels("499").inc()  # Client closed the request (nginx's code).
+            return responses.Response(status_code=499)  # Nobody reads it; the slot is freed.
+          continue
+        timing.event(event)
+        text.append(event.text)
+        if event.finish_reason is not None:
+          final = event
+    finally:
+      if final is None:
+        handle.cancel()
+    if final.finish_reason == "error":
+      metrics.requests.labels("500").inc()
+      return _error(500, final.error or "The request failed.", type="server_error")
+    content = "".join(text)
+    message = {"role": "assistant", "content": content, **await task_fields(chat, content)}
+    metrics.requests.labels("200").inc()
+    return {**reply, "object": "chat.completion",
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": _finish_reason(final.finish_reason)}],
+            "usage": _usage(final)}
+
+  return app
+
+
+class _Timing:
+  """One request's token times, reported to the metrics when it ends."""
+
+  def __init__(self, metrics, arrival):
+    self.metrics, self.arrival, self.first = metrics, arrival, None
+
+  def event(self, event):
+    now = time.monotonic()
+    if event.token_ids and self.first is None:
+      self.first = now
+    self.metrics.tokens(len(event.token_ids))
+    if event.finish_reason is not None:
+      self.metrics.finished(self.arrival, self.first, now, event.completion_tokens,
+                            event.prompt_tokens)
+
+
+def _usage(event) -> dict:
+  return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+          "total_tokens": event.prompt_tokens + event.completion_tokens}
+
+
+def _sse(data) -> str:
+  return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _stream(chat, handle, reply, timing, task_fields):
+  """OpenAI's chunks: the role, then content deltas, then the finish_reason (with the task's
+  fields), then usage if asked, then [DONE]. Cancels the request if the client leaves."""
+  chunk = {**reply, "object": "chat.completion.chunk"}
+
+  def choice(delta, finish_reason=None):
+    return _sse({**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                       "finish_reason": finish_reason}]})
+
+  finished = False
+  try:
+    yield choice({"role": "assistant", "content": ""})
+    events, text = _Events(handle), []
+    while True:
+      event = await events.get()
+      timing.event(event)
+      if event.text:
+        text.append(event.text)
+        yield choice({"content": event.text})
+      if event.finish_reason is not None:
+        break
+    finished = True
+    if event.finish_reason == "error":
+      yield _sse(schema.APIError(500, event.error or "The request failed.",
+                                 type="server_error").body())
+    else:
+      yield choice(await task_fields(chat, "".join(text)), _finish_reason(event.finish_reason))
+      if chat.include_usage:
+        yield _sse({**chunk, "choices": [], "usage": _usage(event)})
+    yield "data: [DONE]\n\n"
+  finally:
+    if not finished:
+      handle.cancel()
