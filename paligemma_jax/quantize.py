@@ -19,7 +19,9 @@ How a product runs (measured: docs/benchmarks.md, "int8 weights"):
              With few rows (decoding: at most DYNAMIC_MAX_ROWS), the activations are quantized
              too, per row (absmax / 127), and the product is int8 x int8 -> int32; with many
              rows (prefill, scoring) the product is compute-bound and the weight-only form costs
-             the same as float32 while keeping the activations exact.
+             the same as float32 while keeping the activations exact. One row (batch-1 decoding)
+             is padded to two: XLA:CPU lowers an int8 matrix-vector product by writing an int32
+             copy of the whole weight, while two rows take its int8 GEMM, which reads q as is.
 """
 
 import math

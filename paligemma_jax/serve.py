@@ -59,8 +59,9 @@ def define_flags():
   flags.DEFINE_integer("max_body_mib", 32, "Largest request body, MiB.", lower_bound=1)
   flags.DEFINE_integer("max_image_pixels", 50_000_000, "Largest image, width x height.",
                        lower_bound=1)
-  flags.DEFINE_bool("warmup", True, "Compile every program before serving (else each compiles "
-                    "when first needed, delaying the first requests of each shape).")
+  flags.DEFINE_bool("warmup", True, "Compile the common programs before serving (the rest, and "
+                    "with --nowarmup all, compile when first needed; the compilation cache makes "
+                    "a restart's warmup cheap).")
   flags.DEFINE_string("vae_npz", None, 'Mask decoder weights (big_vision\'s vae-oid.npz), for '
                       'requests with "task": "segment".')
 
