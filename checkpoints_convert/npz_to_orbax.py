@@ -10,6 +10,8 @@ checked before any weight is read. The output directory must not exist; it appea
 complete, and a rerun removes what a killed run left.
 """
 
+import os
+
 from absl import flags
 from absl import logging
 
@@ -45,6 +47,8 @@ def convert(npz_path: str, output_dir: str, tokenizer: str | None = None,
   """Reads `npz_path`, writes `output_dir`; returns the model config. `tokenizer` defaults to the
   tokenizer.model beside the file."""
   checkpoint.check_new(output_dir)
+  if not os.path.isfile(npz_path):  # Before the tokenizer beside it is looked for.
+    raise errors.InputError(f"--npz={npz_path}: no such file.")
   tokenizer = tokenizer or npz.tokenizer_beside(npz_path)
   _check_tokenizer(tokenizer)
   params, config = npz.load_npz(npz_path, dtype=dtype, variant=variant, progress=progress)

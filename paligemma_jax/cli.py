@@ -15,6 +15,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import logging as std_logging
 from ml_collections import config_flags
 
 from paligemma_jax import checkpoint
@@ -59,6 +60,8 @@ def run(main, define_flags=None):
       if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]} (flags are written --name=value)")
       checkpoint.quiet_orbax_logs()
+      # JAX names each accelerator plugin it could not open (libtpu on a CPU host) at INFO.
+      std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
       compilation_cache.enable(flags.FLAGS.compilation_cache)
       return main(argv)
     except EXPECTED as e:

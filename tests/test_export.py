@@ -183,3 +183,12 @@ def test_command_line(tmp_path, converted_checkpoint):
   assert run.returncode == 0, run.stderr
   assert "model.safetensors.index.json" in os.listdir(out) and "tokenizer.json" in os.listdir(out)
   assert hf_config.read_config(str(out)).param_dtype == "bfloat16"
+  # As a user runs it (no JAX_PLATFORMS): JAX's note about the TPU plugin it could not open stays
+  # out of the one line.
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  failed = subprocess.run(
+      [sys.executable, "-m", "checkpoints_convert.orbax_to_hf", "--checkpoint=no-org/no-model",
+       f"--output_dir={tmp_path / 'out2'}"], cwd=REPO, capture_output=True, text=True,
+      timeout=300, env=dict(env, PYTHONPATH=REPO, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path)))
+  assert failed.returncode == 1 and failed.stderr.strip().splitlines() == [
+      "orbax_to_hf.py: error: " + failed.stderr.split("error: ", 1)[1].strip()], failed.stderr

@@ -330,4 +330,6 @@ def test_a_variant_that_does_not_fit_and_a_missing_tokenizer_are_refused(pg1, tm
     loading.load_model(str(alone))
   with pytest.raises(errors.InputError, match="Tokenizer model not found.*--tokenizer=PATH"):
     npz_to_orbax.convert(str(alone), str(tmp_path / "out"), progress=False)
+  with pytest.raises(errors.InputError, match="--npz=.*missing.npz: no such file"):  # Not its tokenizer.
+    npz_to_orbax.convert(str(tmp_path / "missing.npz"), str(tmp_path / "out"), progress=False)
   assert not os.path.exists(tmp_path / "out")
