@@ -23,6 +23,7 @@ from paligemma_jax import inference
 from paligemma_jax import loading
 from paligemma_jax import paligemma
 from paligemma_jax import sampling
+from test_decode import prompts  # Right-padded prompts of given lengths.
 
 MAX_NEW = 8
 PENALTIES = (1.0, 0.0, 2.0)
@@ -49,18 +50,6 @@ def soft():
     return built[directory]
 
   return get
-
-
-def prompts(config, lengths, seed=0):
-  """Right-padded prompts of the given lengths (image tokens, <bos>, random text)."""
-  rng = np.random.RandomState(seed)
-  n, t = paligemma.num_image_tokens(config), max(lengths)
-  tokens = rng.randint(5, config.image_token_id, size=(len(lengths), t)).astype(np.int32)
-  tokens[:, :n], tokens[:, n] = config.image_token_id, 2
-  input_mask = np.arange(t)[None] < np.array(lengths)[:, None]
-  s = config.vision.image_size
-  images = rng.uniform(-1, 1, (len(lengths), s, s, 3)).astype(np.float32)
-  return np.where(input_mask, tokens, 0), images, input_mask, input_mask.copy()
 
 
 def reference_generate(model, tokens, image, image_token, **kwargs):
