@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from paligemma_jax import checkpoint_mmap
 from paligemma_jax import errors
 from paligemma_jax import files
 from paligemma_jax import multihost
@@ -38,11 +39,15 @@ _STRUCTURE = ("variant", "vision", "text", "image_token_id", "param_dtype")  # S
 
 
 class _OrbaxInfoFilter(std_logging.Filter):
-  """Drops Orbax's INFO lines (some twenty per save or restore) unless --v=1 or more."""
+  """Drops Orbax's INFO lines (some twenty per save or restore) unless --v=1 or more, and the
+  warning every save without OCDBT gets (Orbax looks for OCDBT files to merge all the same)."""
 
   def filter(self, record):
-    return (record.levelno > std_logging.INFO or logging.get_verbosity() > logging.INFO
-            or f"{os.sep}orbax{os.sep}" not in record.pathname)
+    if f"{os.sep}orbax{os.sep}" not in record.pathname or logging.get_verbosity() > logging.INFO:
+      return True
+    if record.levelno == std_logging.WARNING:
+      return "Skipping merge of OCDBT checkpoints" not in record.getMessage()
+    return record.levelno > std_logging.INFO
 
 
 def quiet_orbax_logs():
@@ -76,10 +81,12 @@ def _stored_structure(params, config) -> str:
 
 
 def _writer() -> ocp.Checkpointer:
-  """Orbax, writing raw bytes: zstd saves little on float weights and made
-  restores 3x slower (decompression, one more copy); zarr3 restores faster than zarr2. Checkpoints
-  written with compression load all the same (the format is in each array's metadata)."""
-  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, use_zarr3=True))
+  """Orbax, writing each array's raw bytes into a file of its own (zarr3, no compression, no
+  OCDBT), the form checkpoint_mmap maps without copying: zstd saved little on float weights and
+  made restores 3x slower; OCDBT packs every array into one file TensorStore must copy out of.
+  Checkpoints written the earlier ways load all the same, through Orbax."""
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, use_zarr3=True,
+                                                      use_ocdbt=False))
 
 
 def save(directory: str, params, config: ml_collections.ConfigDict,
@@ -179,12 +186,17 @@ def _check_shapes(directory: str, stored, config):
         f"e.g. {diff[0]}: stored {got.get(diff[0])}, config {want.get(diff[0])}).")
 
 
-def load(directory: str, dtype=None, shardings=None):
-  """(params, config). `dtype` casts every leaf (config.param_dtype follows); `shardings` is one
-  jax.sharding.Sharding for all leaves or a matching tree of them (default: the first device)."""
-  config = load_config(directory)
-  path = _part(directory, PARAMS)
-  dtype = None if dtype is None else jnp.dtype(dtype)
+def _place(host, dtype, shardings):
+  """Host arrays onto their devices, leaf by leaf, cast there (float leaves only) if asked."""
+  def put(x, s):
+    x = jax.device_put(x, s)  # On CPU an aligned view of a mapped file is kept, not copied.
+    cast = dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype
+    return x.astype(dtype) if cast else x
+  return jax.tree.map(put, host, shardings)
+
+
+def _restore_with_orbax(directory, path, config, dtype, shardings):
+  """What checkpoint_mmap does not map: TensorStore reads and casts, into the shardings."""
   with ocp.StandardCheckpointer() as ckpt:
     try:
       stored = ckpt.metadata(path).item_metadata
@@ -194,17 +206,45 @@ def load(directory: str, dtype=None, shardings=None):
       raise _corrupt(path, "no parameter metadata.")
     stored = stored.tree
     _check_shapes(directory, stored, config)
-    if shardings is None:
-      shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if isinstance(shardings, jax.sharding.Sharding):
       shardings = jax.tree.map(lambda _: shardings, stored)
     cast = lambda m: dtype if dtype and jnp.issubdtype(m.dtype, jnp.floating) else m.dtype
     target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, cast(m), sharding=s),
                           stored, shardings)  # int8 weights (quantize.py) stay int8.
     try:
-      params = ckpt.restore(path, target)
+      return ckpt.restore(path, target)
     except Exception as e:
       raise _corrupt(path, e) from e
+
+
+def load(directory: str, dtype=None, shardings=None, scan_layers: bool = True):
+  """(params, config). `dtype` casts every float leaf (config.param_dtype follows); `shardings`
+  is one jax.sharding.Sharding for all leaves or a matching tree of them (default: the first
+  device); scan_layers=False returns the decoder's layers apart (paligemma.unstack_layers).
+
+  A checkpoint that checkpoint_mmap can map is not copied on CPU, its layers apart neither;
+  any other is restored through Orbax."""
+  config = load_config(directory)
+  path = _part(directory, PARAMS)
+  dtype = None if dtype is None else jnp.dtype(dtype)
+  if shardings is None:
+    shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  one_sharding = isinstance(shardings, jax.sharding.Sharding)
+  try:
+    host = checkpoint_mmap.read(path)
+  except checkpoint_mmap.DamagedArray as e:
+    raise _corrupt(path, e) from None
+  if host is not None:
+    _check_shapes(directory, host, config)
+    if not scan_layers and one_sharding:  # Views of views: layers apart cost nothing.
+      host = paligemma.unstack_layers(host)
+    params = _place(host, dtype, jax.tree.map(lambda _: shardings, host) if one_sharding
+                    else shardings)
+  else:
+    params = _restore_with_orbax(directory, path, config, dtype, shardings)
+  if not scan_layers and "layers" in params["llm"]:
+    params = paligemma.unstack_layers(params)
   if dtype is not None:
     config.param_dtype = dtype.name
+  config.scan_layers = scan_layers
   return params, config

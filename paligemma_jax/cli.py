@@ -20,6 +20,7 @@ from ml_collections import config_flags
 
 from paligemma_jax import checkpoint
 from paligemma_jax import compilation_cache
+from paligemma_jax import decode
 from paligemma_jax import errors
 from paligemma_jax import loading
 from paligemma_jax import multihost
@@ -156,6 +157,7 @@ def dtype_from_flags() -> str:
 
 
 def load_model_from_flags(mesh):
+  """The model, in the layout the decoding commands' Generator uses (no second copy of it)."""
   f = flags.FLAGS
   return loading.load_model(f.checkpoint, dtype=dtype_from_flags(), mesh=mesh, config=f.config,
-                            quantize=f.quantize)
+                            quantize=f.quantize, scan_layers=decode.default_scan_layers())

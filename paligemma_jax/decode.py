@@ -111,6 +111,11 @@ def _compile(model: paligemma.PaliGemma, max_new_tokens: int, mesh, *, eos_id: i
   return jax.jit(prefill), jax.jit(loop, donate_argnums=1)
 
 
+def default_scan_layers() -> bool:
+  """The decoding layout Generator picks by default (see its `scan_layers`): layers apart on CPU."""
+  return jax.default_backend() != "cpu"
+
+
 class Generator:
   """Generates from a PaliGemma checkpoint; reuses its compiled functions across calls.
 
@@ -137,7 +142,7 @@ class Generator:
     the largest models, cannot spare.
     """
     if scan_layers is None:
-      scan_layers = jax.default_backend() != "cpu"
+      scan_layers = default_scan_layers()
     self.scan_layers = scan_layers
     self.config = config.copy_and_resolve_references()
     self.config.scan_layers = scan_layers
@@ -157,7 +162,7 @@ class Generator:
 
   @params.setter
   def params(self, params):
-    """Takes the checkpoint layout (stacked layers) and keeps the decoding one."""
+    """Takes either layout (stacked layers, or apart) and keeps the decoding one."""
     self._params_mesh = sharding.mesh_of(params)
     self._params = None if params is None else self.decoding_layout(params)
 

@@ -63,7 +63,8 @@ STORED = "stored"  # param_dtype: keep the checkpoint's own dtypes (fine-tuning 
 
 def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None = None, mesh=None,
                remat: bool = False, config: ml_collections.ConfigDict | None = None,
-               tokenizer: str | None = None, quantize: str | None = None) -> Model:
+               tokenizer: str | None = None, quantize: str | None = None,
+               scan_layers: bool = True) -> Model:
   """(params, config, tokenizer) of the checkpoint at `path`.
 
   dtype: compute dtype (default `default_dtype()`).
@@ -86,7 +87,9 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
     stored = checkpoint.load_config(path)
     shardings = None if mesh is None else sharding.param_shardings(
         paligemma.param_shapes(stored), mesh)
-    params, stored = checkpoint.load(path, dtype=cast, shardings=shardings)
+    quantize_later = quantize == quantize_lib.INT8 and not quantize_lib.enabled(stored)
+    params, stored = checkpoint.load(path, dtype=cast, shardings=shardings,
+                                     scan_layers=scan_layers or quantize_later)
     tokenizer_file = checkpoint.tokenizer_path(path)
   elif kind == "npz":
     tokenizer_file = tokenizer or npz.tokenizer_beside(path)
@@ -105,16 +108,20 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
     if quantize_lib.enabled(stored):  # The override describes the structure; int8 is stored.
       config = config.copy_and_resolve_references()
       config.quantize = quantize_lib.INT8
-    expected = jax.tree.map(lambda x: x.shape, paligemma.param_shapes(config))
-    if jax.tree.map(lambda x: x.shape, params) != expected:
+    expected = paligemma.param_shapes(config)
+    if "layers" not in params["llm"]:
+      expected = paligemma.unstack_layers(expected)
+    if jax.tree.map(lambda x: x.shape, params) != jax.tree.map(lambda x: x.shape, expected):
       raise errors.InputError("The --config model does not match the checkpoint's parameter shapes.")
     stored = config
   if quantize == quantize_lib.INT8 and not quantize_lib.enabled(stored):
     params, stored = paligemma.quantize_params(params, stored)
     if mesh is not None:
       params = sharding.shard_params(params, mesh)
+  if not scan_layers and "layers" in params["llm"]:
+    params = paligemma.unstack_layers(params)
   result = stored.copy_and_resolve_references()
-  result.dtype, result.remat = dtype, remat
+  result.dtype, result.remat, result.scan_layers = dtype, remat, scan_layers
   if cast is not None:
     result.param_dtype = cast
   return Model(params, result, Tokenizer(tokenizer or tokenizer_file))

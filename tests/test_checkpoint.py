@@ -12,6 +12,7 @@ import pytest
 
 from configs.paligemma import get_config
 from paligemma_jax import checkpoint
+from paligemma_jax import checkpoint_mmap
 from paligemma_jax import errors
 from paligemma_jax import paligemma
 
@@ -122,12 +123,30 @@ def _edit_config(**fields):
   return damage
 
 
+def _chunk_files(directory):
+  """The files holding the arrays' bytes (`params/<key.path>/c/0/..`)."""
+  params = os.path.join(directory, checkpoint.PARAMS)
+  return [os.path.join(d, n) for d, _, names in os.walk(params) for n in names
+          if os.sep + "c" + os.sep in os.path.relpath(os.path.join(d, n), params) + os.sep]
+
+
 def _truncate_data(directory):
-  data = os.path.join(directory, checkpoint.PARAMS, "ocdbt.process_0", "d")
-  for name in os.listdir(data):
-    path = os.path.join(data, name)
+  for path in _chunk_files(directory):
     with open(path, "r+b") as f:
       f.truncate(os.path.getsize(path) // 2)
+
+
+def _remove_data(directory):
+  for path in _chunk_files(directory):
+    os.remove(path)
+
+
+def _overwrite_index(directory):
+  """The array bytes intact, the shard index at their end naming another size."""
+  for path in _chunk_files(directory):
+    with open(path, "r+b") as f:
+      f.seek(-20, os.SEEK_END)
+      f.write(b"\xff" * 16)
 
 
 def _remove(*parts):
@@ -146,8 +165,11 @@ _CORRUPT = {  # How a checkpoint is damaged, what the InputError (naming the dir
     "no config": (_remove(checkpoint.CONFIG), r"not a complete checkpoint: config\.json is mis"),
     "no params": (_remove(checkpoint.PARAMS), r"not a complete checkpoint: params is missing"),
     "no parameter tree": (_remove(checkpoint.PARAMS, "_METADATA"), r"no parameter metadata"),
-    "no array data": (_remove(checkpoint.PARAMS, "ocdbt.process_0"), r"Incomplete or corrupt"),
+    "no array data": (_remove_data, r"Incomplete or corrupt"),
     "truncated array data": (_truncate_data, r"Incomplete or corrupt .*params"),
+    "damaged shard index": (_overwrite_index, r"Incomplete or corrupt .*params"),
+    "an array missing": (_remove(checkpoint.PARAMS, "llm.final_norm.scale"),
+                         r"does not describe the param.*\['final_norm'\]\['scale'\]: stored None"),
 }
 
 
@@ -186,14 +208,68 @@ def test_arrays_are_stored_raw(tiny, tmp_path):
   assert _bytes_under(tmp_path / "ckpt" / checkpoint.PARAMS) >= raw
 
 
-def test_checkpoints_of_the_earlier_writer_load(tiny, tmp_path, spm_model_path):
-  """Written as before (StandardCheckpointer: zarr2, zstd): they load unchanged."""
+_EARLIER_WRITERS = {  # Orbax handlers of earlier versions: their checkpoints load through Orbax.
+    "zarr2 zstd (StandardCheckpointer)": ocp.PyTreeCheckpointHandler(),
+    "raw zarr3 in OCDBT": ocp.PyTreeCheckpointHandler(use_compression=False, use_zarr3=True),
+}
+
+
+@pytest.mark.parametrize("writer", sorted(_EARLIER_WRITERS))
+def test_checkpoints_of_the_earlier_writers_load(tiny, tmp_path, writer):
   params, config = tiny
   directory = tmp_path / "old"
   directory.mkdir()
-  with ocp.StandardCheckpointer() as ckpt:
+  with ocp.Checkpointer(_EARLIER_WRITERS[writer]) as ckpt:
     ckpt.save(str(directory / checkpoint.PARAMS), params)
-    ckpt.wait_until_finished()
   (directory / checkpoint.CONFIG).write_text(checkpoint._stored_structure(params, config))
-  loaded, _ = checkpoint.load(str(directory))
-  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+  assert checkpoint_mmap.read(str(directory / checkpoint.PARAMS)) is None
+  for scan_layers in (True, False):
+    loaded, loaded_config = checkpoint.load(str(directory), scan_layers=scan_layers)
+    want = params if scan_layers else paligemma.unstack_layers(params)
+    jax.tree.map(np.testing.assert_array_equal, loaded, want)
+    assert loaded_config.scan_layers == scan_layers
+
+
+def _mapped_ranges(path_part):
+  """(start, end) of this process's memory mappings of files whose path contains `path_part`."""
+  with open("/proc/self/maps") as f:
+    return [tuple(int(a, 16) for a in line.split()[0].split("-")) for line in f
+            if path_part in line]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux memory maps")
+def test_restore_maps_the_files_instead_of_copying_them(tiny, saved):
+  """On CPU the loaded weights are the checkpoint's file pages (no fresh memory to touch), and
+  so are the layers taken apart; a 64-byte aligned slice of a mapped file is what JAX keeps."""
+  params, _ = tiny
+  assert checkpoint_mmap.read(os.path.join(saved, checkpoint.PARAMS)) is not None
+  for scan_layers in (True, False):
+    loaded, _ = checkpoint.load(saved, scan_layers=scan_layers)
+    want = params if scan_layers else paligemma.unstack_layers(params)
+    jax.tree.map(np.testing.assert_array_equal, loaded, want)
+    llm = loaded["llm"]
+    for name, leaf in [("llm.embedder.input_embedding", llm["embedder"]["input_embedding"]),
+                       ("llm.layers.mlp.gate.kernel",
+                        (llm["layers"] if scan_layers else llm["layers_1"])["mlp"]["gate"]["kernel"])]:
+      pointer = leaf.unsafe_buffer_pointer()
+      assert any(a <= pointer < b for a, b in _mapped_ranges(os.sep + name + os.sep)), name
+
+
+def test_restore_never_writes_the_files(saved, tmp_path):
+  """Mapped copy-on-write: whatever writes to the mapped pages changes memory, not the file."""
+  directory = str(tmp_path / "ckpt")
+  shutil.copytree(saved, directory)
+  before = {p: open(p, "rb").read() for p in _chunk_files(directory)}
+  host = checkpoint_mmap.read(os.path.join(directory, checkpoint.PARAMS))
+  assert len(jax.tree.leaves(host)) == len(before)
+  for leaf in jax.tree.leaves(host):
+    leaf[...] = 7
+  assert {p: open(p, "rb").read() for p in _chunk_files(directory)} == before
+
+
+def test_restore_casts_to_the_dtype_asked(tiny, saved):
+  params, _ = tiny
+  loaded, config = checkpoint.load(saved, dtype="bfloat16")
+  assert config.param_dtype == "bfloat16"
+  assert {x.dtype for x in jax.tree.leaves(loaded)} == {jnp.dtype("bfloat16")}
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b.astype(jnp.bfloat16)), loaded, params)
