@@ -186,12 +186,19 @@ def _check_shapes(directory: str, stored, config):
         f"e.g. {diff[0]}: stored {got.get(diff[0])}, config {want.get(diff[0])}).")
 
 
+def _needs_cast(x, dtype) -> bool:
+  return dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype
+
+
 def _place(host, dtype, shardings):
-  """Host arrays onto their devices, leaf by leaf, cast there (float leaves only) if asked."""
+  """Host arrays onto their devices, leaf by leaf, float leaves cast to `dtype` if given: on CPU
+  by XLA after the zero-copy hand-over, else on the host first (a device never holds both)."""
   def put(x, s):
-    x = jax.device_put(x, s)  # On CPU an aligned view of a mapped file is kept, not copied.
-    cast = dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype
-    return x.astype(dtype) if cast else x
+    if not _needs_cast(x, dtype):
+      return jax.device_put(x, s)  # On CPU an aligned view of a mapped file is kept, not copied.
+    if all(d.platform == "cpu" for d in s.device_set):
+      return jax.device_put(x, s).astype(dtype)
+    return jax.device_put(x.astype(dtype), s)
   return jax.tree.map(put, host, shardings)
 
 
@@ -222,8 +229,8 @@ def load(directory: str, dtype=None, shardings=None, scan_layers: bool = True):
   is one jax.sharding.Sharding for all leaves or a matching tree of them (default: the first
   device); scan_layers=False returns the decoder's layers apart (paligemma.unstack_layers).
 
-  A checkpoint that checkpoint_mmap can map is not copied on CPU, its layers apart neither;
-  any other is restored through Orbax."""
+  A checkpoint that checkpoint_mmap can map is not copied on CPU, its layers apart neither, and
+  goes straight from the page cache to an accelerator; any other is restored through Orbax."""
   config = load_config(directory)
   path = _part(directory, PARAMS)
   dtype = None if dtype is None else jnp.dtype(dtype)
@@ -234,6 +241,9 @@ def load(directory: str, dtype=None, shardings=None, scan_layers: bool = True):
     host = checkpoint_mmap.read(path)
   except checkpoint_mmap.DamagedArray as e:
     raise _corrupt(path, e) from None
+  if host is not None and not one_sharding and any(
+      _needs_cast(x, dtype) for x in jax.tree.leaves(host)):
+    host = None  # Over a mesh, Orbax casts each device's slice alone, never a whole leaf.
   if host is not None:
     _check_shapes(directory, host, config)
     if not scan_layers and one_sharding:  # Views of views: layers apart cost nothing.
