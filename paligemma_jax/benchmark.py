@@ -67,6 +67,8 @@ def define_flags():
   flags.DEFINE_enum("quantize", None, ["int8"], "Time ours with int8 weights (quantize.py).")
   flags.DEFINE_bool("finetune_memory", False, "Instead of timing generation, print the compiled "
                     "memory of each fine-tuning preset's train step for the full --variant.")
+  flags.DEFINE_string("compilation_cache", "", "Persistent XLA cache for this process (cli.py); "
+                      "off by default here, since the benchmark times compiles.")
   e2e_benchmark.define_flags()
 
 

@@ -31,6 +31,7 @@ import tqdm
 
 from paligemma_jax import errors
 from paligemma_jax import hf_config
+from paligemma_jax import host_memory
 from paligemma_jax import paligemma
 
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # As safetensors names them.
@@ -255,7 +256,8 @@ def load_params(hf_dir: str, config: ml_collections.ConfigDict, progress: bool =
   """Our params (numpy, `config.param_dtype`) from a directory's safetensors files."""
   targets, shapes = _targets(config)
   found = _inventory(safetensors_files(hf_dir), targets)
-  out = {path: np.empty(sds.shape, sds.dtype) for path, sds in shapes.items()}
+  out = {path: host_memory.aligned_empty(sds.shape, sds.dtype)  # Taken by JAX as is.
+         for path, sds in shapes.items()}
   by_file = {}
   for hub, (path, name, dtype) in found.items():
     by_file.setdefault(path, []).append((hub, name, dtype))

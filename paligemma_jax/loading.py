@@ -58,6 +58,21 @@ def checkpoint_kind(path: str) -> str:
                           "Hugging Face PaliGemma directory (config.json, *.safetensors).")
 
 
+def _quantizes_once_read(quantize, config) -> bool:
+  """Whether load_model quantizes the float weights it read (from the stacked layers)."""
+  return quantize == quantize_lib.INT8 and not quantize_lib.enabled(config)
+
+
+def _to_devices(host, config, mesh, scan_layers, quantize):
+  """Host (numpy) parameters onto the devices: sharded over `mesh`, else onto the default device,
+  which on CPU keeps their aligned buffers (host_memory.py), layers apart as views if asked."""
+  if mesh is not None:
+    return sharding.shard_params(host, mesh)
+  if not scan_layers and not _quantizes_once_read(quantize, config):
+    host = paligemma.unstack_layers(host)
+  return jax.device_put(host)
+
+
 STORED = "stored"  # param_dtype: keep the checkpoint's own dtypes (fine-tuning casts from them).
 
 
@@ -87,23 +102,20 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
     stored = checkpoint.load_config(path)
     shardings = None if mesh is None else sharding.param_shardings(
         paligemma.param_shapes(stored), mesh)
-    quantize_later = quantize == quantize_lib.INT8 and not quantize_lib.enabled(stored)
-    params, stored = checkpoint.load(path, dtype=cast, shardings=shardings,
-                                     scan_layers=scan_layers or quantize_later)
+    stacked = scan_layers or _quantizes_once_read(quantize, stored)
+    params, stored = checkpoint.load(path, dtype=cast, shardings=shardings, scan_layers=stacked)
     tokenizer_file = checkpoint.tokenizer_path(path)
   elif kind == "npz":
     tokenizer_file = tokenizer or npz.tokenizer_beside(path)
     if not os.path.isfile(tokenizer_file):  # Before the long part.
       raise errors.InputError(f"{path}: no tokenizer {tokenizer_file}; give tokenizer=PATH.")
     params, stored = npz.load_npz(path, dtype=cast, progress=multihost.is_writer())
-    if mesh is not None:
-      params = sharding.shard_params(params, mesh)
+    params = _to_devices(params, stored, mesh, scan_layers, quantize)
   else:
     params, stored, tokenizer_file = hf.load_hf(path, dtype=cast, progress=multihost.is_writer())
     if tokenizer_file is None and tokenizer is None:
       raise errors.InputError(f"{path} has no tokenizer.model.")
-    if mesh is not None:
-      params = sharding.shard_params(params, mesh)
+    params = _to_devices(params, stored, mesh, scan_layers, quantize)
   if config is not None:
     if quantize_lib.enabled(stored):  # The override describes the structure; int8 is stored.
       config = config.copy_and_resolve_references()
@@ -114,7 +126,7 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
     if jax.tree.map(lambda x: x.shape, params) != jax.tree.map(lambda x: x.shape, expected):
       raise errors.InputError("The --config model does not match the checkpoint's parameter shapes.")
     stored = config
-  if quantize == quantize_lib.INT8 and not quantize_lib.enabled(stored):
+  if _quantizes_once_read(quantize, stored):
     params, stored = paligemma.quantize_params(params, stored)
     if mesh is not None:
       params = sharding.shard_params(params, mesh)

@@ -51,6 +51,7 @@ from configs import paligemma as presets
 from paligemma_jax import checkpoint
 from paligemma_jax import errors
 from paligemma_jax import hf_config
+from paligemma_jax import host_memory
 from paligemma_jax import paligemma
 
 PREFIX = "params/"
@@ -344,7 +345,8 @@ def check_shapes(npz: NpzFile, config: ml_collections.ConfigDict, why: str = "")
 def read_params(npz: NpzFile, config: ml_collections.ConfigDict, progress: bool = False) -> dict:
   """Our parameter tree (numpy, config.param_dtype), one array read at a time."""
   shapes = flax.traverse_util.flatten_dict(paligemma.param_shapes(config), sep="/")
-  out = {path: np.empty(sds.shape, sds.dtype) for path, sds in shapes.items()}
+  out = {path: host_memory.aligned_empty(sds.shape, sds.dtype)  # Taken by JAX as is.
+         for path, sds in shapes.items()}
   sources, filled = _sources(), set()
   for key in tqdm.tqdm(npz.members, unit="array", desc="Converting", disable=not progress):
     x = npz.read(key)

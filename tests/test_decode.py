@@ -1,6 +1,7 @@
 """Generation parity with transformers' generate, batching, <eos>, samplers and compile reuse."""
 
 import gc
+import os
 import weakref
 
 import jax
@@ -31,6 +32,20 @@ def pg1(converted_checkpoint):
   """(params, config, tokenizer) of PaliGemma 1 alone: for behaviour that does not depend on the
   model family."""
   return loading.load_model(converted_checkpoint(1)[0])
+
+
+@pytest.mark.parametrize("kind", ["converted", "hf"])
+def test_load_model_puts_each_kind_on_the_device_in_the_layout_asked(converted_checkpoint, kind):
+  """Device arrays, not host ones a jitted call would transfer again on every call; layers apart
+  (the CPU decoding layout) equal to the stacked ones."""
+  directory, _ = converted_checkpoint(1)
+  path = directory if kind == "converted" else os.path.join(os.path.dirname(directory), "hf")
+  stacked, apart = loading.load_model(path), loading.load_model(path, scan_layers=False)
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves((stacked.params, apart.params)))
+  assert (stacked.config.scan_layers, apart.config.scan_layers) == (True, False)
+  assert "layers" in stacked.params["llm"] and "layers" not in apart.params["llm"]
+  jax.tree.map(np.testing.assert_array_equal, apart.params,
+               paligemma.unstack_layers(stacked.params))
 
 
 def prompts(config, lengths, seed=0):
