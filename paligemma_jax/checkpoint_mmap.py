@@ -70,7 +70,7 @@ def _array(directory: str) -> np.ndarray | None:
   if not _is_one_raw_chunk(meta):
     return None
   shape, dtype = tuple(meta["shape"]), np.dtype(_DTYPES[meta["data_type"]])
-  chunk = os.path.join(directory, "c", *(["0"] * max(len(shape), 1)))
+  chunk = os.path.join(directory, "c", *(["0"] * len(shape)))  # A scalar's is `c`.
   nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
   try:
     with open(chunk, "rb") as f:
@@ -82,7 +82,10 @@ def _array(directory: str) -> np.ndarray | None:
         raise DamagedArray(f"{name}: its shard index does not describe its data.")
       if nbytes == 0:
         return np.zeros(shape, dtype)
-      mapped = mmap.mmap(f.fileno(), nbytes, access=mmap.ACCESS_COPY)
+      try:
+        mapped = mmap.mmap(f.fileno(), nbytes, access=mmap.ACCESS_COPY)
+      except OSError:  # A filesystem that cannot map, no address space left: Orbax reads it.
+        return None
   except OSError as e:
     raise DamagedArray(f"{name}: {e.strerror or e}: {os.path.relpath(chunk, directory)}.") from None
   return np.frombuffer(mapped, dtype, count=nbytes // dtype.itemsize).reshape(shape)

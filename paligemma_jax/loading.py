@@ -68,7 +68,9 @@ def _to_devices(host, config, mesh, scan_layers, quantize):
   which on CPU keeps their aligned buffers (host_memory.py), layers apart as views if asked."""
   if mesh is not None:
     return sharding.shard_params(host, mesh)
-  if not scan_layers and not _quantizes_once_read(quantize, config):
+  if _quantizes_once_read(quantize, config):
+    return host  # quantize_tree moves it a leaf at a time: the float model never on the device.
+  if not scan_layers:
     host = paligemma.unstack_layers(host)
   return jax.device_put(host)
 
@@ -122,14 +124,13 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
       config.quantize = quantize_lib.INT8
     expected = paligemma.param_shapes(config)
     if "layers" not in params["llm"]:
-      expected = paligemma.unstack_layers(expected)
+      expected = jax.eval_shape(paligemma.unstack_layers, expected)
     if jax.tree.map(lambda x: x.shape, params) != jax.tree.map(lambda x: x.shape, expected):
       raise errors.InputError("The --config model does not match the checkpoint's parameter shapes.")
     stored = config
   if _quantizes_once_read(quantize, stored):
     params, stored = paligemma.quantize_params(params, stored)
-    if mesh is not None:
-      params = sharding.shard_params(params, mesh)
+    params = jax.device_put(params) if mesh is None else sharding.shard_params(params, mesh)
   if not scan_layers and "layers" in params["llm"]:
     params = paligemma.unstack_layers(params)
   result = stored.copy_and_resolve_references()

@@ -267,6 +267,16 @@ def test_restore_never_writes_the_files(saved, tmp_path):
   assert {p: open(p, "rb").read() for p in _chunk_files(directory)} == before
 
 
+def test_a_filesystem_that_cannot_map_falls_back_to_orbax(tiny, saved, monkeypatch):
+  def refuse(*args, **kwargs):
+    raise OSError(19, "No such device")
+
+  monkeypatch.setattr(checkpoint_mmap.mmap, "mmap", refuse)
+  assert checkpoint_mmap.read(os.path.join(saved, checkpoint.PARAMS)) is None
+  loaded, _ = checkpoint.load(saved)
+  jax.tree.map(np.testing.assert_array_equal, loaded, tiny[0])
+
+
 def test_restore_casts_to_the_dtype_asked(tiny, saved):
   params, _ = tiny
   loaded, config = checkpoint.load(saved, dtype="bfloat16")

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from paligemma_jax import decode
+from paligemma_jax import errors
 from paligemma_jax import inference
 from paligemma_jax import loading
 from paligemma_jax import paligemma
@@ -46,6 +47,15 @@ def test_load_model_puts_each_kind_on_the_device_in_the_layout_asked(converted_c
   assert "layers" in stacked.params["llm"] and "layers" not in apart.params["llm"]
   jax.tree.map(np.testing.assert_array_equal, apart.params,
                paligemma.unstack_layers(stacked.params))
+  override = loading.load_model(path, scan_layers=False, config=stacked.config)  # --config.
+  jax.tree.map(np.testing.assert_array_equal, override.params, apart.params)
+  other = stacked.config.copy_and_resolve_references()
+  other.text.depth += 1
+  with pytest.raises(errors.InputError, match="does not match the checkpoint"):
+    loading.load_model(path, scan_layers=False, config=other)
+  quantized = loading.load_model(path, scan_layers=False, quantize="int8")  # From host leaves.
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(quantized.params))
+  assert "layers_1" in quantized.params["llm"] and not quantized.config.scan_layers
 
 
 def prompts(config, lengths, seed=0):
