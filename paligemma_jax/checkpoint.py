@@ -192,7 +192,11 @@ def _needs_cast(x, dtype) -> bool:
 
 def _place(host, dtype, shardings):
   """Host arrays onto their devices, leaf by leaf, float leaves cast to `dtype` if given: on CPU
-  by XLA after the zero-copy hand-over, else on the host first (a device never holds both)."""
+  by XLA after the zero-copy hand-over, else on the host first (a device never holds both).
+  `shardings`: one for every leaf, or a matching tree."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, host)
+
   def put(x, s):
     if not _needs_cast(x, dtype):
       return jax.device_put(x, s)  # On CPU an aligned view of a mapped file is kept, not copied.
@@ -215,7 +219,7 @@ def _restore_with_orbax(directory, path, config, dtype, shardings):
     _check_shapes(directory, stored, config)
     if isinstance(shardings, jax.sharding.Sharding):
       shardings = jax.tree.map(lambda _: shardings, stored)
-    cast = lambda m: dtype if dtype and jnp.issubdtype(m.dtype, jnp.floating) else m.dtype
+    cast = lambda m: dtype if _needs_cast(m, dtype) else m.dtype
     target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, cast(m), sharding=s),
                           stored, shardings)  # int8 weights (quantize.py) stay int8.
     try:
@@ -248,8 +252,7 @@ def load(directory: str, dtype=None, shardings=None, scan_layers: bool = True):
     _check_shapes(directory, host, config)
     if not scan_layers and one_sharding:  # Views of views: layers apart cost nothing.
       host = paligemma.unstack_layers(host)
-    params = _place(host, dtype, jax.tree.map(lambda _: shardings, host) if one_sharding
-                    else shardings)
+    params = _place(host, dtype, shardings)
   else:
     params = _restore_with_orbax(directory, path, config, dtype, shardings)
   if not scan_layers and "layers" in params["llm"]:
