@@ -29,10 +29,11 @@ setuptools.setup(
         "fastapi",  # The HTTP server (python -m paligemma_jax.serve).
         "uvicorn",
         "prometheus-client",
+        "httpx",  # The load generator's client (python -m paligemma_jax.serving.loadgen).
     ],
     extras_require={
         # transformers + torch (CPU) are the numerical reference in the tests.
         "test": ["pytest", "pytest-xdist", "transformers==5.23.0", "torch==2.13.0", "nbclient", "nbformat", "ipykernel",
-                 "httpx", "selenium"],
+                 "selenium"],
     },
 )

@@ -12,7 +12,6 @@ run as usual. Load the model with `loading.load_model`.
 import dataclasses
 from typing import Iterable, Iterator
 
-import jax
 import ml_collections
 import tqdm
 
@@ -78,13 +77,13 @@ class Predictor:
               total: int | None = None) -> Iterator[dict]:
     """Yields one result dict per example, in input order.
 
-    Example i samples with its own key, fold_in(PRNGKey(seed), first_index + i), whatever batch
+    Example i samples with its own key, fold_in(seed_key(seed), first_index + i), whatever batch
     it lands in: a run resumed at example k (first_index=k) gives the answers of a whole run.
     A `beam_search.BeamSearch` sampler answers with the best hypothesis and adds its `score`.
     """
     beams = isinstance(sampler, beam_search.BeamSearch)
     generator = self.beam_generator if beams else self.generator
-    key = jax.random.PRNGKey(seed)
+    key = sampling.seed_key(seed)  # ValueError outside sampling.SEED_RANGE.
     bar = tqdm.tqdm(total=total, unit="ex", disable=not progress, desc="generate")
     prepare = lambda e: self.prepare(e, max_new_tokens)
     batches = batching.prefetch(prepare, batching.chunks(examples, self.batch_size),

@@ -9,12 +9,33 @@ a row gets the same token either way.
 """
 
 import dataclasses
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 METHODS = ("greedy", "temperature", "top_k", "top_p")
+MAX_TOP_K = 2**31 - 1  # top_k is an int32 on the device.
+SEED_RANGE = (-2**63, 2**63 - 1)  # A seed is an int64 (OpenAI's range); all 64 bits count.
+TEMPERATURE_RANGE = (1e-30, 1e30)  # Any positive temperature acts as its clip to this range.
+
+
+def seed_key(seed: int) -> np.ndarray:
+  """The PRNG key [2] uint32 of a seed: its 64 bits (two's complement), high word first.
+
+  For 0 <= seed < 2**32 this is `jax.random.PRNGKey(seed)`; unlike it (which keeps the low 32
+  bits without jax_enable_x64), no two seeds of the range share a key. ValueError for a
+  non-integer or a seed outside SEED_RANGE.
+  """
+  if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+    raise ValueError(f"seed must be an integer, got {seed!r}")
+  seed = int(seed)
+  if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+    raise ValueError(f"seed must be in [-2**63, 2**63 - 1], got {seed}")
+  bits = seed % 2**64
+  return np.array([bits >> 32, bits & 0xFFFFFFFF], np.uint32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,8 +47,16 @@ class Sampler:
   top_p: float = 1.0  # For "top_p": keep the smallest set whose probability reaches p.
 
   def __post_init__(self):
+    """Every value must fit the device arrays it becomes (`per_row` never fails on a Sampler)."""
     if self.method not in METHODS:
       raise ValueError(f"Unknown sampler {self.method!r}; choose one of {METHODS}.")
+    for name in ("temperature", "top_p"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+    if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or not (
+        0 <= self.top_k <= MAX_TOP_K):
+      raise ValueError(f"top_k must be an integer in [0, {MAX_TOP_K}], got {self.top_k!r}.")
     if self.method != "greedy" and not self.temperature > 0:
       raise ValueError(f"temperature must be > 0, got {self.temperature}.")
     if self.method == "top_k" and self.top_k < 1:
@@ -36,14 +65,20 @@ class Sampler:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
 
   def as_arrays(self) -> dict:
-    return dict(method=jnp.int32(METHODS.index(self.method)), temperature=jnp.float32(self.temperature),
+    return dict(method=jnp.int32(METHODS.index(self.method)),
+                temperature=jnp.float32(_held(self.temperature)),
                 top_k=jnp.int32(self.top_k), top_p=jnp.float32(self.top_p))
+
+
+def _held(temperature: float) -> float:
+  """The temperature as the device holds it (1e308 would be inf in float32)."""
+  return min(temperature, TEMPERATURE_RANGE[1])
 
 
 def per_row(samplers) -> dict:
   """One sampler per row -> the `as_arrays()` dict of [B] numpy arrays."""
   return dict(method=np.array([METHODS.index(s.method) for s in samplers], np.int32),
-              temperature=np.array([s.temperature for s in samplers], np.float32),
+              temperature=np.array([_held(s.temperature) for s in samplers], np.float32),
               top_k=np.array([s.top_k for s in samplers], np.int32),
               top_p=np.array([s.top_p for s in samplers], np.float32))
 
@@ -64,7 +99,7 @@ def sample(logits, rng, sampler: dict, valid=None):
     return jnp.argmax(logits, axis=-1)
 
   def stochastic(logits):
-    logits = logits / column(sampler["temperature"])
+    logits = _tempered(logits, column(sampler["temperature"]))
     return jax.lax.cond(method == METHODS.index("temperature"), temperature, truncated, logits)
 
   draw = jax.vmap(jax.random.categorical)  # Row b from its own key: independent of the others.
@@ -90,7 +125,7 @@ def sample(logits, rng, sampler: dict, valid=None):
     is_greedy = method == METHODS.index("greedy")
 
     def mixed(logits):
-      scaled = logits / jnp.where(is_greedy, 1.0, sampler["temperature"])[:, None]
+      scaled = _tempered(logits, jnp.where(is_greedy, 1.0, sampler["temperature"])[:, None])
       drawn = temperature(scaled)
       any_truncated = jnp.any(method >= METHODS.index("top_k"))
       kept = jax.lax.cond(any_truncated, truncated, lambda _: drawn, scaled)
@@ -99,6 +134,16 @@ def sample(logits, rng, sampler: dict, valid=None):
 
     return jax.lax.cond(jnp.all(is_greedy), greedy, mixed, logits).astype(jnp.int32)
   return jax.lax.cond(method == METHODS.index("greedy"), greedy, stochastic, logits).astype(jnp.int32)
+
+
+def _tempered(logits, temperature):
+  """logits / temperature for any positive temperature. The largest logit is moved to 0 first,
+  so a tiny temperature sends the others to -inf (the greedy limit) instead of everything to
+  +-inf and NaN; the temperature is clipped to TEMPERATURE_RANGE, where its reciprocal stays a normal
+  float32 (XLA divides by multiplying; a denormal is flushed to 0, and -inf * 0 is NaN). Past
+  those bounds float32 logits give the same choices: greedy below, uniform above."""
+  shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+  return shifted / jnp.clip(temperature, *TEMPERATURE_RANGE)
 
 
 def chosen_logprobs(logits, tokens):

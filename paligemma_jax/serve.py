@@ -29,6 +29,7 @@ from paligemma_jax.serving import server
 from paligemma_jax.tasks import segmentation
 
 API_KEY_ENV = "PALIGEMMA_API_KEY"
+MAX_POSITIONS = 8192  # Every PaliGemma (1 and 2) has 8192; the model's own limit is checked too.
 
 
 def define_flags():
@@ -37,18 +38,19 @@ def define_flags():
                       "give --api_key then).")
   flags.DEFINE_integer("port", 8000, "Port to listen on.", lower_bound=0, upper_bound=65535)
   flags.DEFINE_integer("slots", 8, "Decode rows run together (a power of two); requests join "
-                       "and leave the running batch one by one.", lower_bound=1)
-  flags.DEFINE_integer("max_queue", 64, "Requests that may wait for a slot; more get HTTP 429.",
-                       lower_bound=0)
-  flags.DEFINE_integer("steps_per_call", 4, "Decode steps per device call.", lower_bound=1)
+                       "and leave the running batch one by one.", lower_bound=1, upper_bound=1024)
+  flags.DEFINE_integer("max_queue", 64, "Requests that may wait beyond the running slots; more "
+                       "get HTTP 429.", lower_bound=0, upper_bound=1_000_000)
+  flags.DEFINE_integer("steps_per_call", 4, "Decode steps per device call.", lower_bound=1,
+                       upper_bound=1024)
   flags.DEFINE_integer("max_prompt_tokens", 256, "Longest prompt in tokens (image tokens not "
-                       "counted).", lower_bound=1)
+                       "counted).", lower_bound=1, upper_bound=MAX_POSITIONS)
   flags.DEFINE_integer("max_tokens_limit", 256, "Largest max_tokens a request may ask for.",
-                       lower_bound=1)
+                       lower_bound=1, upper_bound=MAX_POSITIONS)
   flags.DEFINE_integer("default_max_tokens", 32, "max_tokens of a request that gives none.",
-                       lower_bound=1)
+                       lower_bound=1, upper_bound=MAX_POSITIONS)
   flags.DEFINE_integer("image_cache_size", 64, "Images whose encoding is kept for reuse.",
-                       lower_bound=0)
+                       lower_bound=0, upper_bound=1_000_000)
   flags.DEFINE_string("api_key", None, f"Require 'Authorization: Bearer KEY'; default "
                       f"${API_KEY_ENV}.")
   flags.DEFINE_string("model_name", None, "The name /v1/models lists and replies carry; default "
@@ -56,9 +58,10 @@ def define_flags():
   flags.DEFINE_bool("allow_image_urls", False, "Fetch http(s) image URLs for clients (public "
                     "addresses only, with a timeout and a size limit).")
   flags.DEFINE_bool("allow_local_images", False, "Let clients name image files on this machine.")
-  flags.DEFINE_integer("max_body_mib", 32, "Largest request body, MiB.", lower_bound=1)
+  flags.DEFINE_integer("max_body_mib", 32, "Largest request body, MiB.", lower_bound=1,
+                       upper_bound=4096)
   flags.DEFINE_integer("max_image_pixels", 50_000_000, "Largest image, width x height.",
-                       lower_bound=1)
+                       lower_bound=1, upper_bound=1 << 31)
   flags.DEFINE_bool("warmup", True, "Compile the common programs before serving (the rest, and "
                     "with --nowarmup all, compile when first needed; the compilation cache makes "
                     "a restart's warmup cheap).")

@@ -339,7 +339,9 @@ def test_big_jpeg_is_draft_decoded_within_tolerance(budget, subsampling):
   held = budget(1 << 30)
   pixels, size = processor.load_pixels(data, 224)
   assert size == (1800, 2000)
-  assert held.high_water == 4 * 900 * 1000  # Decoded at half scale: 900 x 1000, not 1800 x 2000.
+  # Decoded at half scale: 900 x 1000, not 1800 x 2000; with Pillow's line pointers, the
+  # decoder's two lines and the resize's coefficients.
+  assert held.high_water == 4 * 900 * 1000 + 8 * 1000 + 2 * 4 * 900 + 32 * (900 + 1000)
   levels = np.abs(pixels - _old_path(data, 224)) * 127.5  # uint8 levels.
   assert levels.max() <= 7 and levels.mean() <= 0.41 and np.quantile(levels, 0.99) <= 2
 
@@ -352,7 +354,8 @@ def test_jpeg_draft_follows_orientation(budget):
   held = budget(1 << 30)
   pixels, size = processor.load_pixels(data, (112, 56))
   assert size == (1999, 2000) and pixels.shape == (112, 56, 3)
-  assert held.high_water == 2 * 4 * 500 * 500  # Quarter scale (square), turned (one copy).
+  # Quarter scale (square), turned (one copy); lines and resize coefficients as above.
+  assert held.high_water == 2 * 4 * 500 * 500 + 8 * 500 + 2 * 4 * 500 + 32 * (500 + 500)
   levels = np.abs(pixels - _old_path(data, (112, 56))) * 127.5
   assert levels.max() <= 7 and levels.mean() <= 0.41
 
@@ -362,7 +365,7 @@ def test_progressive_jpeg_counts_its_coefficients(budget):
   data = _encoded(_photo_like(300, 200), "JPEG", progressive=True)
   held = budget(1 << 30)
   np.testing.assert_array_equal(processor.load_pixels(data, 28)[0], _old_path(data, 28))
-  assert held.high_water == (4 + 2 * 3) * 300 * 200
+  assert held.high_water == (4 + 2 * 3) * 300 * 200 + 8 * 200 + 2 * 4 * 300 + 32 * (300 + 200)
 
 
 def test_jpeg_not_8x_the_target_is_decoded_in_full():
@@ -419,3 +422,28 @@ def test_importable_without_transformers_or_torch():
   code = ("import sys; sys.modules.update(transformers=None, torch=None); "
           "import paligemma_jax.processor, paligemma_jax.tokenizer")
   subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+
+
+@pytest.mark.parametrize("size", [(200_000, 1), (1, 200_000)])
+def test_a_strip_is_thinned_before_its_resize_and_counted(budget, size, monkeypatch):
+  """A 1 x N strip: resizing it directly keeps 32 bytes of coefficients per source pixel (1.6 GB
+  for N = 50,000,000), so it is box-averaged along its long axis first; and Pillow's pointer per
+  line and the decoder's two lines count in the budget. Ordinary images resize as before."""
+  pixels = np.random.RandomState(0).randint(0, 256, (size[1], size[0], 3), np.uint8)
+  resized = []
+  original = Image.Image.resize
+  monkeypatch.setattr(Image.Image, "resize", lambda self, *a, **k: (
+      resized.append(self.size), original(self, *a, **k))[1])
+  held = budget(1 << 30)
+  got, upright = processor.load_pixels(_encoded(Image.fromarray(pixels), "PNG"), 28)
+  assert upright == size and got.shape == (28, 28, 3)
+  assert max(resized[-1]) <= 2 * processor.DRAFT_MARGIN * 28  # Thinned first: 224 at most.
+  long_side = max(size)
+  assert held.high_water >= 4 * long_side + 8 * size[1] + 2 * 4 * size[0]
+  # The box average keeps the mean colour of the strip's pixels, as the direct resize does.
+  want = processor.preprocess_image(Image.fromarray(pixels), 28)
+  assert abs(float(got.mean()) - float(want.mean())) < 0.01
+  resized.clear()
+  ordinary = np.random.RandomState(1).randint(0, 256, (200, 300, 3), np.uint8)
+  processor.load_pixels(_encoded(Image.fromarray(ordinary), "PNG"), 28)
+  assert resized == [(300, 200)]  # Not a strip: resized as it is.

@@ -10,17 +10,20 @@ lets a running request finish.
 
 import asyncio
 import base64
+import collections
 import contextlib
 import io
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import types
+import zlib
 
 import fastapi.testclient
 import numpy as np
@@ -66,6 +69,8 @@ class FakeEngine:
     self.full = False
     self.shut_down = None
     self.max_tokens_limit = 100
+    self.vocab_size = 1000
+    self.failed = None  # What health() says.
 
   def submit(self, request):
     if self.shut_down is not None:
@@ -88,6 +93,9 @@ class FakeEngine:
 
   def shutdown(self, drain=True):
     self.shut_down = drain
+
+  def health(self):
+    return self.failed
 
 
 def png(size=(20, 10), color=(0, 128, 255)) -> bytes:
@@ -231,6 +239,88 @@ def test_every_bad_request_class_is_refused_alone(tmp_path):
     assert 'paligemma_requests_total{status="400"} 29.0' in c.get("/metrics").text
 
 
+def png_header(width: int, height: int) -> bytes:
+  """A PNG that declares width x height pixels (its header is all a size check reads)."""
+  chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data +
+                              struct.pack(">I", zlib.crc32(kind + data)))
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+          + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_hostile_values_are_400s_with_openai_bodies(tmp_path):
+  """Each value the engine cannot hold, each malformed body, is refused before the engine."""
+  engine = FakeEngine()
+  deep = ("[" * 100_000 + "]" * 100_000).encode()
+  huge_integer = b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}"
+  os.mkfifo(tmp_path / "fifo")
+  cases = [  # (json or raw bytes, status, code, param)
+      (deep, 400, "invalid_json", None),
+      (huge_integer, 400, "invalid_json", None),
+      (body(temperature=1, top_k=2**31), 400, None, "top_k"),
+      (body(temperature=1, top_k=1e20), 400, None, "top_k"),
+      (body(temperature=1, top_k=1001), 400, None, "top_k"),  # Past the vocabulary.
+      (body(temperature=10**400), 400, None, "temperature"),
+      (body(seed=2**63), 400, None, "seed"),
+      (body(seed=-2**63 - 1), 400, None, "seed"),
+      (body(seed=1e20), 400, None, "seed"),
+      (body(n=True), 400, None, "n"),
+      (body(n=1.0), 400, None, "n"),
+      (body(logprobs=True), 400, "unsupported", "logprobs"),
+      (body(top_logprobs=2), 400, "unsupported", "logprobs"),
+      (body(max_tokens=5, max_completion_tokens=0), 400, None, "max_completion_tokens"),
+      (body(max_tokens=5, max_completion_tokens="x"), 400, None, "max_completion_tokens"),
+      (body(max_tokens=5, max_completion_tokens=6), 400, None, "max_completion_tokens"),
+      (body(image="/dev/zero"), 400, "invalid_image", "messages"),  # Not a regular file.
+      (body(image=str(tmp_path / "fifo")), 400, "invalid_image", "messages"),  # Never blocks.
+      (body(image=str(tmp_path / "a\0b.png")), 400, "invalid_image", "messages"),
+      (body(image=str(tmp_path)), 400, "invalid_image", "messages"),
+      (body(image=data_url(png_header(50_000, 50_000))), 413, "request_too_large", "messages"),
+      (body(image=data_url(png_header(10_000, 10_000))), 413, "request_too_large", "messages"),
+  ]
+  limits = schema.Limits(allow_local_images=True, max_image_bytes=1 << 20)
+  with client(engine, limits=limits) as c:
+    for payload, status, code, param in cases:
+      if isinstance(payload, bytes):
+        r = c.post("/v1/chat/completions", content=payload,
+                   headers={"Content-Type": "application/json"})
+      else:
+        r = c.post("/v1/chat/completions", json=payload)
+      error = error_of(r, status, code, param)
+      assert " at 0x" not in error["message"] and len(error["message"]) < 300, error
+    assert engine.requests == []
+    (tmp_path / "big.png").write_bytes(png() + b"\0" * (2 << 20))
+    error_of(c.post("/v1/chat/completions", json=body(image=str(tmp_path / "big.png"))), 413,
+             "request_too_large")
+    error = error_of(c.post("/v1/chat/completions", json=body(image=data_url(b"GIF89a nope"))),
+                     400, "invalid_image")
+    assert "BytesIO" not in error["message"]
+    error_of(c.get("/v1/nothing"), 404)
+    error_of(c.get("/v1/chat/completions"), 405)
+    # What is accepted: the values' whole ranges, any case of a data URL's scheme and type.
+    for fields in [dict(temperature=1, top_k=1000, seed=2**63 - 1), dict(seed=-2**63, n=1),
+                   dict(temperature=1e-45), dict(temperature=1e308), dict(logprobs=False),
+                   dict(max_tokens=5, max_completion_tokens=5)]:
+      assert c.post("/v1/chat/completions", json=body(**fields)).status_code == 200, fields
+    upper = "DATA:IMAGE/PNG;BASE64," + data_url(png()).partition(",")[2]
+    assert c.post("/v1/chat/completions", json=body(image=upper)).status_code == 200
+    assert engine.requests[-1].image == png()
+    assert engine.requests[0].sampler.top_k == 1000 and engine.requests[0].seed == 2**63 - 1
+
+
+def test_an_unexpected_failure_is_a_500_body_and_a_failed_engine_fails_health():
+  engine = FakeEngine()
+  engine.submit = lambda request: (_ for _ in ()).throw(RuntimeError("<secret object at 0x7f>"))
+  app = server.create_app(engine, model_name="tiny-pg")
+  with fastapi.testclient.TestClient(app, raise_server_exceptions=False) as c:
+    error = error_of(c.post("/v1/chat/completions", json=body()), 500)
+    assert error["type"] == "server_error" and "secret" not in error["message"]
+    assert 'paligemma_requests_total{status="500"} 1.0' in c.get("/metrics").text
+    assert c.get("/health").json() == {"status": "ok"}
+    engine.failed = "the engine failed: RuntimeError"
+    r = c.get("/health")
+    assert r.status_code == 503 and r.json()["status"] == "error"
+
+
 def test_local_images_only_when_allowed_and_urls_only_to_public_hosts(tmp_path):
   (tmp_path / "cat.png").write_bytes(png((30, 40)))
   engine = FakeEngine({"detect cat": "<loc0000><loc0000><loc0512><loc1023> cat"})
@@ -343,6 +433,29 @@ def test_a_client_that_leaves_cancels_its_request(stream, monkeypatch):
   assert b"[DONE]" not in bodies
 
 
+def test_a_client_that_leaves_while_tokens_flow_is_noticed(monkeypatch):
+  """Not only when the engine is silent: a long answer streaming into a non-streaming request
+  whose client left is cancelled within about DISCONNECT_POLL_S."""
+  monkeypatch.setattr(server, "DISCONNECT_POLL_S", 0.1)
+
+  class Flowing(FakeHandle):
+    def events(self, timeout=None):
+      for i in range(300):  # 3 s of tokens, one every 10 ms.
+        if self.cancelled.is_set():
+          yield engine_lib.Event("", [], "cancelled", 260, i)
+          return
+        time.sleep(0.01)
+        yield engine_lib.Event("x", [100], None, 260, i + 1)
+      yield engine_lib.Event("", [], "length", 260, 300)
+
+  engine = FakeEngine()
+  engine.submit = lambda request: engine.handles.append(Flowing([], 260, "length", False)) or \
+      engine.handles[-1]
+  start = time.monotonic()
+  asgi_call(server.create_app(engine, model_name="tiny-pg"), body(), leave_after_chunks=0)
+  assert time.monotonic() - start < 1.5 and engine.handles[0].cancelled.is_set()
+
+
 def test_serve_flags_are_checked_before_loading(tmp_path):
   from paligemma_jax import serve
   flags = types.SimpleNamespace(slots=3, default_max_tokens=8, max_tokens_limit=16, vae_npz=None,
@@ -409,6 +522,81 @@ def test_loadgen_measures_a_streaming_server():
   with pytest.raises(errors.InputError, match="only targets this machine"):
     loadgen._check_loopback("http://10.0.0.1:8000")
   loadgen._check_loopback("http://localhost:8000")
+
+
+def test_soak_mixed_good_and_hostile_clients(converted_checkpoint):
+  """4 clients send 240 requests, good and bad mixed, at a real engine behind uvicorn: every
+  good one is answered as generate answers it, every bad one gets its 4xx (a top_k past int32,
+  which once ended the engine, among them), nothing hangs, and the counters add up."""
+  import httpx
+  from paligemma_jax import inference, loading
+  model = loading.load_model(converted_checkpoint(1)[0])
+  images = [png((40, 30), (200, 30, 30)), png((17, 50), (10, 200, 90)), png((64, 64), (9, 9, 9))]
+  prompts = ["caption en", "answer en what is this?"]
+  pairs = [(i, p) for i in range(len(images)) for p in prompts]
+  predictor = inference.Predictor(model.config, model.params, model.tokenizer, batch_size=8)
+  want = [r["text"] for r in predictor.predict(
+      [inference.Example(images[i], p) for i, p in pairs], max_new_tokens=6)]
+  engine = engine_lib.Engine(model, slots=4, max_queue=64, steps_per_call=2, max_prompt_tokens=16,
+                             max_tokens_limit=8)
+  engine.start()
+  limits = schema.Limits(max_body_bytes=256 << 10)
+  vocab = model.tokenizer.vocab_size
+  hostile = [{"temperature": 1, "top_k": 2**31}, {"temperature": 1, "top_k": vocab + 1},
+             {"seed": 2**64}, {"temperature": "x"}, {"n": 2}, {"max_tokens": 9}]
+  counts = collections.Counter()
+
+  async def one(c, k):
+    pair = k % len(pairs)
+    good = body(pairs[pair][1], images[pairs[pair][0]], max_tokens=6)
+    kind = k % 8
+    if kind in (0, 1, 2):
+      r = await c.post("/v1/chat/completions", json=good)
+      assert r.status_code == 200, r.text
+      assert r.json()["choices"][0]["message"]["content"] == want[pair]
+    elif kind in (3, 7):
+      async with c.stream("POST", "/v1/chat/completions", json={**good, "stream": True}) as r:
+        assert r.status_code == 200
+        text = []
+        async for line in r.aiter_lines():
+          if kind == 7:
+            break  # Leaves mid-stream: its request is cancelled.
+          if line.startswith("data: {"):
+            text.append(json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
+        if kind == 3:
+          assert "".join(text) == want[pair]
+    elif kind == 4:
+      r = await c.post("/v1/chat/completions", content=b'{"messages": [',
+                       headers={"Content-Type": "application/json"})
+      error_of(r, 400, "invalid_json")
+    elif kind == 5:
+      error_of(await c.post("/v1/chat/completions", json={**good, **hostile[k % len(hostile)]}),
+               400)
+    else:
+      error_of(await c.post("/v1/chat/completions", json=body(image=png() + b"\0" * (300 << 10))),
+               413)
+    counts[{4: 400, 5: 400, 6: 413}.get(kind, 200)] += 1
+
+  async def client_loop(url, first):
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+      for k in range(first, 240, 4):
+        await one(c, k)
+
+  with serving(server.create_app(engine, model_name="tiny-pg", limits=limits)) as url:
+    async def main():
+      await asyncio.wait_for(asyncio.gather(*(client_loop(url, i) for i in range(4))), 300)
+    asyncio.run(main())
+    stats = engine.stats()
+    with httpx.Client(base_url=url) as c:
+      text = c.get("/metrics").text
+      assert c.get("/health").json() == {"status": "ok"}
+  assert sum(counts.values()) == 240 and counts == {200: 150, 400: 60, 413: 30}
+  for status, count in counts.items():
+    assert f'paligemma_requests_total{{status="{status}"}} {count}.0' in text, text
+  assert stats["requests_total"] == 150 and not stats["error"]  # Only good ones reached it.
+  stats = engine.stats()  # The engine has drained (the app's end): every request finished.
+  assert stats["requests_finished"] == 150 and stats["running_slots"] == 0
+  assert stats["queue_depth"] == 0 and stats["finish_cancelled"] <= 30
 
 
 def test_served_answers_equal_generate_and_sigterm_finishes_running_requests(converted_checkpoint,

@@ -189,6 +189,57 @@ def test_queue_full_and_cancel_free_slots(engine):
       "cancelled", "length", "cancelled", "length"]
 
 
+def test_out_of_range_values_are_refused_at_submit(engine):
+  request = lambda **change: engine_lib.Request(**{"prompt": "ocr", "image": png(2),
+                                                   "max_tokens": 4, **change})
+  vocab = engine.tokenizer.vocab_size
+  for change in [dict(sampler=sampling.Sampler("top_k", 1.0, top_k=vocab + 1)),
+                 dict(seed=2**63), dict(seed=-2**63 - 1), dict(seed=1.5)]:
+    with pytest.raises(errors.InputError):
+      engine.submit(request(**change))
+  for value in [2**31, 1e20]:
+    with pytest.raises(ValueError, match="top_k"):
+      sampling.Sampler("top_k", 1.0, top_k=value)
+  assert engine.stats()["queue_depth"] == 0
+  handles = [engine.submit(request(sampler=sampling.Sampler("top_k", 1.0, top_k=vocab),
+                                   seed=seed)) for seed in (2**63 - 1, -2**63)]
+  run_until_idle(engine)
+  assert [h.result(timeout=0).finish_reason for h in handles] == ["length"] * 2
+
+
+def test_max_queue_counts_only_requests_beyond_the_free_slots(engine):
+  """An idle engine with 2 slots and max_queue=2 takes 4 requests at once (2 start at the next
+  step, 2 wait), and refuses the 5th."""
+  request = engine_lib.Request("caption en", png(0), max_tokens=2)
+  handles = [engine.submit(request) for _ in range(4)]
+  with pytest.raises(engine_lib.QueueFull):
+    engine.submit(request)
+  run_until_idle(engine)
+  assert [h.result(timeout=0).finish_reason for h in handles] == ["length"] * 4
+
+
+def test_a_failure_preparing_one_request_fails_it_alone(engine, predictor, monkeypatch):
+  running = engine.submit(engine_lib.Request("caption en", png(1), max_tokens=MAX_NEW))
+  engine._step(wait=False)
+  calls = []
+
+  def failing(*args):
+    calls.append(args)
+    raise OverflowError("a value this request carried")  # Before the state is donated.
+
+  monkeypatch.setattr(engine, "_prefill", failing)
+  doomed = engine.submit(engine_lib.Request("ocr", png(2), max_tokens=MAX_NEW))
+  run_until_idle(engine)
+  result = doomed.result(timeout=0)
+  assert result.finish_reason == "error" and result.error == engine_lib.FAILED
+  assert answer(running) == reference(predictor, png(1), "caption en")
+  assert len(calls) == 1 and engine.health() is None and engine.stats()["running_slots"] == 0
+  monkeypatch.undo()
+  later = engine.submit(engine_lib.Request("caption en", png(3), max_tokens=MAX_NEW))
+  run_until_idle(engine)
+  assert answer(later) == reference(predictor, png(3), "caption en")
+
+
 def test_threaded_streaming_and_draining_shutdown(engine, predictor):
   engine.warmup()  # Shapes of one prompt bucket only here (2 slots): nothing new to compile.
   engine.start()

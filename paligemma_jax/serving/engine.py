@@ -18,8 +18,8 @@ tokens (<bos> + prompt + "\n"), not the image tokens; Event.prompt_tokens counts
 One preallocated KV cache holds every slot ([L, slots, image + prompt + max_tokens_limit, ...]);
 each slot row keeps its own end, so slots advance independently. A request's result depends on
 nothing else that runs: rows never see each other, and its sampler settings, max_tokens and PRNG
-key (fold_in(PRNGKey(seed), 0), then folded with the step index, as `decode.Generator` keys row 0)
-are per-slot arrays. Greedy answers equal `generate`'s; sampled ones equal `generate`'s for a
+key (fold_in(sampling.seed_key(seed), 0), then folded with the step index, as `decode.Generator`
+keys row 0) are per-slot arrays. Greedy answers equal `generate`'s; sampled ones equal `generate`'s for a
 single example with the same seed.
 
 Image cache: the SigLIP + projector output (`embed_image`) of identical image bytes is computed
@@ -35,6 +35,7 @@ Multi-host meshes are not supported (one process drives the device).
 
 import collections
 from concurrent import futures
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -62,6 +63,7 @@ from paligemma_jax import sampling
 from paligemma_jax import sharding
 
 MIN_TEXT_BUCKET = 16  # Prompt text lengths are padded to powers of two from here: few compiles.
+FAILED = "The server failed while running this request."  # Event.error (details in the log).
 _DROP = -1  # Placeholder slot index of a prefill batch's dummy rows; never written.
 
 
@@ -149,7 +151,7 @@ class _Live:
   tokens: np.ndarray  # [T] int32 prompt tokens (image tokens included).
   prefix_mask: np.ndarray  # [T] bool.
   length_bucket: int  # Padded prompt length of its prefill.
-  key: np.ndarray  # [2] uint32: fold_in(PRNGKey(seed), 0).
+  key: np.ndarray  # [2] uint32: fold_in(sampling.seed_key(seed), 0).
   image_key: tuple
   pixels: np.ndarray | None = None  # Only when its image features were not cached at submit.
   features: jax.Array | None = None  # [N, D] once known.
@@ -259,6 +261,7 @@ class Engine:
     if steps_per_call < 1 or max_prompt_tokens < 1 or max_tokens_limit < 1 or max_queue < 0:
       raise ValueError("steps_per_call, max_prompt_tokens and max_tokens_limit must be >= 1.")
     params, config, self.tokenizer = model
+    self.vocab_size = self.tokenizer.vocab_size
     self.num_slots, self.max_queue, self.steps_per_call = slots, max_queue, steps_per_call
     self.max_prompt_tokens, self.max_tokens_limit = max_prompt_tokens, max_tokens_limit
     self.image_cache_size = image_cache_size
@@ -274,8 +277,10 @@ class Engine:
     self.max_len = self.num_image_tokens + max_prompt_tokens + max_tokens_limit
     positions = batching.max_positions(config)
     if self.max_len > positions:
-      raise ValueError(f"{self.num_image_tokens} image + {max_prompt_tokens} prompt + "
-                       f"{max_tokens_limit} new tokens exceed the model's {positions} positions.")
+      raise errors.InputError(
+          f"{self.num_image_tokens} image + {max_prompt_tokens} prompt (max_prompt_tokens) + "
+          f"{max_tokens_limit} new tokens (max_tokens_limit) exceed the model's {positions} "
+          "positions.")
     self._embed, self._prefill, self._decode = _compile(
         paligemma.PaliGemma(self.config), self.mesh, steps=steps_per_call,
         eos_id=self.tokenizer.eos_id, valid=generator.valid_ids,
@@ -317,8 +322,9 @@ class Engine:
       if self._closing or self._error:
         raise Closed("the engine is shutting down" if self._closing else f"the engine failed: "
                      f"{self._error}")
-      if len(self._pending) >= self.max_queue:
-        raise QueueFull(f"{len(self._pending)} requests are already waiting")
+      waiting = len(self._pending) - self._slots.count(None)  # The rest start at the next step.
+      if waiting >= self.max_queue:
+        raise QueueFull(f"{waiting} requests are already waiting")
       self._pending.append(live)
       self._counts["requests_total"] += 1
       self._wake.notify_all()
@@ -337,10 +343,13 @@ class Engine:
     if not (isinstance(request.stop, (tuple, list)) and
             all(isinstance(s, str) and s for s in request.stop)):
       raise errors.InputError("stop must be a list of non-empty strings")
+    if request.sampler.method == "top_k" and request.sampler.top_k > self.vocab_size:
+      raise errors.InputError(f"top_k must be at most the vocabulary ({self.vocab_size}), got "
+                              f"{request.sampler.top_k}")
     try:
-      key = np.asarray(decode.row_keys(jax.random.PRNGKey(request.seed), [0])[0])
-    except (TypeError, OverflowError, ValueError):
-      raise errors.InputError(f"seed must be a 64-bit integer, got {request.seed!r}") from None
+      key = np.asarray(decode.row_keys(sampling.seed_key(request.seed), [0])[0])
+    except ValueError as e:
+      raise errors.InputError(str(e)) from None
     tokens, prefix_mask, _ = processor.build_prompt(
         self.tokenizer, request.prompt, self.num_image_tokens, self.config.image_token_id)
     text_length = len(tokens) - self.num_image_tokens
@@ -431,16 +440,26 @@ class Engine:
 
   # The engine thread.
 
+  def health(self) -> str | None:
+    """Why the engine cannot serve (it failed, or its thread ended without a shutdown), or None.
+    The server's /health answers 503 with it, so a supervisor restarts the process."""
+    with self._wake:
+      if self._error:
+        return f"the engine failed: {self._error}"
+      if self._thread is not None and not self._thread.is_alive() and not self._closing:
+        return "the engine thread has stopped"
+    return None
+
   def _run(self):
     try:
       while self._step():
         pass
-    except Exception as e:  # A bug or a device failure: fail every request, never hang one.
+    except BaseException as e:  # A bug or a device failure: fail every request, never hang one.
       logging.exception("serving engine failed")
       with self._wake:
         self._error = f"{type(e).__name__}: {e}"
         for live in [*self._pending, *filter(None, self._slots)]:
-          self._finish(live, "error", error=self._error)
+          self._finish(live, "error", error=FAILED)
         self._pending.clear()
         self._slots = [None] * self.num_slots
 
@@ -515,25 +534,48 @@ class Engine:
             self._images.popitem(last=False)
 
   def _prefill_batches(self, admitted: list[_Live]):
-    """Prefills the admitted requests, one batch per prompt bucket, into their slots."""
-    self._image_features(admitted)
+    """Prefills the admitted requests, one batch per prompt bucket, into their slots. A failure
+    fails the requests it concerns alone, unless the running batch's state was lost with it."""
+    with self._failing_alone(admitted):
+      self._image_features(admitted)
     groups = collections.defaultdict(list)
     for live in admitted:
-      groups[live.length_bucket].append(live)
+      if live.features is not None:
+        groups[live.length_bucket].append(live)
     for length, group in groups.items():
-      rows = group + group[:1] * (batching.power_of_two_bucket(len(group)) - len(group))
-      tokens, input_mask = batching.right_pad([l.tokens for l in rows], length)
-      prefix_mask, _ = batching.right_pad([l.prefix_mask for l in rows], length, bool)
-      slots = np.array([l.slot for l in group] + [_DROP] * (len(rows) - len(group)), np.int32)
-      self._state, token, logprob = self._prefill(
-          self._params, self._state, tokens, jnp.stack([l.features for l in rows]), input_mask,
-          prefix_mask, slots, np.stack([l.key for l in rows]),
-          sampling.per_row([l.request.sampler for l in rows]),
-          np.array([l.request.max_tokens for l in rows], np.int32))
-      self._counts["prefill_calls"] += 1
-      token, logprob = np.asarray(token), np.asarray(logprob)
+      with self._failing_alone(group):
+        self._prefill_group(length, group)
+
+  @contextlib.contextmanager
+  def _failing_alone(self, group: list[_Live]):
+    """Within it, an exception finishes `group` with "error" and the engine goes on, as long as
+    the device state is whole (a failed call that had consumed the donated state is fatal)."""
+    try:
+      yield
+    except Exception:
+      if any(x.is_deleted() for x in jax.tree.leaves(self._state) if isinstance(x, jax.Array)):
+        raise
+      logging.exception("serving engine: %d request(s) failed", len(group))
       with self._wake:
-        for i, live in enumerate(group):
+        for live in group:
+          if live.slot is not None and self._slots[live.slot] is live:
+            self._finish(live, "error", error=FAILED)
+
+  def _prefill_group(self, length: int, group: list[_Live]):
+    rows = group + group[:1] * (batching.power_of_two_bucket(len(group)) - len(group))
+    tokens, input_mask = batching.right_pad([l.tokens for l in rows], length)
+    prefix_mask, _ = batching.right_pad([l.prefix_mask for l in rows], length, bool)
+    slots = np.array([l.slot for l in group] + [_DROP] * (len(rows) - len(group)), np.int32)
+    self._state, token, logprob = self._prefill(
+        self._params, self._state, tokens, jnp.stack([l.features for l in rows]), input_mask,
+        prefix_mask, slots, np.stack([l.key for l in rows]),
+        sampling.per_row([l.request.sampler for l in rows]),
+        np.array([l.request.max_tokens for l in rows], np.int32))
+    self._counts["prefill_calls"] += 1
+    token, logprob = np.asarray(token), np.asarray(logprob)
+    with self._wake:
+      for i, live in enumerate(group):
+        with self._failing_alone([live]):
           self._advance(live, token[i:i + 1], logprob[i:i + 1])
 
   def _decode_chunk(self):
@@ -545,7 +587,8 @@ class Engine:
       for slot, live in enumerate(self._slots):
         if live is not None and active[slot]:
           chosen = out[slot] >= 0
-          self._advance(live, out[slot][chosen], logprobs[slot][chosen])
+          with self._failing_alone([live]):
+            self._advance(live, out[slot][chosen], logprobs[slot][chosen])
 
   def _advance(self, live: _Live, tokens, logprobs):
     """Under the lock: takes a request's new tokens; sends an event; finishes it if it ended."""

@@ -4,6 +4,9 @@
   PaliGemma prompt) + one image part (data: URL; http(s) or a local path only where allowed)
   -> image bytes, header-checked (format, pixel count, upright size) -> ChatRequest
 
+Every value is checked against the range the engine can hold (docs/serving.md lists them):
+integers are JSON integers (not 1.0 or true), top_k at most the vocabulary, seed an int64.
+
 Every failure is an `APIError` carrying the HTTP status (400, or 413 for a body or image over a
 limit) and OpenAI's error body {"error": {"message", "type", "param", "code"}}, so a bad request
 is answered alone and never reaches the engine. Sampling follows OpenAI's fields: temperature 0
@@ -20,6 +23,7 @@ import json
 import math
 import os
 import socket
+import stat
 import urllib.parse
 import urllib.request
 
@@ -55,6 +59,7 @@ class Limits:
   allow_local_images: bool = False  # Read paths on the server's disk.
   url_timeout_s: float = 10.0
   segment: bool = False  # The server has the mask decoder (--vae_npz), so task "segment" runs.
+  max_top_k: int = sampling.MAX_TOP_K  # The server sets its vocabulary size.
 
 
 @dataclasses.dataclass
@@ -80,7 +85,9 @@ def bad(message: str, param: str | None = None, code: str | None = "invalid_valu
 def parse_json(body: bytes) -> dict:
   try:
     value = json.loads(body)
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+  except RecursionError:
+    raise bad("The request body is nested too deeply.", code="invalid_json") from None
+  except ValueError as e:  # Also UnicodeDecodeError, and an integer of over 4300 digits.
     raise bad(f"The request body is not valid JSON: {e}", code="invalid_json") from None
   if not isinstance(value, dict):
     raise bad("The request body must be a JSON object.", code="invalid_json")
@@ -93,10 +100,17 @@ def parse_chat_request(body: dict, limits: Limits, default_max_tokens: int = 32)
   if len(prompt) > limits.max_prompt_chars:
     raise bad(f"The prompt has {len(prompt)} characters; at most {limits.max_prompt_chars} are "
               "accepted.", "messages", "prompt_too_long")
-  max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-  max_tokens = default_max_tokens if max_tokens is None else _integer(body, "max_tokens", 1)
-  if body.get("n", 1) != 1:
-    raise bad("Only n=1 is supported.", "n")
+  given = {name: _integer(body, name, 1) for name in ("max_completion_tokens", "max_tokens")
+           if body.get(name) is not None}
+  if len(set(given.values())) > 1:
+    raise bad("max_completion_tokens and max_tokens differ: give one of them.",
+              "max_completion_tokens")
+  max_tokens = next(iter(given.values()), default_max_tokens)
+  if _integer(body, "n", 1, default=1) != 1:
+    raise bad("Only n=1 is supported.", "n", "unsupported")
+  if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
+    raise bad("logprobs are not supported yet: leave logprobs and top_logprobs out (or false).",
+              "logprobs", "unsupported")
   task = body.get("task")
   if task is not None and task not in tasks.OBJECT_TASKS:
     raise bad(f"task must be one of {', '.join(tasks.OBJECT_TASKS)}, got {task!r}.", "task")
@@ -114,7 +128,7 @@ def parse_chat_request(body: dict, limits: Limits, default_max_tokens: int = 32)
     raise bad("model must be a string.", "model")
   image, size = load_image(image_url, limits)
   return ChatRequest(prompt=prompt, image=image, image_size=size, max_tokens=max_tokens,
-                     sampler=_sampler(body), seed=_integer(body, "seed", None, default=0),
+                     sampler=_sampler(body, limits.max_top_k), seed=_seed(body),
                      stop=_stop(body.get("stop")), stream=stream,
                      include_usage=bool(options.get("include_usage")), task=task, model=model)
 
@@ -163,25 +177,41 @@ def _number(body: dict, name: str, default: float) -> float:
   value = body.get(name)
   if value is None:
     return default
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-    raise bad(f"{name} must be a number, got {value!r}.", name)
-  return float(value)
-
-
-def _integer(body: dict, name: str, minimum: int | None, default: int | None = None) -> int:
-  value = body.get(name)
-  if name == "max_tokens" and value is None:
-    value = body.get("max_completion_tokens")
-  if value is None and default is not None:
-    return default
-  if isinstance(value, bool) or not isinstance(value, int):
-    raise bad(f"{name} must be an integer, got {value!r}.", name)
-  if minimum is not None and value < minimum:
-    raise bad(f"{name} must be >= {minimum}, got {value}.", name)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise bad(f"{name} must be a number, got {_shown(value)}.", name)
+  try:
+    value = float(value)  # An integer past float's range raises OverflowError.
+  except OverflowError:
+    value = math.inf
+  if not math.isfinite(value):
+    raise bad(f"{name} must be a finite number.", name)
   return value
 
 
-def _sampler(body: dict) -> sampling.Sampler:
+def _integer(body: dict, name: str, minimum: int, default: int | None = None,
+             maximum: int = 2**63 - 1) -> int:
+  """A JSON integer in [minimum, maximum] (not 1.0 or true): the int64s clients send."""
+  value = body.get(name)
+  if value is None and default is not None:
+    return default
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise bad(f"{name} must be an integer, got {_shown(value)}.", name)
+  if not minimum <= value <= maximum:
+    raise bad(f"{name} must be in [{minimum}, {maximum}], got {_shown(value)}.", name)
+  return value
+
+
+def _shown(value) -> str:
+  """A client's value in a message, cut short (a huge number or string stays out of it)."""
+  text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge integer"
+  return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _seed(body: dict) -> int:
+  return _integer(body, "seed", sampling.SEED_RANGE[0], 0, sampling.SEED_RANGE[1])
+
+
+def _sampler(body: dict, max_top_k: int) -> sampling.Sampler:
   temperature = _number(body, "temperature", 0.0)
   top_p = _number(body, "top_p", 1.0)
   top_k = body.get("top_k")
@@ -190,7 +220,7 @@ def _sampler(body: dict) -> sampling.Sampler:
   if not 0 < top_p <= 1:
     raise bad(f"top_p must be in (0, 1], got {top_p}.", "top_p")
   if top_k is not None:
-    top_k = _integer(body, "top_k", 0)
+    top_k = _integer(body, "top_k", 0, maximum=max_top_k)
   if temperature == 0:
     return sampling.Sampler()  # Greedy, as OpenAI's temperature 0: top_p, top_k do not apply.
   if top_k and top_p < 1:
@@ -215,27 +245,49 @@ def _stop(stop) -> tuple[str, ...]:
 def load_image(url: str, limits: Limits) -> tuple[bytes, tuple[int, int]]:
   """(image file bytes, upright (width, height)) of an image_url; the header is checked here
   (a readable format, at most max_image_pixels), the pixels are decoded by the engine."""
-  if url.startswith("data:"):
+  scheme = url.partition(":")[0].lower()  # URL schemes are case-insensitive (RFC 3986).
+  if scheme == "data":
     data = _data_url(url, limits)
-  elif url.startswith(("http://", "https://")):
+  elif scheme in ("http", "https"):
     if not limits.allow_image_urls:
       raise bad("This server does not fetch image URLs (start it with --allow_image_urls); send "
                 "the image inline as a data:image/...;base64, URL.", "messages", "url_not_allowed")
     data = _fetch(url, limits)
   else:
-    path = url[len("file://"):] if url.startswith("file://") else url
     if not limits.allow_local_images:
       raise bad("image_url must be a data:image/...;base64, URL (local paths need "
                 "--allow_local_images, http(s) URLs --allow_image_urls).", "messages",
                 "url_not_allowed")
-    try:
-      if os.path.getsize(path) > limits.max_image_bytes:
-        raise _too_large(f"The image file {path} is over {limits.max_image_bytes} bytes.")
-      with open(path, "rb") as f:
-        data = f.read()
-    except OSError as e:
-      raise bad(f"Cannot read image {path}: {e.strerror or e}", "messages", "invalid_image") from None
+    data = _read_local(url[len("file://"):] if scheme == "file" else url, limits)
   return data, _image_size(data, limits)
+
+
+def _read_local(path: str, limits: Limits) -> bytes:
+  """A regular file's bytes, at most max_image_bytes: never a device (/dev/zero has no end), a
+  FIFO (opened without blocking, then refused) or a directory."""
+  shown = _shown(path)
+  try:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+  except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path.
+    reason = getattr(e, "strerror", None) or "not a valid path"
+    raise bad(f"Cannot read image {shown}: {reason}", "messages", "invalid_image") from None
+  try:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+      raise bad(f"The image path {shown} is not a regular file.", "messages", "invalid_image")
+    data = b""
+    while len(data) <= limits.max_image_bytes:  # Never more than the limit + 1 bytes.
+      chunk = os.read(fd, limits.max_image_bytes + 1 - len(data))
+      if not chunk:
+        break
+      data += chunk
+  except OSError as e:
+    raise bad(f"Cannot read image {shown}: {e.strerror or e}", "messages",
+              "invalid_image") from None
+  finally:
+    os.close(fd)
+  if len(data) > limits.max_image_bytes:
+    raise _too_large(f"The image file {shown} is over {limits.max_image_bytes} bytes.")
+  return data
 
 
 def _too_large(message: str) -> APIError:
@@ -244,6 +296,7 @@ def _too_large(message: str) -> APIError:
 
 def _data_url(url: str, limits: Limits) -> bytes:
   header, comma, payload = url.partition(",")
+  header = header.lower()  # Media types and "base64" are case-insensitive.
   if not comma or not header.endswith(";base64") or not header[5:].startswith("image/"):
     raise bad("A data URL image must read data:image/<format>;base64,<data>.", "messages",
               "invalid_image")
@@ -288,7 +341,12 @@ def _image_size(data: bytes, limits: Limits) -> tuple[int, int]:
         width, height = height, width
   except APIError:
     raise
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+  except Image.DecompressionBombError:  # Pillow's own refusal, past 2 x its MAX_IMAGE_PIXELS.
+    raise _too_large(f"The image has over {limits.max_image_pixels} pixels.") from None
+  except Image.UnidentifiedImageError:  # Its message holds the repr of our buffer.
+    raise bad("The image is not in a format Pillow can read.", "messages",
+              "invalid_image") from None
+  except (OSError, ValueError, SyntaxError) as e:
     raise bad(f"The image cannot be decoded: {' '.join(str(e).split())}", "messages",
               "invalid_image") from None
   return width, height

@@ -4,13 +4,15 @@
                              "stream": true server-sent events in OpenAI's chunk format, then
                              `data: [DONE]`
   GET  /v1/models            the one model this server runs
-  GET  /health               {"status": "ok"}, never behind the API key (load balancers)
+  GET  /health               {"status": "ok"}, or 503 {"status": "error", "reason"} once the
+                             engine cannot serve; never behind the API key (load balancers)
   GET  /metrics              Prometheus text (metrics.py)
   GET  /                     page.html, a static page to try the model (it sends the key itself)
 
 A refused request gets an OpenAI error body and touches nothing else: 400 bad request, 401
-missing or wrong key, 413 body or image over a limit, 429 the engine's queue is full, 503
-shutting down. Each request's events come from a thread that blocks on its `Handle.events()` (so
+missing or wrong key, 404/405 no such endpoint or method, 413 body or image over a limit, 429
+the engine's queue is full, 503 shutting down; an unexpected failure is a 500 with that body
+too, its details in the log only. Each request's events come from a thread that blocks on its `Handle.events()` (so
 the event loop never blocks); a client that goes away mid-answer cancels its request, which
 frees its slot. The lifespan's end drains the engine, after uvicorn's graceful shutdown (SIGTERM)
 has stopped accepting connections and let the running requests finish.
@@ -26,8 +28,11 @@ import threading
 import time
 import uuid
 
+import logging
+
 import fastapi
 from fastapi import responses
+from starlette import exceptions as starlette_exceptions
 from starlette.concurrency import run_in_threadpool
 
 from paligemma_jax import errors
@@ -37,6 +42,7 @@ from paligemma_jax.serving import metrics as metrics_lib
 from paligemma_jax.serving import schema
 
 DISCONNECT_POLL_S = 0.5  # How often a non-streaming request checks that its client is still there.
+INTERNAL = "The server failed while handling this request."  # A 500's message; details logged.
 
 
 def _error(status: int, message: str, *, type: str = "invalid_request_error", code=None,
@@ -98,7 +104,8 @@ def create_app(engine, *, model_name: str, api_key: str | None = None,
   vae_params: the mask decoder (segmentation.load_vae_npz), for "task": "segment".
   on_ready: called once the app has started (the CLI prints the URL).
   """
-  limits = dataclasses.replace(limits, segment=vae_params is not None)
+  limits = dataclasses.replace(limits, segment=vae_params is not None,
+                               max_top_k=engine.vocab_size)
   metrics = metrics_lib.Metrics(engine)
   object_tasks = {name: tasks.get(name, vae_params) for name in tasks.OBJECT_TASKS}
   page = importlib.resources.files("paligemma_jax.serving").joinpath("page.html").read_text()
@@ -131,8 +138,24 @@ def create_app(engine, *, model_name: str, api_key: str | None = None,
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
     return responses.JSONResponse(error.body(), status_code=error.status, headers=headers)
 
+  @app.exception_handler(starlette_exceptions.HTTPException)
+  async def not_routed(request, error: starlette_exceptions.HTTPException):
+    """404 and 405 (no such endpoint or method) in OpenAI's body, as every other refusal."""
+    return await refused(request, schema.APIError(error.status_code, str(error.detail),
+                                                  code="not_found" if error.status_code == 404
+                                                  else "invalid_request"))
+
+  @app.exception_handler(Exception)
+  async def failed(request, error: Exception):
+    """A bug: 500 in OpenAI's body, with no internals (the traceback goes to the log)."""
+    logging.getLogger(__name__).error("request failed", exc_info=error)
+    return await refused(request, schema.APIError(500, INTERNAL, type="server_error"))
+
   @app.get("/health")
   async def health():
+    reason = engine.health()
+    if reason:
+      return responses.JSONResponse({"status": "error", "reason": reason}, status_code=503)
     return {"status": "ok"}
 
   @app.get("/", response_class=responses.HTMLResponse)
@@ -153,7 +176,7 @@ def create_app(engine, *, model_name: str, api_key: str | None = None,
     """The body, refused (413) as soon as it passes the limit, before it is all read."""
     limit = limits.max_body_bytes
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
+    if length.isdigit() and (len(length) > 18 or int(length) > limit):
       raise schema.APIError(413, f"The request body is over {limit} bytes.",
                             code="request_too_large")
     chunks, size = [], 0
@@ -203,14 +226,19 @@ def create_app(engine, *, model_name: str, api_key: str | None = None,
                             media_type="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     events, text, final = _Events(handle), [], None
+    checked = time.monotonic()
     try:
       while final is None:
         try:
           event = await events.get(DISCONNECT_POLL_S)
         except asyncio.TimeoutError:
+          event = None
+        if time.monotonic() - checked >= DISCONNECT_POLL_S:  # Also while events keep coming.
+          checked = time.monotonic()
           if await request.is_disconnected():
             metrics.requests.labels("499").inc()  # Client closed the request (nginx's code).
             return responses.Response(status_code=499)  # Nobody reads it; the slot is freed.
+        if event is None:
           continue
         timing.event(event)
         text.append(event.text)
