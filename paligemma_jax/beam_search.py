@@ -41,8 +41,8 @@ from paligemma_jax import decode
 from paligemma_jax import errors
 from paligemma_jax import kv_cache
 from paligemma_jax import multihost
-from paligemma_jax import paligemma
 from paligemma_jax import sharding
+from paligemma_jax.decoding import core
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,42 +143,34 @@ def search_step(state: BeamState, logprobs, *, beam_size: int, max_new_tokens: i
       done=state.done | full | cannot_beat), rows.reshape(-1)
 
 
-def _compile_prefill(model: paligemma.PaliGemma, max_new_tokens: int, mesh, cache_dtype):
+def _compile_prefill(setup: core.Setup, max_new_tokens: int):
   """The jitted prefill: prompts [B, T] -> (last logits [B, V], cache of T + N slots). Every beam
   size shares it."""
   def prefill(params, tokens, images, input_mask, prefix_mask):
-    batch, length = tokens.shape
-    cache = paligemma.init_cache(model.config, batch, length + max_new_tokens, cache_dtype)
-    cache = sharding.constrain(cache, sharding.cache_shardings, mesh)
-    logits, cache = model.apply({"params": params}, tokens, images, input_mask, prefix_mask,
-                                cache, method=model.prefill)
-    return logits, sharding.constrain(cache, sharding.cache_shardings, mesh)
+    return core.prefill(setup, params, tokens, input_mask, prefix_mask, images=images,
+                        cache_len=tokens.shape[1] + max_new_tokens)
   return jax.jit(prefill)
 
 
-def _compile_search(model: paligemma.PaliGemma, beam_size: int, max_new_tokens: int, mesh, *,
-                    eos_id: int, pad_id: int, valid: np.ndarray):
-  """The jitted search from the prefill's output, built from these values only: it keeps no
+def _compile_search(setup: core.Setup, beam_size: int, max_new_tokens: int):
+  """The jitted search from the prefill's output, built from the setup only: it keeps no
   generator or parameters alive. Inside its while loop XLA updates the state in place."""
-  split_cache = lambda cache: sharding.constrain(cache, sharding.cache_shardings, mesh)
-  replicate = lambda x: sharding.constrain(x, lambda x, m: sharding.replicated(m), mesh)
   k, n = beam_size, max_new_tokens
 
   def advance(state: BeamState, logits) -> BeamState:
     """A search step from the live beams' logits [B*K_in, V]; the cache rows follow the beams."""
-    logprobs = jnp.where(valid, jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), -jnp.inf)
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logprobs = jnp.where(setup.valid, logprobs, -jnp.inf)
     logprobs = logprobs.reshape(state.live_scores.shape + logprobs.shape[-1:])  # [B, K_in, V]
-    state, rows = search_step(state, logprobs, beam_size=k, max_new_tokens=n, eos_id=eos_id)
-    c = state.cache
-    cache = c.replace(k=jnp.take(c.k, rows, axis=1), v=jnp.take(c.v, rows, axis=1),
-                      end=jnp.take(c.end, rows))
+    state, rows = search_step(state, logprobs, beam_size=k, max_new_tokens=n, eos_id=setup.eos_id)
     buffers = ("live_tokens", "live_logprobs", "tokens", "logprobs")
-    return state.replace(step=state.step + 1, cache=split_cache(cache),
-                         **{name: replicate(getattr(state, name)) for name in buffers})
+    return state.replace(step=state.step + 1,
+                         cache=setup.split_cache(kv_cache.take_rows(state.cache, rows)),
+                         **{name: setup.replicate(getattr(state, name)) for name in buffers})
 
   def search(params, logits, cache, length_penalty):
     """-> the best hypotheses' tokens [B, N], log-probs [B, N] and scores [B]."""
-    batch = logits.shape[0]
+    batch, pad_id = logits.shape[0], setup.pad_id
     state = BeamState(  # One live beam per prompt: the first step's gather makes K of them.
         step=jnp.int32(0), token=jnp.zeros((batch,), jnp.int32), cache=cache,
         length_penalty=jnp.asarray(length_penalty, jnp.float32),
@@ -191,7 +183,7 @@ def _compile_search(model: paligemma.PaliGemma, beam_size: int, max_new_tokens: 
       return (s.step < n) & ~jnp.all(s.done)
 
     def body(s):
-      logits, cache = model.apply({"params": params}, s.token, s.cache, method=model.decode_step)
+      logits, cache = core.forward(setup, params, s.token, s.cache)
       return advance(s.replace(cache=cache), logits)
 
     state = jax.lax.while_loop(cond, body, advance(state, logits))
@@ -206,20 +198,18 @@ class BeamGenerator:
 
   def __init__(self, generator: decode.Generator):
     self.generator = generator
-    self._model = paligemma.PaliGemma(generator.config)
     self._prefills = {}  # (max_new_tokens, mesh) -> prefill
     self._searches = {}  # (beam_size, max_new_tokens, mesh) -> search
 
   def compiled(self, beam_size: int, max_new_tokens: int):
     """The jitted (prefill, search) pair for these sizes on the current mesh."""
     g = self.generator
-    key = (int(max_new_tokens), g.mesh)
-    if key not in self._prefills:
-      self._prefills[key] = _compile_prefill(self._model, *key, g.cache_dtype)
-    if (int(beam_size), *key) not in self._searches:
-      self._searches[(int(beam_size), *key)] = _compile_search(
-          self._model, int(beam_size), *key, eos_id=g.eos_id, pad_id=g.pad_id, valid=g.valid_ids)
-    return self._prefills[key], self._searches[(int(beam_size), *key)]
+    setup, n = g.setup.on(g.mesh), int(max_new_tokens)
+    if (n, g.mesh) not in self._prefills:
+      self._prefills[(n, g.mesh)] = _compile_prefill(setup, n)
+    if (int(beam_size), n, g.mesh) not in self._searches:
+      self._searches[(int(beam_size), n, g.mesh)] = _compile_search(setup, int(beam_size), n)
+    return self._prefills[(n, g.mesh)], self._searches[(int(beam_size), n, g.mesh)]
 
   def generate(self, tokens, images, input_mask, prefix_mask, *, max_new_tokens: int,
                sampler: BeamSearch = BeamSearch(), rng=None) -> BeamGeneration:

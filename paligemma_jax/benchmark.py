@@ -184,7 +184,7 @@ def scoring_rows(inputs, choices, rng, suffix_tokens=8):
 
 def time_scoring_ours(config, params, rows, repeats):
   """One example's answers: the prompt once into a KV cache, each answer on a copy."""
-  fn = jax.jit(functools.partial(scoring.suffix_logprobs, paligemma.PaliGemma(config)))
+  fn = jax.jit(functools.partial(scoring.suffix_logprobs, scoring.make_setup(config)))
   batch = scoring.collate(rows, len(rows), batching.DEFAULT_BUCKET, scoring.DEFAULT_TARGET_BUCKET)
   jax.block_until_ready(fn(params, *batch))
   return median_seconds(lambda: jax.block_until_ready(fn(params, *batch)), repeats)

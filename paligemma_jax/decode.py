@@ -25,11 +25,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from paligemma_jax import kv_cache
-from paligemma_jax import paligemma
-from paligemma_jax import sampling
 from paligemma_jax import multihost
+from paligemma_jax import sampling
 from paligemma_jax import sharding
+from paligemma_jax.decoding import core
 
 
 @dataclasses.dataclass
@@ -50,70 +49,46 @@ class Generation:
 @flax.struct.dataclass
 class DecodeState:
   """What the decode loop carries from one step to the next (B rows, N = max_new_tokens)."""
-  step: jax.Array  # [] int32: the next column of `tokens` to write.
-  token: jax.Array  # [B] int32: the last chosen token, input of the next step.
-  done: jax.Array  # [B] bool: the row has produced <eos>.
-  cache: kv_cache.KVCache
-  rng: jax.Array  # [B] PRNG keys, one per row; step s samples row b with fold_in(rng[b], s).
-  sampler: dict  # `Sampler.as_arrays()`.
+  rows: core.State  # The rows being decoded; each row's limit is N.
+  column: jax.Array  # [] int32: the next column of `tokens` to write.
   tokens: jax.Array  # [B, N] int32: chosen ids, pad_id after <eos> and where not yet written.
   logprobs: jax.Array  # [B, N] float32.
 
 
-def _step_keys(row_keys, step):
-  return jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+row_keys = core.row_keys
+default_scan_layers = core.default_scan_layers
 
 
-def row_keys(key, indices):
-  """One key per row from one key: the row of example i gets fold_in(key, i)."""
-  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.asarray(indices, jnp.uint32))
-
-
-def _compile(model: paligemma.PaliGemma, max_new_tokens: int, mesh, *, eos_id: int, pad_id: int,
-             valid: np.ndarray, cache_dtype):
+def _compile(setup: core.Setup, max_new_tokens: int):
   """The jitted (prefill, loop) pair; jax.jit caches their executables per input shape. Built
-  from these values only, so it keeps no generator or parameters alive."""
-  split_cache = lambda cache: sharding.constrain(cache, sharding.cache_shardings, mesh)
-  replicate = lambda x: sharding.constrain(x, lambda x, m: sharding.replicated(m), mesh)
-
-  def choose(logits, rng, sampler, done):
-    token = sampling.sample(logits, rng, sampler, jnp.asarray(valid))
-    logprob = sampling.chosen_logprobs(logits, token)
-    return jnp.where(done, pad_id, token), jnp.where(done, 0.0, logprob)
+  from the setup only, so it keeps no generator or parameters alive."""
 
   def prefill(params, tokens, images, input_mask, prefix_mask, rng, sampler) -> DecodeState:
     batch, length = tokens.shape
-    cache = split_cache(paligemma.init_cache(model.config, batch, length + max_new_tokens,
-                                             cache_dtype))
-    logits, cache = model.apply({"params": params}, tokens, images, input_mask, prefix_mask,
-                                cache, method=model.prefill)
-    token, logprob = choose(logits, _step_keys(rng, 0), sampler, jnp.zeros((batch,), bool))
-    out_tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
+    logits, cache = core.prefill(setup, params, tokens, input_mask, prefix_mask, images=images,
+                                 cache_len=length + max_new_tokens)
+    rows, logprob = core.start(setup, logits, cache, rng, sampler, max_new_tokens)
+    out_tokens = jnp.full((batch, max_new_tokens), setup.pad_id, jnp.int32).at[:, 0].set(rows.token)
     out_logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(logprob)
-    return DecodeState(step=jnp.int32(1), token=token, done=token == eos_id,
-                       cache=split_cache(cache), rng=rng, sampler=sampler,
-                       tokens=replicate(out_tokens), logprobs=replicate(out_logprobs))
+    return DecodeState(rows=rows, column=jnp.int32(1), tokens=setup.replicate(out_tokens),
+                       logprobs=setup.replicate(out_logprobs))
 
   def loop(params, state: DecodeState) -> DecodeState:
     def cond(s):
-      return (s.step < max_new_tokens) & ~jnp.all(s.done)
+      return (s.column < max_new_tokens) & ~jnp.all(s.rows.done)
 
     def body(s):
-      logits, cache = model.apply({"params": params}, s.token, s.cache, method=model.decode_step)
-      token, logprob = choose(logits, _step_keys(s.rng, s.step), s.sampler, s.done)
-      write = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None], (0, s.step))
-      return s.replace(step=s.step + 1, token=token, done=s.done | (token == eos_id),
-                       cache=split_cache(cache), tokens=replicate(write(s.tokens, token)),
-                       logprobs=replicate(write(s.logprobs, logprob)))
+      rows, token, logprob, running = core.step(setup, params, s.rows)
+      write = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None], (0, s.column))
+      return s.replace(rows=rows, column=s.column + 1,
+                       tokens=setup.replicate(write(s.tokens, jnp.where(running, token,
+                                                                          setup.pad_id))),
+                       logprobs=setup.replicate(write(s.logprobs, jnp.where(running, logprob,
+                                                                              0.0))))
 
     return jax.lax.while_loop(cond, body, state)  # Returned whole, so every buffer aliases.
 
   return jax.jit(prefill), jax.jit(loop, donate_argnums=1)
-
-
-def default_scan_layers() -> bool:
-  """The decoding layout Generator picks by default (see its `scan_layers`): layers apart on CPU."""
-  return jax.default_backend() != "cpu"
 
 
 class Generator:
@@ -126,35 +101,25 @@ class Generator:
   def __init__(self, config: ml_collections.ConfigDict, params, *, eos_id: int = 1, pad_id: int = 0,
                vocab_size: int | None = None, cache_dtype=None, mesh=None,
                scan_layers: bool | None = None):
-    """vocab_size: the number of real token ids (the tokenizer's `vocab_size`); larger ids and
-    `config.image_token_id` are never chosen. Default: every row of the embedding table but the
-    image token.
+    """eos_id, pad_id, vocab_size (ids from it on are never chosen), cache_dtype and scan_layers
+    (the weight layout decoded over; default layers apart on CPU): see `core.Setup.create`.
 
     mesh (default: the one `params` are sharded over, if any, followed when `params` change):
     batches and the KV cache are split over it (sharding.py) and results come back replicated,
     readable on every host.
-
-    scan_layers: decode over the checkpoint's stacked [L, ...] weights, as gemma.Decoder does
-    when its `scan_layers` is True; False: over one weight array per layer. Default: False on
-    CPU, where XLA copies a weight sliced out of a stacked array before each matrix-vector
-    product (2.4x slower decoding); True elsewhere: per-layer weights cost a second copy of the
-    decoder weights while the caller keeps the stacked ones, which GPU and TPU memory, sized for
-    the largest models, cannot spare.
     """
-    if scan_layers is None:
-      scan_layers = default_scan_layers()
-    self.scan_layers = scan_layers
-    self.config = config.copy_and_resolve_references()
-    self.config.scan_layers = scan_layers
-    self.eos_id, self.pad_id = eos_id, pad_id
-    self.cache_dtype = jnp.dtype(cache_dtype or config.dtype)
-    ids = np.arange(self.config.text.vocab_size)  # [V] bool: the ids that may be chosen.
-    self.valid_ids = (ids < (len(ids) if vocab_size is None else vocab_size)) & (
-        ids != self.config.image_token_id)
+    self.setup = core.Setup.create(config, eos_id=eos_id, pad_id=pad_id, vocab_size=vocab_size,
+                                   cache_dtype=cache_dtype, scan_layers=scan_layers)
     self._mesh = mesh
-    self._model = paligemma.PaliGemma(self.config)
     self._compiled = {}  # (max_new_tokens, mesh) -> (prefill, loop)
     self.params = params
+
+  config = property(lambda self: self.setup.config)
+  scan_layers = property(lambda self: self.setup.scan_layers)
+  eos_id = property(lambda self: self.setup.eos_id)
+  pad_id = property(lambda self: self.setup.pad_id)
+  valid_ids = property(lambda self: self.setup.valid)
+  cache_dtype = property(lambda self: self.setup.cache_dtype)
 
   @property
   def params(self):
@@ -173,19 +138,13 @@ class Generator:
 
   def decoding_layout(self, params):
     """Checkpoint-layout params (or their shapes, under jax.eval_shape) in the decoding layout."""
-    stacked = "layers" in params["llm"]
-    if stacked and not self.scan_layers:
-      return paligemma.unstack_layers(params)
-    if not stacked and self.scan_layers:
-      raise ValueError("This generator takes the checkpoint's stacked layers (`llm/layers`).")
-    return params
+    return self.setup.decoding_layout(params)
 
   def compiled(self, max_new_tokens: int):
     """The jitted (prefill, loop) pair for `max_new_tokens` on the current mesh."""
     key = (int(max_new_tokens), self.mesh)
     if key not in self._compiled:
-      self._compiled[key] = _compile(self._model, *key, eos_id=self.eos_id, pad_id=self.pad_id,
-                                     valid=self.valid_ids, cache_dtype=self.cache_dtype)
+      self._compiled[key] = _compile(self.setup.on(self.mesh), int(max_new_tokens))
     return self._compiled[key]
 
   def generate(self, tokens, images, input_mask, prefix_mask, *, max_new_tokens: int,

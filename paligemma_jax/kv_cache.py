@@ -42,3 +42,20 @@ def write(buffer, layer, new, start):
   def row(buf, upd, s):  # buf [L, S, K, H], upd [T, K, H]
     return jax.lax.dynamic_update_slice(buf, upd[None].astype(buf.dtype), (layer, s, 0, 0))
   return jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)(buffer, new, start)
+
+
+def take_rows(cache: KVCache, rows) -> KVCache:
+  """The cache of rows `rows` [R] (copies, repeats allowed): beams following their parents,
+  suffixes each on a copy of its prompt's row."""
+  return cache.replace(k=jnp.take(cache.k, rows, axis=1), v=jnp.take(cache.v, rows, axis=1),
+                       end=jnp.take(cache.end, rows))
+
+
+def put_rows(cache: KVCache, rows, new: KVCache) -> KVCache:
+  """`cache` with rows `rows` [R] replaced by `new`'s R rows, whose first new.max_len slots are
+  written (the rest keep what they held, never read past `end`); rows out of range are dropped."""
+  length = new.max_len
+  return cache.replace(
+      k=cache.k.at[:, rows, :length].set(new.k.astype(cache.k.dtype), mode="drop"),
+      v=cache.v.at[:, rows, :length].set(new.v.astype(cache.v.dtype), mode="drop"),
+      end=cache.end.at[rows].set(new.end, mode="drop"))

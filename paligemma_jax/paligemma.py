@@ -41,13 +41,16 @@ class PaliGemma(nn.Module):
     """[B, S, S, 3] -> [B, N, D]: image features in the text embedding space."""
     return self.projector(self.img(images))
 
-  def embed(self, tokens, images):
-    """Token embeddings with each row's image-token slots replaced, in order, by its image features."""
+  def embed(self, tokens, images, features=None):
+    """Token embeddings with each row's image-token slots replaced, in order, by its image
+    features: `embed_image(images)`, or `features` [B, N, D] computed before."""
     is_image = tokens == self.config.image_token_id
     x = self.llm.embed(jnp.where(is_image, 0, tokens))  # The image id may lie past the table.
-    if images is None:
-      return x
-    features = self.embed_image(images).astype(x.dtype)  # [B, N, D]
+    if features is None:
+      if images is None:
+        return x
+      features = self.embed_image(images)
+    features = features.astype(x.dtype)  # [B, N, D]
     index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
     gathered = jnp.take_along_axis(features, index[..., None], axis=1)
     return jnp.where(is_image[..., None], gathered, x)
@@ -68,8 +71,10 @@ class PaliGemma(nn.Module):
     hidden, _ = self.llm(self.embed(tokens, images), positions, *masks)
     return hidden if return_hidden else self.llm.logits(hidden)
 
-  def prefill(self, tokens, images, input_mask, prefix_mask, cache: kv_cache_lib.KVCache):
-    """Runs right-padded prompts into an empty cache; returns (last-token logits [B, V], cache)."""
+  def prefill(self, tokens, images, input_mask, prefix_mask, cache: kv_cache_lib.KVCache,
+              features=None):
+    """Runs right-padded prompts into an empty cache; returns (last-token logits [B, V], cache).
+    `features` [B, N, D] (then images is None): image features computed before (an image cache)."""
     input_mask, prefix_mask = input_mask.astype(bool), prefix_mask.astype(bool)
     b, t = tokens.shape
     pad = [(0, 0), (0, cache.max_len - t)]
@@ -77,7 +82,7 @@ class PaliGemma(nn.Module):
     kv_prefix = jnp.pad(prefix_mask & input_mask, pad)
     slots = jnp.broadcast_to(jnp.arange(t), (b, t))
     masks = self._masks(slots, prefix_mask, kv_valid, kv_prefix)
-    hidden, cache = self.llm(self.embed(tokens, images), slots, *masks, cache=cache)
+    hidden, cache = self.llm(self.embed(tokens, images, features), slots, *masks, cache=cache)
     lengths = input_mask.sum(axis=1).astype(jnp.int32)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
     return self.llm.logits(last)[:, 0], cache.replace(end=lengths)

@@ -29,7 +29,9 @@ from paligemma_jax import errors
 from paligemma_jax import paligemma
 from paligemma_jax import processor
 from paligemma_jax import multihost
+from paligemma_jax import kv_cache
 from paligemma_jax import sharding
+from paligemma_jax.decoding import core
 from paligemma_jax.tokenizer import Tokenizer
 
 DEFAULT_TARGET_BUCKET = 16  # Target counts (suffix tokens + <eos>) are rounded up to a multiple of this.
@@ -44,24 +46,27 @@ class Candidates:
   extra: dict = dataclasses.field(default_factory=dict)  # Carried through to the result.
 
 
-def suffix_logprobs(model: paligemma.PaliGemma, params, prompt_tokens, images, prompt_mask,
-                    suffix_tokens, suffix_mask, source, mesh=None):
+def make_setup(config: ml_collections.ConfigDict, mesh=None) -> core.Setup:
+  """The setup `suffix_logprobs` takes, for parameters in the layout `config` names."""
+  return core.Setup.create(config, scan_layers=config.get("scan_layers", True), mesh=mesh)
+
+
+def suffix_logprobs(setup: core.Setup, params, prompt_tokens, images, prompt_mask,
+                    suffix_tokens, suffix_mask, source):
   """log p(suffix_tokens[r, j] | image, prompt, suffix_tokens[r, :j]) -> [R, K] float32, 0 where
   masked.
 
   prompt_tokens [P, T] int, images [P, S, S, 3], prompt_mask [P, T] bool: right-padded prompts
     (image tokens, <bos>, prompt, "\\n"), each run once.
   suffix_tokens [R, K] int, suffix_mask [R, K] bool: each row's suffix + <eos>, right-padded.
-  source [R] int: the prompt each row continues.
-  mesh: split both KV caches like the batch (sharding.cache_shardings).
+  source [R] int: the prompt each row continues (its cache row is copied).
+  Both KV caches are split over setup.mesh like the batch (sharding.cache_shardings).
   """
-  split_cache = lambda cache: sharding.constrain(cache, sharding.cache_shardings, mesh)
-  cache = split_cache(paligemma.init_cache(model.config, prompt_tokens.shape[0],
-                                           prompt_tokens.shape[1] + suffix_tokens.shape[1]))
-  last, cache = model.apply({"params": params}, prompt_tokens, images, prompt_mask, prompt_mask,
-                            cache, method=model.prefill)  # last: [P, V], predicts suffix token 0.
-  cache = split_cache(cache.replace(k=cache.k[:, source], v=cache.v[:, source],
-                                    end=cache.end[source]))
+  model = setup.model
+  last, cache = core.prefill(setup, params, prompt_tokens, prompt_mask, prompt_mask,
+                             images=images, cache_len=prompt_tokens.shape[1] + suffix_tokens.shape[1])
+  # last: [P, V], predicts suffix token 0.
+  cache = setup.split_cache(kv_cache.take_rows(cache, source))
   hidden, _ = model.apply({"params": params}, suffix_tokens[:, :-1], cache, method=model.extend)
   rest = model.apply({"params": params}, hidden, method=lambda m, h: m.llm.logits(h))  # [R, K-1, V]
   logits = jnp.concatenate([last[source][:, None], rest], axis=1)  # [R, K, V]
@@ -109,8 +114,8 @@ class Scorer:
     self.num_image_tokens = paligemma.num_image_tokens(config)
     self.max_positions = batching.max_positions(config)
     self.mesh = sharding.mesh_of(params) if mesh is None else mesh
-    self.model = paligemma.PaliGemma(config)
-    self.logprobs_fn = jax.jit(functools.partial(suffix_logprobs, self.model, mesh=self.mesh))
+    self.setup = make_setup(config, self.mesh)
+    self.logprobs_fn = jax.jit(functools.partial(suffix_logprobs, self.setup))
 
   def row(self, prompt: str, suffix: str):
     """(tokens, prefix_mask, number of targets) of one prompt + suffix."""

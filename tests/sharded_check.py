@@ -83,7 +83,7 @@ def cache_spec(generator, config, batch):
   args = sharding.shard_batch(prompt_inputs(config, batch), generator.mesh)
   keys = decode.row_keys(jax.random.PRNGKey(0), range(args[0].shape[0]))
   state = prefill(generator.params, *args, keys, sampling.Sampler().as_arrays())
-  return str(state.cache.k.sharding.spec), str(state.tokens.sharding.spec)
+  return str(state.rows.cache.k.sharding.spec), str(state.tokens.sharding.spec)
 
 
 def remesh(config, params, batch, reference):

@@ -158,7 +158,8 @@ def check_generates_like_transformers(reference, params, config, check_scoring=F
     return
   suffix = np.asarray(generation.tokens)
   suffix_mask = np.arange(MAX_NEW)[None] < generation.lengths[:, None]
-  score = jax.jit(functools.partial(scoring.suffix_logprobs, paligemma.PaliGemma(config)))
+  score = jax.jit(functools.partial(scoring.suffix_logprobs,
+                                    scoring.make_setup(config)))
   scored = score(params, batch[0], batch[1], batch[2], suffix, suffix_mask, np.arange(len(suffix)))
   np.testing.assert_allclose(np.where(suffix_mask, generation.logprobs, 0), scored, atol=2e-4)
 

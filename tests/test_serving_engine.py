@@ -94,7 +94,7 @@ def test_a_second_identical_request_compiles_nothing(engine):
   """The first prefill gets the state built at start, later ones a state a jitted call returned;
   both must hit one compiled program (they did not: uncommitted vs committed arrays)."""
   run_until_idle(engine)
-  engine._state = engine._empty_state(engine._state.cache.k.dtype)  # As the engine starts.
+  engine._state = engine._empty_state()  # As the engine starts.
   request = engine_lib.Request("caption en", png(0), max_tokens=3)
   first = engine.submit(request)
   run_until_idle(engine)

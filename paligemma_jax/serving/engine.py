@@ -46,21 +46,18 @@ import threading
 import time
 from typing import Iterator
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from paligemma_jax import batching
-from paligemma_jax import decode
 from paligemma_jax import errors
-from paligemma_jax import kv_cache
 from paligemma_jax import loading
 from paligemma_jax import paligemma
 from paligemma_jax import processor
 from paligemma_jax import sampling
 from paligemma_jax import sharding
+from paligemma_jax.decoding import core
 
 MIN_TEXT_BUCKET = 16  # Prompt text lengths are padded to powers of two from here: few compiles.
 FAILED = "The server failed while running this request."  # Event.error (details in the log).
@@ -160,88 +157,41 @@ class _Live:
   slot: int | None = None
 
 
-@flax.struct.dataclass
-class SlotState:
-  """The running decode batch on the device: one row per slot (S slots)."""
-  cache: kv_cache.KVCache  # k, v [L, S, M, K, H]; end [S].
-  token: jax.Array  # [S] int32: the last chosen token, input of the next step.
-  step: jax.Array  # [S] int32: tokens chosen so far (the next key index).
-  limit: jax.Array  # [S] int32: max_tokens.
-  done: jax.Array  # [S] bool: chose <eos> or reached its limit.
-  rng: jax.Array  # [S, 2] uint32: the row's key; step s samples with fold_in(rng, s).
-  sampler: dict  # `sampling.per_row` arrays, [S] each.
-
-
-def _features_in_place_of_images():
-  """Within it, PaliGemma's `images` argument holds image features: embed_image is the identity.
-  So `PaliGemma.prefill` runs unchanged on features from the image cache."""
-  def interceptor(next_fun, args, kwargs, context):
-    if isinstance(context.module, paligemma.PaliGemma) and context.method_name == "embed_image":
-      return args[0]
-    return next_fun(*args, **kwargs)
-  return nn.intercept_methods(interceptor)
-
-
-def _compile(model: paligemma.PaliGemma, mesh, *, steps: int, eos_id: int, valid: np.ndarray,
-             cache_dtype):
+def _compile(setup: core.Setup, *, steps: int):
   """The jitted (embed_images, prefill_insert, decode_chunk); they hold no engine or params."""
-  split_cache = lambda cache: sharding.constrain(cache, sharding.cache_shardings, mesh)
-  replicate = lambda x: sharding.constrain(x, lambda x, m: sharding.replicated(m), mesh)
-  step_keys = jax.vmap(jax.random.fold_in)  # Row b: fold_in(rng[b], step[b]).
-
-  def choose(logits, rng, step, sampler):
-    token = sampling.sample(logits, step_keys(rng, step), sampler, jnp.asarray(valid))
-    return token, sampling.chosen_logprobs(logits, token)
 
   def embed_images(params, pixels):
-    return model.apply({"params": params}, pixels, method=model.embed_image)
+    return setup.model.apply({"params": params}, pixels, method=setup.model.embed_image)
 
-  def prefill_insert(params, state: SlotState, tokens, features, input_mask, prefix_mask, slots,
+  def prefill_insert(params, state: core.State, tokens, features, input_mask, prefix_mask, rows,
                      rng, sampler, limit):
-    """Prefills B prompts and writes them into rows `slots` [B] of the running batch (rows
-    marked _DROP are padding and are not written); returns (state, first tokens, logprobs)."""
-    batch, length = tokens.shape
-    cache = paligemma.init_cache(model.config, batch, length, cache_dtype)
-    with _features_in_place_of_images():
-      logits, cache = model.apply({"params": params}, tokens, features, input_mask, prefix_mask,
-                                  cache, method=model.prefill)
-    token, logprob = choose(logits, rng, jnp.zeros((batch,), jnp.int32), sampler)
-    rows = jnp.where(slots == _DROP, state.token.shape[0], slots)  # Out of range: dropped.
-    put = lambda old, new: old.at[rows].set(new, mode="drop")
-    big = state.cache
-    big = big.replace(k=big.k.at[:, rows, :length].set(cache.k.astype(big.k.dtype), mode="drop"),
-                      v=big.v.at[:, rows, :length].set(cache.v.astype(big.v.dtype), mode="drop"),
-                      end=put(big.end, cache.end))
-    state = SlotState(cache=split_cache(big), token=put(state.token, token),
-                      step=put(state.step, jnp.ones_like(token)), limit=put(state.limit, limit),
-                      done=put(state.done, (token == eos_id) | (limit <= 1)),
-                      rng=put(state.rng, rng),
-                      sampler=jax.tree.map(put, state.sampler, sampler))
-    return state, replicate(token), replicate(logprob)
+    """Prefills B prompts from their image features and writes them into rows `rows` [B] of
+    the running batch (rows marked _DROP are padding and are not written); returns (state,
+    first tokens, their logprobs)."""
+    logits, cache = core.prefill(setup, params, tokens, input_mask, prefix_mask,
+                                 features=features, cache_len=tokens.shape[1])
+    new, logprob = core.start(setup, logits, cache, rng, sampler, limit)
+    rows = jnp.where(rows == _DROP, state.token.shape[0], rows)  # Out of range: dropped.
+    state = core.insert(state, rows, new)
+    return (state.replace(cache=setup.split_cache(state.cache)), setup.replicate(new.token),
+            setup.replicate(logprob))
 
-  def decode_chunk(params, state: SlotState, active):
-    """`steps` decode steps of every active, unfinished slot -> (state, tokens [S, steps] with
-    -1 where a slot chose nothing, their logprobs)."""
-    num_slots = state.token.shape[0]
+  def decode_chunk(params, state: core.State, active):
+    """`steps` decode steps of every active, unfinished row -> (state, tokens [S, steps] with
+    -1 where a row chose nothing, their logprobs)."""
+    num_rows = state.token.shape[0]
 
     def body(i, carry):
       s, out, out_logprobs = carry
-      running = active & ~s.done
-      logits, cache = model.apply({"params": params}, s.token, s.cache, method=model.decode_step)
-      token, logprob = choose(logits, s.rng, s.step, s.sampler)
-      token = jnp.where(running, token, s.token)
-      step = s.step + running
-      cache = cache.replace(end=jnp.where(running, cache.end, s.cache.end))  # Idle rows stay.
-      s = s.replace(cache=split_cache(cache), token=token, step=step,
-                    done=s.done | (running & ((token == eos_id) | (step >= s.limit))))
+      s, token, logprob, running = core.step(setup, params, s, active)
       out = out.at[:, i].set(jnp.where(running, token, -1))
       out_logprobs = out_logprobs.at[:, i].set(jnp.where(running, logprob, 0.0))
       return s, out, out_logprobs
 
-    init = (state, jnp.full((num_slots, steps), -1, jnp.int32),
-            jnp.zeros((num_slots, steps), jnp.float32))
+    init = (state, jnp.full((num_rows, steps), -1, jnp.int32),
+            jnp.zeros((num_rows, steps), jnp.float32))
     state, out, out_logprobs = jax.lax.fori_loop(0, steps, body, init)
-    return state, replicate(out), replicate(out_logprobs)
+    return state, setup.replicate(out), setup.replicate(out_logprobs)
 
   return (jax.jit(embed_images), jax.jit(prefill_insert, donate_argnums=1),
           jax.jit(decode_chunk, donate_argnums=1))
@@ -265,11 +215,11 @@ class Engine:
     self.num_slots, self.max_queue, self.steps_per_call = slots, max_queue, steps_per_call
     self.max_prompt_tokens, self.max_tokens_limit = max_prompt_tokens, max_tokens_limit
     self.image_cache_size = image_cache_size
-    # The generator's parameter layout, valid-id mask, cache dtype and mesh, unchanged.
-    generator = decode.Generator(config, params, eos_id=self.tokenizer.eos_id,
-                                 pad_id=self.tokenizer.pad_id, vocab_size=self.tokenizer.vocab_size,
-                                 mesh=mesh)
-    self.config, self._params, self.mesh = generator.config, generator.params, generator.mesh
+    self.setup = core.Setup.create(
+        config, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+        vocab_size=self.vocab_size, mesh=sharding.mesh_of(params) if mesh is None else mesh)
+    self.config, self.mesh = self.setup.config, self.setup.mesh
+    self._params = self.setup.decoding_layout(params)
     self.image_size = config.vision.image_size
     self.num_image_tokens = paligemma.num_image_tokens(config)
     self.text_buckets = [b for b in (MIN_TEXT_BUCKET << i for i in range(32))
@@ -281,11 +231,8 @@ class Engine:
           f"{self.num_image_tokens} image + {max_prompt_tokens} prompt (max_prompt_tokens) + "
           f"{max_tokens_limit} new tokens (max_tokens_limit) exceed the model's {positions} "
           "positions.")
-    self._embed, self._prefill, self._decode = _compile(
-        paligemma.PaliGemma(self.config), self.mesh, steps=steps_per_call,
-        eos_id=self.tokenizer.eos_id, valid=generator.valid_ids,
-        cache_dtype=generator.cache_dtype)
-    self._state = self._empty_state(generator.cache_dtype)
+    self._embed, self._prefill, self._decode = _compile(self.setup, steps=steps_per_call)
+    self._state = self._empty_state()
     self._slots: list[_Live | None] = [None] * slots
     self._pending: collections.deque[_Live] = collections.deque()
     self._images = collections.OrderedDict()  # (sha256, size) -> features [N, D]; LRU order.
@@ -297,17 +244,16 @@ class Engine:
     self._error = None
     self._counts = collections.Counter()
 
-  def _empty_state(self, cache_dtype) -> SlotState:
+  def _empty_state(self) -> core.State:
     s = self.num_slots
-    cache = paligemma.init_cache(self.config, s, self.max_len, cache_dtype)
     zeros = np.zeros((s,), np.int32)
-    state = SlotState(cache=cache, token=zeros, step=zeros, limit=zeros, done=np.ones((s,), bool),
-                      rng=np.zeros((s, 2), np.uint32),
-                      sampler=sampling.per_row([sampling.Sampler()] * s))
+    state = core.State(cache=self.setup.init_cache(s, self.max_len), token=zeros, step=zeros,
+                       limit=zeros, done=np.ones((s,), bool), rng=np.zeros((s, 2), np.uint32),
+                       sampler=sampling.per_row([sampling.Sampler()] * s))
     if self.mesh is None:  # Committed, as every state a jitted step returns: else the second
       return jax.device_put(state, jax.devices()[0])  # request's arguments differ: a recompile.
-    return jax.device_put(state, SlotState(
-        cache=sharding.cache_shardings(cache, self.mesh),
+    return jax.device_put(state, core.State(
+        cache=sharding.cache_shardings(state.cache, self.mesh),
         **{f: jax.tree.map(lambda x: sharding.batch_sharding(x.shape, self.mesh), getattr(state, f))
            for f in ("token", "step", "limit", "done", "rng", "sampler")}))
 
@@ -347,7 +293,7 @@ class Engine:
       raise errors.InputError(f"top_k must be at most the vocabulary ({self.vocab_size}), got "
                               f"{request.sampler.top_k}")
     try:
-      key = np.asarray(decode.row_keys(sampling.seed_key(request.seed), [0])[0])
+      key = np.asarray(core.row_keys(sampling.seed_key(request.seed), [0])[0])
     except ValueError as e:
       raise errors.InputError(str(e)) from None
     tokens, prefix_mask, _ = processor.build_prompt(
