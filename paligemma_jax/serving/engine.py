@@ -22,11 +22,8 @@ key (fold_in(sampling.seed_key(seed), 0), then folded with the step index, as `d
 keys row 0) are per-slot arrays. Greedy answers equal `generate`'s; sampled ones equal `generate`'s for a
 single example with the same seed.
 
-Image cache: the SigLIP + projector output (`embed_image`) of identical image bytes is computed
-once and reused (LRU, keyed by the bytes' sha256 and the model's resolution); a request whose
-image is cached skips decoding it too. The prompt's keys and values are NOT cached or shared:
-in PaliGemma's full-attention prefix the image tokens attend to the prompt tokens, so the
-image's keys and values differ with every prompt.
+Beside it: requests.py (what a caller holds), image_cache.py (identical images run the image
+tower once), text_stream.py (tokens -> the text a client may see, stop strings).
 
 Shapes, hence compiles: prefill batches of 1, 2, 4 .. slots rows, prompt text padded to 16, 32,
 64 .. max_prompt_tokens tokens; one decode chunk. `warmup` compiles the common ones (or all).
@@ -38,13 +35,9 @@ from concurrent import futures
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import logging
 import os
-import queue
 import threading
-import time
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -58,86 +51,13 @@ from paligemma_jax import processor
 from paligemma_jax import sampling
 from paligemma_jax import sharding
 from paligemma_jax.decoding import core
+from paligemma_jax.serving.image_cache import ImageCache, image_key
+from paligemma_jax.serving.requests import Closed, Event, Handle, QueueFull, Request
+from paligemma_jax.serving.text_stream import TextStream
 
 MIN_TEXT_BUCKET = 16  # Prompt text lengths are padded to powers of two from here: few compiles.
 FAILED = "The server failed while running this request."  # Event.error (details in the log).
 _DROP = -1  # Placeholder slot index of a prefill batch's dummy rows; never written.
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-  prompt: str  # The text prompt as generate takes it ("caption en", "detect cat").
-  image: bytes  # Encoded image file bytes (PNG, JPEG, ...).
-  max_tokens: int = 32
-  sampler: sampling.Sampler = sampling.Sampler()  # Greedy by default.
-  seed: int = 0
-  stop: tuple[str, ...] = ()  # Stop strings; the returned text ends before the first one.
-
-
-@dataclasses.dataclass
-class Event:
-  """Streamed to the caller, in order; the last one has a finish_reason."""
-  text: str  # New text since the previous event (may be "").
-  token_ids: list[int]  # New token ids since the previous event (<eos> never included).
-  finish_reason: str | None  # None while running; then "stop" (<eos> or a stop string),
-  #                            "length", or (Added) "cancelled" / "error".
-  prompt_tokens: int  # Prompt length in tokens, image tokens included.
-  completion_tokens: int  # Tokens generated so far (<eos> not counted).
-  error: str | None = None  # Added: why, when finish_reason is "error".
-  logprobs: list[float] = dataclasses.field(default_factory=list)  # Added: one per token_ids.
-
-
-class QueueFull(Exception):
-  """submit() while max_queue requests already wait (HTTP 429)."""
-
-
-class Closed(Exception):
-  """Added: submit() after shutdown() began, or after the engine failed (HTTP 503)."""
-
-
-class Handle:
-  """The caller's side of one request: a thread-safe stream of Events."""
-
-  def __init__(self, engine, prompt_tokens: int):
-    self.prompt_tokens = prompt_tokens
-    self.cancelled = False
-    self.submitted = time.monotonic()
-    self._engine = engine
-    self._events = queue.Queue()
-    self._finished = False  # Set by the consumer once it read the finishing event.
-    self._result = None
-
-  def events(self, timeout: float | None = None) -> Iterator[Event]:
-    """Blocks for each event (queue.Empty -> TimeoutError if none comes within `timeout` s);
-    ends after the finishing one. One consumer per handle."""
-    while not self._finished:
-      try:
-        event = self._events.get(timeout=timeout)
-      except queue.Empty:
-        raise TimeoutError(f"no event within {timeout} s") from None
-      self._finished = event.finish_reason is not None
-      yield event
-
-  def cancel(self) -> None:
-    """The client went away: the slot is freed at the next step (finish_reason "cancelled")."""
-    self.cancelled = True
-    self._engine._notify()
-
-  def result(self, timeout: float | None = None) -> Event:
-    """Blocks; the whole text and token_ids, the final finish_reason and counts. Reads the
-    events itself: call it instead of `events`, not after (a second call returns the same)."""
-    if self._result is None:
-      text, ids, logprobs, last = [], [], [], None
-      for last in self.events(timeout):
-        text.append(last.text)
-        ids += last.token_ids
-        logprobs += last.logprobs
-      self._result = dataclasses.replace(last, text="".join(text), token_ids=ids,
-                                         logprobs=logprobs)
-    return self._result
-
-  def _put(self, event: Event):
-    self._events.put(event)
 
 
 @dataclasses.dataclass
@@ -150,10 +70,9 @@ class _Live:
   length_bucket: int  # Padded prompt length of its prefill.
   key: np.ndarray  # [2] uint32: fold_in(sampling.seed_key(seed), 0).
   image_key: tuple
+  stream: TextStream
   pixels: np.ndarray | None = None  # Only when its image features were not cached at submit.
   features: jax.Array | None = None  # [N, D] once known.
-  generated: list = dataclasses.field(default_factory=list)
-  text: str = ""  # Text already sent.
   slot: int | None = None
 
 
@@ -235,7 +154,7 @@ class Engine:
     self._state = self._empty_state()
     self._slots: list[_Live | None] = [None] * slots
     self._pending: collections.deque[_Live] = collections.deque()
-    self._images = collections.OrderedDict()  # (sha256, size) -> features [N, D]; LRU order.
+    self._images = ImageCache(image_cache_size)
     self._wake = threading.Condition()
     self._device = threading.Lock()  # Held while the state is in use (steps, warmup).
     self._thread = None
@@ -303,12 +222,12 @@ class Engine:
       raise errors.InputError(f"the prompt has {text_length} tokens (with <bos> and the final "
                               f"newline); the limit is {self.max_prompt_tokens}")
     bucket = next(b for b in self.text_buckets if b >= text_length) + self.num_image_tokens
-    image_key = (hashlib.sha256(request.image).hexdigest(), self.image_size)
-    live = _Live(request, Handle(self, len(tokens)), tokens, prefix_mask, bucket, key, image_key)
+    stream = TextStream(self.tokenizer.decode, self.tokenizer.eos_id, request.max_tokens,
+                        tuple(request.stop))
+    live = _Live(request, Handle(self, len(tokens)), tokens, prefix_mask, bucket, key,
+                 image_key(request.image, self.image_size), stream)
     with self._wake:
-      live.features = self._images.get(image_key)
-      if live.features is not None:
-        self._images.move_to_end(image_key)
+      live.features = self._images.get(live.image_key)
     if live.features is None:  # Decoded here, in the caller's thread, within the decode budget.
       live.pixels, _ = processor.load_pixels(bytes(request.image), self.image_size)
     return live
@@ -460,8 +379,6 @@ class Engine:
           todo.setdefault(live.image_key, []).append(live)
         else:
           self._counts["image_cache_hits"] += 1
-          if live.image_key in self._images:
-            self._images.move_to_end(live.image_key)
     if not todo:
       return
     keys = list(todo)
@@ -474,10 +391,7 @@ class Engine:
         self._counts["image_cache_hits"] += len(todo[key]) - 1
         for live in todo[key]:
           live.features, live.pixels = features[i], None
-        if self.image_cache_size > 0:
-          self._images[key] = features[i]
-          while len(self._images) > self.image_cache_size:
-            self._images.popitem(last=False)
+        self._images.put(key, features[i])
 
   def _prefill_batches(self, admitted: list[_Live]):
     """Prefills the admitted requests, one batch per prompt bucket, into their slots. A failure
@@ -538,30 +452,8 @@ class Engine:
 
   def _advance(self, live: _Live, tokens, logprobs):
     """Under the lock: takes a request's new tokens; sends an event; finishes it if it ended."""
-    request, eos = live.request, self.tokenizer.eos_id
-    start, finish, cut = len(live.generated), None, None
-    for token in tokens.tolist():
-      if token == eos:
-        finish = "stop"
-        break
-      live.generated.append(token)
-      if request.stop:
-        cut = _find_stop(self.tokenizer.decode(live.generated), request.stop, len(live.text))
-        if cut is not None:
-          finish = "stop"
-          break
-      if len(live.generated) >= request.max_tokens:
-        finish = "length"
-        break
-    new = live.generated[start:]
+    new, delta, finish = live.stream.push(tokens.tolist())
     self._counts["tokens_total"] += len(new)
-    text = self.tokenizer.decode(live.generated)
-    if cut is not None:
-      text = text[:cut]
-    elif finish is None:
-      text = text[:len(text) - _held_back(text, request.stop)]
-    delta = text[len(live.text):] if text.startswith(live.text) else ""
-    live.text += delta
     self._finish(live, finish, delta=delta, ids=new, logprobs=logprobs[:len(new)].tolist())
 
   def _finish(self, live: _Live, finish: str | None, *, delta: str = "", ids=(), logprobs=(),
@@ -573,20 +465,4 @@ class Engine:
       self._counts["requests_finished"] += 1
       self._counts[f"finish_{finish}"] += 1
     live.handle._put(Event(delta, list(ids), finish, live.handle.prompt_tokens,
-                           len(live.generated), error, list(logprobs)))
-
-
-def _find_stop(text: str, stops, sent: int) -> int | None:
-  """Where the text must end for the earliest stop string in it, if any."""
-  found = [i for i in (text.find(s) for s in stops) if i >= 0]
-  return max(min(found), sent) if found else None
-
-
-def _held_back(text: str, stops) -> int:
-  """How many trailing characters to hold back while running: an incomplete UTF-8 character
-  (SentencePiece shows it as U+FFFD) or the start of a stop string."""
-  held = len(text) - len(text.rstrip("\ufffd"))
-  for s in stops:
-    held = max(held, next((k for k in range(min(len(s) - 1, len(text)), 0, -1)
-                           if text.endswith(s[:k])), 0))
-  return held
+                           len(live.stream.ids), error, list(logprobs)))
