@@ -34,10 +34,10 @@ def define_flags():
   flags.DEFINE_enum("dtype", None, hf_config.DTYPES, "Parameter dtype; default: the file's.")
 
 
-def _check_tokenizer(path: str):
+def _check_tokenizer(path: str) -> Tokenizer:
   """A checkpoint without a usable tokenizer cannot generate: refuse it before the long part."""
   try:
-    Tokenizer(path)
+    return Tokenizer(path)
   except (ValueError, OSError) as e:
     raise errors.InputError(f"{e}; give a tokenizer.model with --tokenizer=PATH.") from None
 
@@ -50,8 +50,9 @@ def convert(npz_path: str, output_dir: str, tokenizer: str | None = None,
   if not os.path.isfile(npz_path):  # Before the tokenizer beside it is looked for.
     raise errors.InputError(f"--npz={npz_path}: no such file.")
   tokenizer = tokenizer or npz.tokenizer_beside(npz_path)
-  _check_tokenizer(tokenizer)
-  params, config = npz.load_npz(npz_path, dtype=dtype, variant=variant, progress=progress)
+  vocab_size = _check_tokenizer(tokenizer).vocab_size
+  params, config = npz.load_npz(npz_path, dtype=dtype, variant=variant, progress=progress,
+                                vocab_size=vocab_size)
   checkpoint.save(output_dir, params, config, tokenizer)
   logging.info("Wrote %s: variant %s, %s parameters, image %dpx.", output_dir, config.variant,
                config.param_dtype, config.vision.image_size)

@@ -6,8 +6,9 @@
 Results are appended to OUTPUT.partial as they finish, with the run's settings beside it; a rerun
 of the same command continues after the last complete line (a line cut short by a kill is
 dropped, a run with other settings is refused) and the file is renamed to OUTPUT once every input
-has its line. So a killed 100,000-image job loses at most one batch, and OUTPUT is complete and in
-input order whenever it exists.
+has its line, its settings kept in OUTPUT.run.json. So a killed 100,000-image job loses at most
+one batch, and OUTPUT is complete and in input order whenever it exists. A rerun on a finished
+OUTPUT gives its results again without loading the model, or with other settings is refused.
 """
 
 import dataclasses
@@ -79,22 +80,37 @@ def _same_example(result: dict, item) -> bool:
   return result.get("image") == item.image and result.get("prompt") == item.prompt
 
 
-def answer(predictor: inference.Predictor, items: list, *, output: str | None, settings: dict,
+def _check_same_examples(done: list, items: list, path: str, finished: bool):
+  """Every result in `path` must be of its input line; a finished file holds one per input."""
+  if (len(done) != len(items) if finished else len(done) > len(items)) or not all(
+      map(_same_example, done, items)):
+    raise errors.InputError(f"{path} does not match the input file (it changed?); delete it to "
+                            "start over.")
+
+
+def answer(predictor, items: list, *, output: str | None, settings: dict,
            outputs: Outputs = Outputs(), progress: bool = False, **predict_args):
   """Yields (index, result line) for every item, in order, and writes them to `output`.
 
-  Results already in OUTPUT.partial from an interrupted run of the same settings are yielded
-  again without running the model. `predict_args` go to `Predictor.predict` (max_new_tokens,
+  predictor: an inference.Predictor, or a function that makes one (loads the model), called only
+  when some example has to run. Results already in OUTPUT.partial from an interrupted run of the
+  same settings are yielded again without running the model; so are those of a finished OUTPUT
+  (nothing is rewritten), while a finished OUTPUT of other settings is refused as a partial one
+  is (files.Resumable), not replaced. `predict_args` go to `Predictor.predict` (max_new_tokens,
   sampler, seed).
   """
   partial = None
   if output is not None:  # Every host reads what is done (they must run the same batches).
+    finished = files.Resumable(output, settings, write=False).done  # Of a finished run, if any.
+    if finished:
+      _check_same_examples(finished, items, output, finished=True)
+      logging.info("%s already holds the %d results of these settings.", output, len(finished))
+      yield from enumerate(finished)
+      return
     partial = files.Resumable(output + ".partial", settings, write=multihost.is_writer())
   try:
     done = partial.done if partial else []
-    if len(done) > len(items) or not all(map(_same_example, done, items)):
-      raise errors.InputError(f"{output}.partial does not match the input file (it changed?); "
-                              "delete it to start over.")
+    _check_same_examples(done, items, f"{output}.partial", finished=False)
     if done:
       logging.info("Resuming: %d of %d results are already in %s.partial.", len(done), len(items),
                    output)
@@ -102,8 +118,10 @@ def answer(predictor: inference.Predictor, items: list, *, output: str | None, s
     todo = items[len(done):]
     examples = [x for x in todo if not isinstance(x, dict)]
     first_index = sum(not isinstance(x, dict) for x in items[:len(done)])  # Same keys as one run.
+    if examples and callable(predictor):  # A function that loads the model.
+      predictor = predictor()
     predictions = iter(predictor.predict(examples, first_index=first_index, progress=progress,
-                                         total=len(examples), **predict_args))
+                                         total=len(examples), **predict_args) if examples else ())
     for index, item in enumerate(todo, len(done)):
       result = item if isinstance(item, dict) else outputs.add(index, next(predictions))
       if partial:

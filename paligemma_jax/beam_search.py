@@ -222,7 +222,7 @@ class BeamGenerator:
       raise ValueError(f"BeamGenerator takes a BeamSearch sampler, got {sampler!r}.")
     g = self.generator
     if 2 * sampler.beam_size > g.valid_ids.sum():
-      raise ValueError(f"beam_size {sampler.beam_size} needs at least {2 * sampler.beam_size} "
+      raise errors.InputError(f"beam_size {sampler.beam_size} needs at least {2 * sampler.beam_size} "
                        f"token ids; the vocabulary has {g.valid_ids.sum()}.")
     prefill, search = self.compiled(sampler.beam_size, max_new_tokens)
     penalty = np.float32(sampler.length_penalty)

@@ -63,9 +63,17 @@ def model_config(structure: dict) -> ml_collections.ConfigDict:
 
 
 def check_new(directory: str):
-  """Refuses an existing output directory (before any work that would be lost)."""
+  """Refuses an existing output directory, or one that cannot be created because a file stands
+  where one of its parents would be (before any work that would be lost; os.makedirs would
+  only say "[Errno 17] File exists")."""
   if os.path.exists(directory):
     raise FileExistsError(f"Output directory {directory} already exists; refusing to overwrite it.")
+  parent = os.path.dirname(os.path.abspath(directory))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise errors.InputError(f"Output directory {directory} cannot be created: {parent} is a file, "
+                            "not a directory.")
 
 
 def _stored_structure(params, config) -> str:

@@ -27,6 +27,10 @@ from paligemma_jax import multihost
 from paligemma_jax import sharding
 
 EXPECTED = (errors.InputError, OSError, app.UsageError)
+# Static bounds of integer flags, checked as they are parsed: absl takes integers of any size, and
+# past these a run would fail deep inside (an int32 on the device, a batch no memory holds).
+MAX_BATCH_SIZE = 1 << 16
+MAX_BEAM_SIZE = 256  # Captioning uses 2-5; each beam is a row of KV cache per example.
 
 
 def one_line(error: BaseException | str) -> str:
@@ -103,11 +107,22 @@ def define_model_flags():
                     "Compute and parameter dtype; auto = float32 on CPU, bfloat16 on TPU/GPU.",
                     **main)
   flags.DEFINE_integer("batch_size", 1, "Examples per compiled batch (the last is padded).",
-                       lower_bound=1, **main)
+                       lower_bound=1, upper_bound=MAX_BATCH_SIZE, **main)
   flags.DEFINE_enum("quantize", None, ["int8"], "Compute with int8 weights (a float checkpoint "
                     "is quantized as it loads); default: as stored (a checkpoint converted with "
                     "--quantize=int8 is int8).", **main)
   define_mesh_flags()
+
+
+def define_beam_flags():
+  """--beam_size and --length_penalty, for --sampler=beam (beam_search.from_flags reads them).
+  The model's vocabulary bounds the beams too (2 * beam_size ids): checked once it is loaded."""
+  main = _listed_with_the_program()
+  flags.DEFINE_integer("beam_size", None, f"Beams per example, for --sampler=beam (1 to "
+                       f"{MAX_BEAM_SIZE}).", lower_bound=1, upper_bound=MAX_BEAM_SIZE, **main)
+  flags.DEFINE_float("length_penalty", None, "For --sampler=beam: a hypothesis scores "
+                     "sum(log-probs) / length ** A (default 1, as transformers; 0: big_vision's "
+                     "sum).", **main)
 
 
 def _listed_with_the_program() -> dict:

@@ -28,6 +28,8 @@ import time
 from absl import flags
 import numpy as np
 
+from paligemma_jax import cli
+
 _TRANSFORMERS = r"""
 import json, sys
 import numpy as np, PIL.Image, sentencepiece, torch, transformers
@@ -61,9 +63,12 @@ def define_flags():
                     "generate CLI against a transformers script (paligemma_jax/e2e_benchmark.py).")
   flags.DEFINE_string("e2e_dir", None, "Work directory to build the checkpoints in, or reuse "
                       "them from (default: a temporary one).")
-  flags.DEFINE_integer("e2e_rounds", 3, "Rounds of (ours cold, ours warm, transformers).")
-  flags.DEFINE_integer("e2e_examples", 16, "Prompts answered per process.")
-  flags.DEFINE_integer("e2e_batch_size", 8, "Batch size of both.")
+  flags.DEFINE_integer("e2e_rounds", 3, "Rounds of (ours cold, ours warm, transformers).",
+                       lower_bound=1, upper_bound=1000)
+  flags.DEFINE_integer("e2e_examples", 16, "Prompts answered per process.", lower_bound=1,
+                       upper_bound=1_000_000)
+  flags.DEFINE_integer("e2e_batch_size", 8, "Batch size of both.", lower_bound=1,
+                       upper_bound=cli.MAX_BATCH_SIZE)
 
 
 def _tokenizer(path):

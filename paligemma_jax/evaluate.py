@@ -42,10 +42,7 @@ def define_flags():
                       "--task=segment.")
   flags.DEFINE_enum("sampler", "greedy", ["greedy", beam_search.BeamSearch.method],
                     "greedy, or beam search (beam_search.py; its best hypothesis is the answer).")
-  flags.DEFINE_integer("beam_size", None, "Beams per example, for --sampler=beam.")
-  flags.DEFINE_float("length_penalty", None, "For --sampler=beam: a hypothesis scores "
-                     "sum(log-probs) / length ** A (default 1, as transformers; 0: big_vision's "
-                     "sum).")
+  cli.define_beam_flags()
   flags.DEFINE_string("image_dir", None, "Resolve relative image and mask paths here (default: "
                       "the dataset file's directory).")
 

@@ -4,7 +4,7 @@
                   (invalid UTF-8, invalid JSON, a lone surrogate), named `path:line`;
   atomic_writer   a file that appears at its path only once complete (written aside, renamed);
   Resumable       an append-only JSONL that a rerun of the same command continues after its last
-                  complete line, refusing to mix runs of different settings;
+                  complete line, refusing to mix runs of different settings (finished or not);
   check_readable, check_writable   a --flag's input or output file, checked before any work.
 
 Temporary names carry this host and process (`.NAME.tmp-HOST.PID.RANDOM`), so a later run can tell
@@ -12,6 +12,7 @@ what a killed run left (its process is gone) from a live one's, and remove it
 (`remove_stale_temps`). New files get the usual permissions (0666 less the umask).
 """
 
+import codecs
 import contextlib
 import json
 import os
@@ -182,9 +183,12 @@ class Line:
 
 def read_jsonl(path: str):
   """Yields a `Line` for each non-empty line of `path` (1-based numbers); never raises for a bad
-  line. A missing or unreadable file raises OSError naming it."""
+  line. A missing or unreadable file raises OSError naming it. A UTF-8 byte-order mark at the
+  start of the file (what Windows editors write) is not part of the first line."""
   with open(path, "rb") as f:
     for number, raw in enumerate(f, 1):
+      if number == 1:
+        raw = raw.removeprefix(codecs.BOM_UTF8)
       if not raw.strip():
         continue
       try:
@@ -204,11 +208,13 @@ class Resumable:
   `settings` (what produced the results: checkpoint identity, decoding settings, ...) are kept in
   PATH.run.json. Opening a file whose lines came from other settings raises InputError naming
   the difference. A line cut short by a kill is dropped. `done` holds the complete lines.
+  `finish(FINAL)` renames the file and keeps its record beside it (FINAL.run.json), so that
+  `Resumable(FINAL, settings, write=False)` refuses a finished file of other settings too.
   """
 
   def __init__(self, path: str, settings: dict, *, write: bool = True):
     settings = json.loads(json.dumps(settings))  # As stored: tuples become lists.
-    self.path, self.settings_path = path, path + ".run.json"
+    self.path, self.settings_path, self.settings = path, path + ".run.json", settings
     self.done = self._read(cut=write)
     if self.done:
       stored = self._stored_settings()
@@ -219,8 +225,11 @@ class Resumable:
                                 f"pass a new output file to start over, or delete it.")
     self._file = None
     if write:
-      write_atomically(self.settings_path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+      self._record(self.settings_path)
       self._file = open_for_writing(path, "a")
+
+  def _record(self, path: str):
+    write_atomically(path, json.dumps(self.settings, indent=2, sort_keys=True) + "\n")
 
   def _stored_settings(self):
     try:
@@ -263,9 +272,12 @@ class Resumable:
       self._file = None
 
   def finish(self, final_path: str | None = None):
-    """Closes the file; with `final_path`, renames it there and drops the settings record."""
+    """Closes the file; with `final_path`, renames it there, its settings record to
+    FINAL.run.json. The record is written first: a kill at any point leaves either this file
+    with its record (the rerun continues it) or the final one with its own."""
     self.close()
     if final_path is not None:
+      self._record(final_path + ".run.json")
       os.replace(self.path, final_path)
       with contextlib.suppress(FileNotFoundError):
         os.remove(self.settings_path)

@@ -10,8 +10,9 @@ Each output line holds image, prompt, text, tokens (generated ids, <eos> exclude
 (log-softmax of the raw logits at each chosen token), stop_reason ("eos" | "length"),
 image_size ([width, height]), or error (a bad line, a missing image, a prompt too long: that
 example's error; the rest carries on). Results are appended to OUT.partial as they finish and
-renamed to OUT when every input has its line; rerunning a killed command continues after the
-last finished line (see paligemma_jax/answers.py).
+renamed to OUT when every input has its line (the settings kept in OUT.run.json); rerunning a
+killed command continues after the last finished line, rerunning a finished one prints its
+results again, and a rerun with other settings is refused (see paligemma_jax/answers.py).
 
 Beam search, with transformers' semantics (num_beams, length_penalty, early_stopping=True):
   --sampler=beam --beam_size=3 [--length_penalty=0]
@@ -66,11 +67,10 @@ def define_flags():
   flags.DEFINE_integer("top_k", SAMPLING_DEFAULTS["top_k"], "Tokens kept by --sampler=top_k.")
   flags.DEFINE_float("top_p", SAMPLING_DEFAULTS["top_p"],
                      "Probability mass kept by --sampler=top_p.")
-  flags.DEFINE_integer("beam_size", None, "Beams per example, for --sampler=beam.")
-  flags.DEFINE_float("length_penalty", None, "For --sampler=beam: a hypothesis scores "
-                     "sum(log-probs) / length ** A (default 1, as transformers; 0: big_vision's "
-                     "sum).")
-  flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed reproduces sampled outputs.")
+  cli.define_beam_flags()
+  flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed reproduces sampled outputs (an int64: "
+                       "all 64 bits count).", lower_bound=sampling.SEED_RANGE[0],
+                       upper_bound=sampling.SEED_RANGE[1])
   flags.DEFINE_enum("task", None, list(tasks.OBJECT_TASKS), "Also read the answers as boxes "
                     "(detect) or boxes and masks (segment) into each output line.")
   flags.DEFINE_string("vae_npz", None, "Mask decoder weights (big_vision's vae-oid.npz), for "
@@ -141,9 +141,12 @@ def main(argv):
   if f.draw_dir and multihost.is_writer():
     os.makedirs(f.draw_dir, exist_ok=True)
     files.remove_stale_temps_in(f.draw_dir)  # Drawings a killed run was writing.
-  params, config, tokenizer = cli.load_model_from_flags(mesh)
-  predictor = inference.Predictor(config, params, tokenizer, batch_size=f.batch_size)
-  results = answers.answer(predictor, items, output=f.output_jsonl, settings=settings,
+
+  def load_predictor():  # Not for a finished --output_jsonl.
+    params, config, tokenizer = cli.load_model_from_flags(mesh)
+    return inference.Predictor(config, params, tokenizer, batch_size=f.batch_size)
+
+  results = answers.answer(load_predictor, items, output=f.output_jsonl, settings=settings,
                            outputs=answers.Outputs(task, f.draw_dir), progress=len(items) > 1,
                            max_new_tokens=f.max_new_tokens, sampler=sampler, seed=f.seed)
   failures = 0

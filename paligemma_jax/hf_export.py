@@ -17,6 +17,7 @@ needed (transformers only for tokenizer.json).
 import json
 import math
 import os
+import re
 import shutil
 
 from absl import logging
@@ -40,18 +41,34 @@ from paligemma_jax.tokenizer import Tokenizer
 
 IMAGE_TOKEN = "<image>"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([KMGT]B)\s*", re.IGNORECASE)
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # As huggingface_hub reads them.
+
+
+def shard_size_bytes(max_shard_size: int | str) -> int:
+  """Bytes of `max_shard_size`: a positive integer, or a positive number with a unit KB, MB, GB
+  or TB (huggingface_hub's spelling and decimal units). huggingface_hub itself takes "-5GB" (one
+  shard per tensor) and fails on "1e400GB" with an OverflowError: both are InputErrors here."""
+  size = None
+  if isinstance(max_shard_size, str):
+    match = _SIZE.fullmatch(max_shard_size)
+    if match and math.isfinite(float(match[1])):
+      size = int(float(match[1]) * _UNITS[match[2].upper()])
+  elif isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool):
+    size = max_shard_size
+  if size is None or size < 1:
+    raise errors.InputError(f"--max_shard_size={max_shard_size}: give a positive size with a unit, "
+                            "e.g. 5GB, 500MB or 40KB.")
+  return size
 
 
 def _shards(targets, dtype, max_shard_size):
   """huggingface_hub's split into shards (file name -> tensor names), from shapes alone."""
   itemsize = jnp.dtype(dtype).itemsize
   sizes = {name: math.prod(t.shape) * itemsize for name, t in targets.items()}
-  try:
-    split = huggingface_hub.split_state_dict_into_shards_factory(
-        sizes, get_storage_size=lambda size: size, max_shard_size=max_shard_size,
-        filename_pattern="model{suffix}.safetensors")
-  except ValueError as e:
-    raise errors.InputError(f"--max_shard_size={max_shard_size}: {e}") from None
+  split = huggingface_hub.split_state_dict_into_shards_factory(
+      sizes, get_storage_size=lambda size: size, max_shard_size=shard_size_bytes(max_shard_size),
+      filename_pattern="model{suffix}.safetensors")
   return split, sum(sizes.values())
 
 
@@ -112,7 +129,7 @@ def check_arguments(output_dir: str, dtype: str | None, max_shard_size: int | st
   checkpoint.check_new(output_dir)
   if dtype is not None and dtype not in hf_config.DTYPES:
     raise errors.InputError(f"Unsupported dtype {dtype!r}; choose one of {hf_config.DTYPES}.")
-  _shards({}, "float32", max_shard_size)
+  shard_size_bytes(max_shard_size)
 
 
 def export(params, config: ml_collections.ConfigDict, tokenizer_path: str, output_dir: str, *,

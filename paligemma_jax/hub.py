@@ -20,18 +20,39 @@ HUB = "https://huggingface.co"
 LOGIN = "log in with `hf auth login` (huggingface_hub's CLI) or set HF_TOKEN"
 
 # ORG/NAME as the Hub spells them, optionally @REVISION (a branch, tag or commit hash).
-_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?")
+_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>.*))?",
+                 re.DOTALL)
+# What no git ref name holds (git check-ref-format): control characters, space, ~ ^ : ? * [ \,
+# "..", "@{", "//".
+_NOT_IN_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
 _resolved = {}  # (name, cache dir, offline) -> snapshot directory: one look-up per process.
 
 
 def parse(name: str) -> tuple[str, str | None] | None:
-  """(repo id, revision or None) if `name` is no local path and reads as a Hub id, else None."""
+  """(repo id, revision or None) if `name` is no local path and reads as a Hub id, else None.
+  A revision that is no git ref name is an InputError (`_check_revision`)."""
   if os.path.exists(name):
     return None
   match = _ID.fullmatch(name)
   if match is None or ".." in match["repo"] or match["repo"].endswith((".", "-")):
     return None
+  if match["revision"] is not None:
+    _check_revision(name, match["revision"])
   return match["repo"], match["revision"]
+
+
+def _check_revision(name: str, revision: str):
+  """Accepts what a git branch or tag can be called (git check-ref-format's rules, one level
+  allowed) and so a commit hash: the Hub names nothing else, and huggingface_hub's cache keeps a
+  ref as a file under refs/, so `..`, a leading `/` or a `.` part would lead outside the cache."""
+  parts = revision.split("/")
+  if (revision in ("", "@") or _NOT_IN_REF.search(revision) or revision.endswith(".")
+      or any(not part or part.startswith(".") or part.endswith(".lock") for part in parts)):
+    raise errors.InputError(
+        f"{name}: no such local path, and {revision!r} is no revision of a Hub id "
+        "ORG/NAME@REVISION: a branch, tag or commit hash, as git names them (no '..', '//' or "
+        "'@{', no space, control character or any of ~^:?*[\\, no part starting with '.' or "
+        "ending with '.lock', no '/' or '.' at the end).")
 
 
 def is_hub_id(name: str) -> bool:

@@ -70,6 +70,16 @@ class Predictor:
       return [(tokens, prefix_mask)]
     return batching.prepare(example, rows, self.config.vision.image_size)
 
+  def check_sampler(self, sampler: sampling.Sampler | beam_search.BeamSearch):
+    """InputError for a sampler this model cannot run; the sampler checked its own values. Beam
+    search keeps 2K candidates of distinct ids each step: 2 * beam_size ids must be choosable."""
+    if isinstance(sampler, beam_search.BeamSearch):
+      ids = int(self.generator.valid_ids.sum())
+      if 2 * sampler.beam_size > ids:
+        raise errors.InputError(f"beam_size {sampler.beam_size} is too large for this model: "
+                                f"beam search needs 2 * beam_size token ids and the vocabulary "
+                                f"has {ids}; give at most {ids // 2}.")
+
   def predict(self, examples: Iterable[Example], *, max_new_tokens: int,
               sampler: sampling.Sampler | beam_search.BeamSearch = sampling.Sampler(),
               seed: int = 0,
@@ -79,8 +89,10 @@ class Predictor:
 
     Example i samples with its own key, fold_in(seed_key(seed), first_index + i), whatever batch
     it lands in: a run resumed at example k (first_index=k) gives the answers of a whole run.
-    A `beam_search.BeamSearch` sampler answers with the best hypothesis and adds its `score`.
+    A `beam_search.BeamSearch` sampler answers with the best hypothesis and adds its `score`;
+    one this model cannot run is an InputError (`check_sampler`) before any example runs.
     """
+    self.check_sampler(sampler)
     beams = isinstance(sampler, beam_search.BeamSearch)
     generator = self.beam_generator if beams else self.generator
     key = sampling.seed_key(seed)  # ValueError outside sampling.SEED_RANGE.

@@ -110,8 +110,12 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
   elif kind == "npz":
     tokenizer_file = tokenizer or npz.tokenizer_beside(path)
     if not os.path.isfile(tokenizer_file):  # Before the long part.
-      raise errors.InputError(f"{path}: no tokenizer {tokenizer_file}; give tokenizer=PATH.")
-    params, stored = npz.load_npz(path, dtype=cast, progress=multihost.is_writer())
+      raise errors.InputError(
+          f"{path}: no tokenizer {tokenizer_file}: put the checkpoint's tokenizer.model beside "
+          "the .npz, or convert it with `python -m checkpoints_convert.npz_to_orbax "
+          "--tokenizer=PATH` (in Python: load_model(..., tokenizer=PATH)).")
+    params, stored = npz.load_npz(path, dtype=cast, progress=multihost.is_writer(),
+                                  vocab_size=Tokenizer(tokenizer_file).vocab_size)
     params = _to_devices(params, stored, mesh, scan_layers, quantize)
   else:
     params, stored, tokenizer_file = hf.load_hf(path, dtype=cast, progress=multihost.is_writer())

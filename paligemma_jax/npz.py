@@ -29,9 +29,10 @@ The model config comes from the shapes (`config_from_shapes`): a released archit
 when the widths, depth and heads are one (pg1-3b, pg2-3b, pg2-10b, pg2-28b), else every dimension
 from the shapes and the rest from the family's defaults. Arrays are read one at a time: members
 stored uncompressed (np.savez, what big_vision writes) are memory-mapped where they lie in the
-file, compressed ones are decompressed one by one; every member's CRC is checked. So a 28B file
-never sits twice in memory, and a truncated, corrupt or mismatched file is one error naming the
-array.
+file, compressed ones are decompressed one by one; every member's CRC is checked, and every value
+must be finite. So a 28B file never sits twice in memory, and a truncated, corrupt or mismatched
+file, a NaN or Inf weight, or a table that does not fit the tokenizer (`check_table`) is one error
+naming the array.
 """
 
 import math
@@ -61,6 +62,8 @@ _ENC = "img/Transformer/encoderblock/"
 _MHA = "MultiHeadDotProductAttention_0/"
 _ATTN = _ENC + _MHA
 _CRC_CHUNK = 1 << 26
+_FINITE_CHUNK = 1 << 24  # Values checked at a time: a 16 MB mask.
+MAX_PADDING_ROWS = 1024  # Table rows past the tokenizer's ids (the <image> row, padding).
 
 
 # Reading the file.
@@ -150,7 +153,9 @@ class NpzFile:
     return {k: m.shape for k, m in self.members.items()}
 
   def read(self, key: str) -> np.ndarray:
-    """The array `key`: memory-mapped (read-only) if stored, else decompressed; CRC checked."""
+    """The array `key`: memory-mapped (read-only) if stored, else decompressed; CRC checked, and
+    every value finite (a NaN or Inf weight converts and loads, then only gives empty answers),
+    a chunk at a time so that no second copy of the array is made."""
     m = self.members[key]
     if m.info.compress_type == zipfile.ZIP_STORED:
       raw = self._mapped(m)
@@ -160,8 +165,12 @@ class NpzFile:
           raw = np.frombuffer(f.read(), np.uint8)  # Reading to the end checks the CRC.
       except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise errors.InputError(f"{self.path}: array {m.name} is corrupt ({e}).") from None
-    order = "F" if m.fortran else "C"
-    return raw[m.header_size:].view(m.dtype).reshape(m.shape, order=order)
+    values = raw[m.header_size:].view(m.dtype)
+    for i in range(0, values.size, _FINITE_CHUNK):
+      if not np.isfinite(values[i:i + _FINITE_CHUNK]).all():
+        raise errors.InputError(f"{self.path}: array {m.name} holds NaN or infinite values (a "
+                                "diverged training run or a damaged file?).")
+    return values.reshape(m.shape, order="F" if m.fortran else "C")
 
   def _mapped(self, m: _Member) -> np.ndarray:
     with open(self.path, "rb") as f:
@@ -359,10 +368,26 @@ def read_params(npz: NpzFile, config: ml_collections.ConfigDict, progress: bool 
   return flax.traverse_util.unflatten_dict(out, sep="/")
 
 
+def check_table(npz: NpzFile, config: ml_collections.ConfigDict, vocab_size: int):
+  """The embedding table has a row for each of the tokenizer's `vocab_size` ids, and at most
+  MAX_PADDING_ROWS more: big_vision's has exactly as many (257,152: the image token lies past it),
+  a Hugging Face one adds the <image> row and padding to a multiple of 64 (257,216). Fewer rows
+  leave ids without an embedding; many more mean another tokenizer, or a file that only claims a
+  huge table (a compressed member of zeros converts into gigabytes)."""
+  rows = config.text.vocab_size
+  if not vocab_size <= rows <= vocab_size + MAX_PADDING_ROWS:
+    raise errors.InputError(
+        f"{npz.path}: array {npz.members['llm/embedder/input_embedding'].name} has {rows} rows, "
+        f"but the tokenizer has {vocab_size} ids: expected {vocab_size} to "
+        f"{vocab_size + MAX_PADDING_ROWS} rows (one per id, plus at most {MAX_PADDING_ROWS} "
+        "padding rows). Is it the tokenizer of this checkpoint?")
+
+
 def load_npz(path: str, dtype: str | None = None, variant: str | None = None,
-             progress: bool = False):
+             progress: bool = False, vocab_size: int | None = None):
   """(params, config) of a big_vision .npz. dtype: the parameters' (default: the table's);
-  variant: see config_from_shapes."""
+  variant: see config_from_shapes; vocab_size: the tokenizer's, checked against the table
+  (`check_table`) before any weight is read."""
   if dtype is not None and dtype not in hf_config.DTYPES:
     raise errors.InputError(f"Unsupported dtype {dtype!r}; choose one of {hf_config.DTYPES}.")
   if not os.path.isfile(path):
@@ -378,6 +403,8 @@ def load_npz(path: str, dtype: str | None = None, variant: str | None = None,
       raise errors.InputError(f"{path}: {e}") from None
     check_shapes(npz, config, f" (--variant={variant})" if variant else
                  " (for the model the other arrays describe)")
+    if vocab_size is not None:
+      check_table(npz, config, vocab_size)
     return read_params(npz, config, progress), config
 
 

@@ -37,6 +37,7 @@ from paligemma_jax import loading
 from paligemma_jax import multihost
 from paligemma_jax import paligemma
 from paligemma_jax import quantize
+from paligemma_jax import sampling
 from paligemma_jax import sharding
 from paligemma_jax import training
 from paligemma_jax import workdir as workdir_lib
@@ -48,6 +49,7 @@ _MINIMUM = {"total_steps": 1, "batch_size": 1, "accum_steps": 1, "max_text_len":
             "keep_checkpoints": 1, "eval_every": 0, "eval_batch_size": 1,
             "eval_max_new_tokens": 1, "eval_num_generate": 1, "lr": 0, "eps": 0,
             "weight_decay": 0, "momentum": 0, "end_lr_factor": 0, "grad_clip": 0}
+_MAXIMUM_INT = 2**31 - 1  # Steps, sizes and counts become int32 on the device (the schedule's).
 _FRACTIONS = ("warmup_percent", "b1", "b2")
 EXPORT_FORMATS = ("orbax", "hf")  # Our checkpoint; a Hugging Face directory.
 
@@ -67,8 +69,14 @@ def _field(config: ml_collections.ConfigDict, name: str):
 def validate_config(config: ml_collections.ConfigDict):
   """Raises InputError naming `--config.FIELD` for the first value a run could not use."""
   for name, low in _MINIMUM.items():
-    if not _field(config, name) >= low:  # `not >=` also rejects NaN.
-      raise errors.InputError(f"--config.{name}={_field(config, name)}: must be at least {low}.")
+    value = _field(config, name)
+    if not value >= low:  # `not >=` also rejects NaN.
+      raise errors.InputError(f"--config.{name}={value}: must be at least {low}.")
+    if isinstance(value, int) and value > _MAXIMUM_INT:
+      raise errors.InputError(f"--config.{name}={value}: must be at most {_MAXIMUM_INT}.")
+  if not sampling.SEED_RANGE[0] <= config.seed <= sampling.SEED_RANGE[1]:  # jax.random.PRNGKey's.
+    raise errors.InputError(f"--config.seed={config.seed}: must be in [{sampling.SEED_RANGE[0]}, "
+                            f"{sampling.SEED_RANGE[1]}] (an int64).")
   for name in _FRACTIONS:
     if not 0 <= _field(config, name) <= 1:
       raise errors.InputError(f"--config.{name}={_field(config, name)}: must be in [0, 1].")
@@ -105,6 +113,8 @@ def validate(config: ml_collections.ConfigDict, *, base: str, train_jsonl: str, 
     raise errors.InputError(f"--workdir={workdir} exists and is not a directory.")
   if export_dir and os.path.exists(export_dir):
     raise errors.InputError(f"--export_dir={export_dir} already exists; refusing to overwrite it.")
+  if export_dir:
+    checkpoint.check_new(export_dir)  # Not under a file: found now, not after the training.
   if max_steps_this_run is not None and max_steps_this_run < 1:
     raise errors.InputError(f"--max_steps_this_run={max_steps_this_run}: must be at least 1.")
 

@@ -161,6 +161,19 @@ def test_bad_settings_are_one_line_errors(soft, converted_checkpoint):
     searcher.generate(*batch, max_new_tokens=2, sampler=sampling.Sampler())
 
 
+def test_more_beams_than_the_vocabulary_holds_is_one_line_before_any_example_runs(
+    soft, converted_checkpoint, tmp_path):
+  """2K candidates a step need 2K token ids: more beams than the loaded model's vocabulary allows
+  (1536 ids here) are an InputError (one line from the command lines), not a ValueError."""
+  _, params, config, tokenizer = soft(converted_checkpoint(1))
+  predictor = inference.Predictor(config, params, tokenizer)
+  Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+  beams = beam_search.BeamSearch(beam_size=800)
+  with pytest.raises(errors.InputError, match="beam_size 800 is too large .* at most 768"):
+    next(predictor.predict([inference.Example(str(tmp_path / "a.png"), "ocr")], max_new_tokens=2,
+                           sampler=beams))
+
+
 def test_evaluation_decodes_with_the_beams_and_records_them(tmp_path):
   """The beam settings reach the predictor and the predictions' settings (a greedy run's
   predictions are not resumed by a beam run)."""

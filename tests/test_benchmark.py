@@ -1,5 +1,9 @@
 """The benchmark: flags defined only when run, and the fine-tuning memory report."""
 
+import os
+import subprocess
+import sys
+
 from absl import flags
 
 from configs.paligemma import get_config
@@ -25,3 +29,14 @@ def test_finetune_memory_per_preset_and_lora_needs_the_least():
   assert attn["preset"] == "attn" and lora["preset"] == "lora"
   assert attn["argument_gib"] > 0 and lora["argument_gib"] > 0
   assert 0 < lora["temp_gib"] < attn["temp_gib"], records
+
+
+def test_out_of_range_flag_values_are_one_line():
+  """--e2e_rounds=0 ended in statistics.median([]) after minutes of priming runs."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "paligemma_jax.benchmark", "--e2e",
+                         "--e2e_rounds=0"], cwd=root, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, PYTHONPATH=root))
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines() == [
+      "benchmark.py: error: flag --e2e_rounds=0: 0 is not an integer in the range [1, 1000]"]

@@ -488,7 +488,9 @@ def test_evaluate_refuses_bad_flags_before_loading_and_writes_nothing(data_dir, 
   for extra, needle in [(["--max_new_tokens=0"], "--max_new_tokens"),
                         ([], "/nonexistent/ckpt"),
                         ([f"--metrics={tmp_path / 'data.jsonl'}"], "--metrics is the --dataset"),
-                        (["--task=segment"], "--vae_npz")]:  # The last --task counts.
+                        (["--task=segment"], "--vae_npz"),  # The last --task counts.
+                        (["--sampler=beam", "--beam_size=5000"], "--beam_size"),
+                        (["--batch_size=100000000000000"], "--batch_size")]:
     proc = subprocess.run([sys.executable, "-m", "paligemma_jax.evaluate", *common, *extra], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -3,6 +3,7 @@ the export (plain, sharded, bfloat16, a LoRA fine-tune merged) with the logits o
 
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -170,6 +171,29 @@ def test_export_is_atomic(tmp_path, converted_checkpoint, monkeypatch):
     hf_export.export_checkpoint(checkpoint_dir, str(out), progress=False)
   with pytest.raises(errors.InputError, match="max_shard_size=lots"):
     hf_export.export_checkpoint(checkpoint_dir, str(tmp_path / "new"), max_shard_size="lots")
+
+
+@pytest.mark.parametrize("size", ["-5GB", "0MB", "0.0001KB", "1e400GB", "5", 0, -1])
+def test_a_shard_size_must_be_a_positive_size(size, tmp_path):
+  """huggingface_hub took -5GB (a shard per tensor) and failed on 1e400GB with an OverflowError."""
+  message = re.escape(f"--max_shard_size={size}: give a positive")
+  with pytest.raises(errors.InputError, match=message):
+    hf_export.check_arguments(str(tmp_path / "out"), None, size)
+  assert (hf_export.shard_size_bytes("40KB"), hf_export.shard_size_bytes(" 1.5 gb")) == (
+      40_000, 1_500_000_000)
+
+
+def test_command_line_refuses_a_negative_shard_size_before_loading(tmp_path):
+  run = subprocess.run(
+      [sys.executable, "-m", "checkpoints_convert.orbax_to_hf", "--checkpoint=/nonexistent",
+       f"--output_dir={tmp_path / 'out'}", "--max_shard_size=-5GB"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"))
+  assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+  assert run.stderr.strip().splitlines() == [
+      "orbax_to_hf.py: error: --max_shard_size=-5GB: give a positive size with a unit, e.g. 5GB, "
+      "500MB or 40KB."], run.stderr
+  assert os.listdir(tmp_path) == []
 
 
 def test_command_line(tmp_path, converted_checkpoint):

@@ -33,6 +33,18 @@ def test_read_jsonl_gives_every_bad_line_its_own_error_and_carries_on(tmp_path):
   assert lines[6].value == [2]
 
 
+def test_a_byte_order_mark_starts_the_file_not_its_first_line(tmp_path):
+  """Windows editors write a UTF-8 byte-order mark; the first line is still JSON. Elsewhere it is
+  a character of the line, as in any text (here making the line invalid JSON)."""
+  path = tmp_path / "in.jsonl"
+  path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n\xef\xbb\xbf{"b": 2}\n')
+  first, second = files.read_jsonl(str(path))
+  assert (first.number, first.value, first.error) == (1, {"a": 1}, None)
+  assert second.number == 2 and second.error.startswith("invalid JSON")
+  path.write_bytes(b'\xef\xbb\xbf\n{"a": 1}\n')  # A mark alone: an empty first line.
+  assert [(line.number, line.value) for line in files.read_jsonl(str(path))] == [(2, {"a": 1})]
+
+
 def test_atomic_writer_respects_the_umask_and_leaves_nothing_on_failure(tmp_path):
   old = os.umask(0o022)
   try:
@@ -104,7 +116,20 @@ def test_resumable_continues_drops_a_cut_line_and_refuses_other_settings(tmp_pat
   done.append({"x": 1})
   done.finish(final)
   assert os.listdir(tmp_path).count("final.jsonl") == 1
-  assert not [n for n in os.listdir(tmp_path) if n.startswith("final.jsonl.")]
+  assert [n for n in os.listdir(tmp_path) if n.startswith("final.jsonl.")] == [
+      "final.jsonl.run.json"]
+
+
+def test_a_finished_file_keeps_its_settings_and_refuses_others(tmp_path):
+  """A rerun on a finished file must be refused as one on a partial file is, not replace it."""
+  final = str(tmp_path / "out.jsonl")
+  out = files.Resumable(final + ".partial", {"sampler": "greedy"})
+  out.append({"x": 1})
+  out.finish(final)
+  assert files.Resumable(final, {"sampler": "greedy"}, write=False).done == [{"x": 1}]
+  with pytest.raises(errors.InputError, match="sampler: 'greedy' then, 'top_k' now"):
+    files.Resumable(final, {"sampler": "top_k"}, write=False)
+  assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "out.jsonl.run.json"]  # Nothing written.
 
 
 def test_resumable_refuses_a_file_it_did_not_write(tmp_path):

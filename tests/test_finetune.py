@@ -291,6 +291,9 @@ def test_metric_writer_trims_to_the_restored_step(tmp_path):
     ("param_dtype", "int8", "--config.param_dtype='int8'"),
     ("trainable", "llm/(", "--config.trainable='llm/(' is not a preset or a regular expression"),
     ("image_root", "/no/such/dir", "--config.image_root=/no/such/dir: no such directory"),
+    # Past what jax.random.PRNGKey and the int32 schedule take (an OverflowError after loading).
+    ("seed", 2**70, "--config.seed=1180591620717411303424: must be in"),
+    ("total_steps", 2**40, "--config.total_steps=1099511627776: must be at most 2147483647"),
 ])
 def test_validate_config_names_the_field(field, value, message):
   config = _config("lora")
@@ -312,6 +315,7 @@ def test_train_checks_flags_and_config_before_loading(base, tmp_path, monkeypatc
       (_config("lora"), dict(train_jsonl=missing), f"--train_jsonl={missing}: no such file"),
       (_config("lora"), dict(eval_jsonl=missing), f"--eval_jsonl={missing}: no such file"),
       (_config("lora"), dict(export_dir=str(tmp_path / "taken")), "--export_dir="),
+      (_config("lora"), dict(export_dir=str(base / "clean.jsonl" / "export")), "is a file"),
       (_config("lora"), dict(max_steps_this_run=0), "--max_steps_this_run=0"),
   ]:
     with pytest.raises(errors.InputError, match=re.escape(message)):

@@ -157,7 +157,7 @@ def test_bad_lines_and_prompts_become_their_own_rows_errors(converted_checkpoint
   assert "in.jsonl:2" in results[1]["error"] and "surrogate" in results[1]["error"]
   assert "in.jsonl:3" in results[2]["error"] and "UTF-8" in results[2]["error"]
   assert "exceeds the model's 8192 positions" in results[3]["error"]
-  assert sorted(os.listdir(tmp_path)) == ["im0.png", "in.jsonl", "out.jsonl"]
+  assert sorted(os.listdir(tmp_path)) == ["im0.png", "in.jsonl", "out.jsonl", "out.jsonl.run.json"]
 
 
 def test_undecodable_prompt_byte_is_one_line_not_a_crash(converted_checkpoint, tmp_path):
@@ -245,8 +245,53 @@ def test_killed_run_continues_after_its_finished_lines(converted_checkpoint, tmp
   again = run(*args(out)[3:])
   assert again.returncode == 0, again.stderr[-3000:]
   assert out.read_text() == want
-  assert sorted(p for p in os.listdir(tmp_path) if p.startswith("out")) == ["out.jsonl"]
+  assert sorted(p for p in os.listdir(tmp_path) if p.startswith("out")) == ["out.jsonl",
+                                                                            "out.jsonl.run.json"]
+  # Nor into a finished one: it is refused the same way, not replaced.
+  _no_traceback_one_line(run(*args(out, n=5)[3:]), "max_new_tokens: 4 then, 5 now")
+  assert out.read_text() == want
   assert killed_early  # The run was caught mid-way, so the resume was tested.
+
+
+def test_a_finished_output_is_kept_and_other_settings_are_refused(tmp_path):
+  """A rerun on a finished --output_jsonl gives its results without loading the model; one with
+  other settings or other inputs is refused (it used to run again and replace the file)."""
+  items = [inference.Example("a.png", "ocr"), {"line": 2, "error": "in.jsonl:2: bad input line"}]
+
+  class Predictor:
+    def predict(self, examples, **kwargs):
+      for e in examples:
+        yield {"image": e.image, "prompt": e.prompt, "text": "x"}
+
+  out = str(tmp_path / "out.jsonl")
+  first = [r for _, r in answers.answer(Predictor(), items, output=out, settings={"seed": 1})]
+  written = open(out).read()
+  unused = lambda: pytest.fail("loaded the model for a finished run")
+  again = [r for _, r in answers.answer(unused, items, output=out, settings={"seed": 1})]
+  assert again == first and open(out).read() == written
+  with pytest.raises(errors.InputError, match="seed: 1 then, 2 now"):
+    list(answers.answer(unused, items, output=out, settings={"seed": 2}))
+  with pytest.raises(errors.InputError, match="out.jsonl does not match the input file"):
+    list(answers.answer(unused, items + items, output=out, settings={"seed": 1}))
+  assert open(out).read() == written
+  assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "out.jsonl.run.json"]
+
+
+def test_out_of_range_flag_values_are_one_line_before_loading(converted_checkpoint, tmp_path):
+  """Values past what the device holds (int32 top_k, int64 seed), more beams than any model
+  takes, a batch no memory holds: each a one-line error, the model never loaded (here it could
+  not be: its parameters are missing)."""
+  directory, _ = converted_checkpoint(1)
+  unloadable = tmp_path / "checkpoint"
+  (unloadable / "params").mkdir(parents=True)
+  (unloadable / "config.json").write_text(open(os.path.join(directory, "config.json")).read())
+  image, = _images(tmp_path, 1)
+  common = [f"--checkpoint={unloadable}", f"--image={image}", "--prompt=caption en"]
+  for args, needle in [(["--sampler=top_k", "--top_k=2147483648"], "top_k"),
+                       (["--sampler=top_k", "--seed=1180591620717411303424"], "--seed"),
+                       (["--sampler=beam", "--beam_size=5000"], "--beam_size"),
+                       (["--batch_size=100000000000000"], "--batch_size")]:
+    _no_traceback_one_line(run(*common, *args), needle)
 
 
 def test_input_lines_cannot_smuggle_in_result_fields(tmp_path):

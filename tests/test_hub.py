@@ -83,6 +83,21 @@ def test_parse():
     assert hub.parse(local) is None, local
 
 
+@pytest.mark.parametrize("revision", ["../../x", "..", "v2/../main", ".hidden", "a/.b", "x.lock",
+                                      "a//b", "/etc", "main/", "v2.", "@", "a@{1}", "a b", "v2~1",
+                                      "v2^", "a:b", "a\\b", "a\nb", ""])
+def test_a_revision_must_be_a_git_ref_name(hf_home, monkeypatch, revision):
+  """`ORG/NAME@../../x` was looked up as the cache's refs/../../x: outside the cache."""
+  monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                      lambda *a, **k: pytest.fail("looked up"))
+  name = f"{REPO_ID}@{revision}"
+  with pytest.raises(errors.InputError, match="no revision of a Hub id") as e:
+    loading.checkpoint_kind(name)
+  assert cli.one_line(e.value).startswith(cli.one_line(name + ": no such local path"))
+  for good in ("main", "v2", "refs/pr/1", "b" * 40, "release-1.0", "feature/x@y", "ünï"):
+    assert hub.parse(f"{REPO_ID}@{good}") == (REPO_ID, good)
+
+
 def test_an_existing_local_path_wins(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   os.makedirs("org/name")

@@ -327,10 +327,61 @@ def test_a_variant_that_does_not_fit_and_a_missing_tokenizer_are_refused(pg1, tm
   # Results record which file they came from (an .npz is one file, not a directory).
   identities = {loading.checkpoint_identity(p)["files"] for p in (path, str(alone))}
   assert len(identities) == 2 and hashlib.sha256().hexdigest()[:16] not in identities
-  with pytest.raises(errors.InputError, match="no tokenizer .*tokenizer.model; give tokenizer="):
+  with pytest.raises(errors.InputError, match="no tokenizer .*tokenizer.model: put the "
+                     "checkpoint's tokenizer.model beside the .npz, or convert it with "
+                     ".*npz_to_orbax --tokenizer=PATH"):  # generate has no tokenizer= to give.
     loading.load_model(str(alone))
   with pytest.raises(errors.InputError, match="Tokenizer model not found.*--tokenizer=PATH"):
     npz_to_orbax.convert(str(alone), str(tmp_path / "out"), progress=False)
   with pytest.raises(errors.InputError, match="--npz=.*missing.npz: no such file"):  # Not its tokenizer.
     npz_to_orbax.convert(str(tmp_path / "missing.npz"), str(tmp_path / "out"), progress=False)
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_table_that_does_not_fit_the_tokenizer_is_refused_before_reading(pg1, tmp_path,
+                                                                           spm_model_path):
+  """A compressed member of zeros can claim millions of rows (a 1.4 MB file converted into a
+  978 MB checkpoint); too few rows leave ids without an embedding. The tokenizer has ROWS ids."""
+  arrays = dict(pg1[1])
+  table = arrays["llm/embedder/input_embedding"]
+  shutil.copyfile(spm_model_path, tmp_path / "tokenizer.model")
+  for rows in (ROWS + npz.MAX_PADDING_ROWS + 1, 40 * ROWS, ROWS - 1):
+    resized = np.zeros((rows, table.shape[1]), np.float32)
+    resized[:min(rows, ROWS)] = table[:rows]
+    path = write_npz(tmp_path / "resized.npz", {**arrays, "llm/embedder/input_embedding": resized},
+                     compressed=True)
+    message = (f"array params/llm/embedder/input_embedding has {rows} rows, but the tokenizer has "
+               f"{ROWS} ids")
+    with pytest.raises(errors.InputError, match=message):
+      loading.load_model(path)
+    with pytest.raises(errors.InputError, match=message):
+      npz_to_orbax.convert(path, str(tmp_path / "out"), progress=False)
+    assert not os.path.exists(tmp_path / "out")
+  # A Hugging Face table: the <image> row and padding to a multiple of 64 (1600 rows) is fine.
+  padded = np.concatenate([table, np.zeros((64, table.shape[1]), np.float32)])
+  path = write_npz(tmp_path / "padded.npz", {**arrays, "llm/embedder/input_embedding": padded})
+  assert npz.load_npz(path, vocab_size=ROWS)[1].text.vocab_size == ROWS + 64
+
+
+@pytest.mark.parametrize("value, compressed", [(np.nan, False), (np.inf, True), (-np.inf, False)])
+def test_a_weight_that_is_not_finite_is_named(pg1, tmp_path, value, compressed):
+  """NaN or Inf weights converted without a word, then generated empty text."""
+  arrays = {k: np.array(x) for k, x in pg1[1].items()}
+  arrays["llm/layers/mlp/linear"][1, 5, 7] = value
+  path = write_npz(tmp_path / "bad.npz", arrays, compressed=compressed)
+  with pytest.raises(errors.InputError,
+                     match="array params/llm/layers/mlp/linear holds NaN or infinite values"):
+    npz.load_npz(path)
+  with pytest.raises(errors.InputError, match="params/img/head/bias holds NaN"):  # bfloat16 too.
+    arrays = {**pg1[1], "img/head/bias": np.full_like(pg1[1]["img/head/bias"], value)}
+    npz.load_npz(write_npz(tmp_path / "bf16.npz", arrays, ml_dtypes.bfloat16))
+
+
+def test_an_output_directory_under_a_file_is_one_clear_line(pg1, tmp_path, spm_model_path):
+  """os.makedirs said only "[Errno 17] File exists", after the whole file was read."""
+  _, _, path = pg1
+  (tmp_path / "file").write_text("x")
+  out = tmp_path / "file" / "sub" / "out"
+  with pytest.raises(errors.InputError, match=f"Output directory {out} cannot be created: "
+                     f"{tmp_path / 'file'} is a file, not a directory"):
+    npz_to_orbax.convert(path, str(out), spm_model_path, progress=False)

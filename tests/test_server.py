@@ -524,6 +524,16 @@ def test_loadgen_measures_a_streaming_server():
   loadgen._check_loopback("http://localhost:8000")
 
 
+def test_loadgen_refuses_out_of_range_flags_on_one_line():
+  """A negative --seed ended in numpy's ValueError (default_rng takes no negative seed)."""
+  proc = subprocess.run([sys.executable, "-m", "paligemma_jax.serving.loadgen",
+                         "--checkpoint=/nonexistent", "--seed=-1"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines() == [
+      "loadgen.py: error: flag --seed=-1: -1 is not a non-negative integer"], proc.stderr
+
+
 def test_soak_mixed_good_and_hostile_clients(converted_checkpoint):
   """4 clients send 240 requests, good and bad mixed, at a real engine behind uvicorn: every
   good one is answered as generate answers it, every bad one gets its 4xx (a top_k past int32,

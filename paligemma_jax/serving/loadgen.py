@@ -53,15 +53,18 @@ def define_flags():
                       "loads it too).", required=True)
   flags.DEFINE_string("url", None, "A server already running on this machine (loopback); "
                       "default: start one.")
-  flags.DEFINE_integer("slots", 8, "Server slots = static batch size.", lower_bound=1)
+  flags.DEFINE_integer("slots", 8, "Server slots = static batch size.", lower_bound=1,
+                       upper_bound=1024)  # serve's --slots.
   flags.DEFINE_integer("requests", 48, "Requests per phase.", lower_bound=1, upper_bound=10000)
   flags.DEFINE_float("rate", 4.0, "Mean arrivals per second (Poisson).", lower_bound=1e-3)
   flags.DEFINE_integer("images", 4, "Distinct images the shared phase's questions are about.",
                        lower_bound=1)
-  flags.DEFINE_integer("image_px", 256, "Side of the generated test images.", lower_bound=8)
+  flags.DEFINE_integer("image_px", 256, "Side of the generated test images.", lower_bound=8,
+                       upper_bound=4096)
   flags.DEFINE_integer("min_tokens", 4, "Smallest max_tokens.", lower_bound=1)
   flags.DEFINE_integer("max_tokens", 64, "Largest max_tokens.", lower_bound=1)
-  flags.DEFINE_integer("seed", 0, "Seed of the arrivals, lengths, prompts and images.")
+  flags.DEFINE_integer("seed", 0, "Seed of the arrivals, lengths, prompts and images "
+                       "(numpy's default_rng: not negative).", lower_bound=0)
   flags.DEFINE_float("max_seconds", 600, "Most seconds per phase.", lower_bound=1)
   flags.DEFINE_string("dtype", "auto", "Passed to the server and the baseline.")
   flags.DEFINE_string("output_json", None, "Write the results here.")
