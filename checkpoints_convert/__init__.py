@@ -1,1 +1,1 @@
-"""Converters from other PaliGemma checkpoint formats to ours (see paligemma_jax/checkpoint.py)."""
+"""Converters from other PaliGemma checkpoint formats to ours (see paligemma_jax/checkpoints/checkpoint.py)."""

@@ -5,10 +5,10 @@ r"""Converts a Hugging Face PaliGemma / PaliGemma 2 directory into our Orbax che
       --output_dir=pg2-3b-448
 
 --hf_dir is a directory or a Hugging Face Hub id, ORG/NAME[@REVISION] (fetched into the Hub
-cache; see paligemma_jax/hub.py).
+cache; see paligemma_jax/checkpoints/hub.py).
 
 Weights keep the checkpoint's dtype (PaliGemma 1: float32, PaliGemma 2: bfloat16) unless --dtype
-is given; --quantize=int8 stores int8 matrices (paligemma_jax/quantize.py), which load as int8
+is given; --quantize=int8 stores int8 matrices (paligemma_jax/model/quantize.py), which load as int8
 without a flag. The tokenizer is the directory's tokenizer.model unless --tokenizer=PATH is
 given; it is checked before any weight is read. The output directory must not exist; it appears only once
 complete, and a rerun removes what a killed run left.
@@ -19,14 +19,14 @@ import os
 from absl import flags
 from absl import logging
 
-from paligemma_jax import checkpoint
 from paligemma_jax import cli
 from paligemma_jax import errors
-from paligemma_jax import hf
-from paligemma_jax import hf_config
-from paligemma_jax import hub
-from paligemma_jax import paligemma
-from paligemma_jax.tokenizer import Tokenizer
+from paligemma_jax.checkpoints import checkpoint
+from paligemma_jax.checkpoints import hf
+from paligemma_jax.checkpoints import hf_config
+from paligemma_jax.checkpoints import hub
+from paligemma_jax.model import paligemma
+from paligemma_jax.preprocess.tokenizer import Tokenizer
 
 
 def define_flags():
@@ -38,7 +38,7 @@ def define_flags():
   flags.DEFINE_enum("dtype", None, hf_config.DTYPES, "Parameter dtype; default: the checkpoint's.")
   flags.DEFINE_string("tokenizer", None, "SentencePiece tokenizer.model to include; default: the "
                       "one in --hf_dir.")
-  flags.DEFINE_enum("quantize", None, ["int8"], "Store int8 weights (paligemma_jax/quantize.py: "
+  flags.DEFINE_enum("quantize", None, ["int8"], "Store int8 weights (paligemma_jax/model/quantize.py: "
                     "a quarter of float32's bytes); the checkpoint then loads as int8.")
 
 

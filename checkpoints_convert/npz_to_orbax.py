@@ -15,12 +15,12 @@ import os
 from absl import flags
 from absl import logging
 
-from paligemma_jax import checkpoint
 from paligemma_jax import cli
 from paligemma_jax import errors
-from paligemma_jax import hf_config
-from paligemma_jax import npz
-from paligemma_jax.tokenizer import Tokenizer
+from paligemma_jax.checkpoints import checkpoint
+from paligemma_jax.checkpoints import hf_config
+from paligemma_jax.checkpoints import npz
+from paligemma_jax.preprocess.tokenizer import Tokenizer
 
 
 def define_flags():

@@ -4,7 +4,7 @@ r"""Exports one of our checkpoints as a Hugging Face PaliGemma directory (transf
       --output_dir=/hf/pg2-3b-224-captions [--dtype=bfloat16] [--max_shard_size=5GB]
 
 The result loads as it is with `PaliGemmaForConditionalGeneration.from_pretrained(OUT)` and
-`PaliGemmaProcessor.from_pretrained(OUT)` (see paligemma_jax/hf_export.py). --checkpoint is
+`PaliGemmaProcessor.from_pretrained(OUT)` (see paligemma_jax/checkpoints/hf_export.py). --checkpoint is
 anything `generate` takes: a converted or fine-tuned checkpoint, a Hugging Face directory or a
 Hub id. Weights keep the checkpoint's dtype unless --dtype is given. The output directory must
 not exist; it appears only once complete.
@@ -13,8 +13,8 @@ not exist; it appears only once complete.
 from absl import flags
 
 from paligemma_jax import cli
-from paligemma_jax import hf_config
-from paligemma_jax import hf_export
+from paligemma_jax.checkpoints import hf_config
+from paligemma_jax.checkpoints import hf_export
 
 
 def define_flags():

@@ -18,13 +18,13 @@ from absl import logging
 import logging as std_logging
 from ml_collections import config_flags
 
-from paligemma_jax import checkpoint
 from paligemma_jax import compilation_cache
-from paligemma_jax import decode
 from paligemma_jax import errors
-from paligemma_jax import loading
 from paligemma_jax import multihost
 from paligemma_jax import sharding
+from paligemma_jax.checkpoints import checkpoint
+from paligemma_jax.checkpoints import loading
+from paligemma_jax.decoding import autoregressive
 
 EXPECTED = (errors.InputError, OSError, app.UsageError)
 # Static bounds of integer flags, checked as they are parsed: absl takes integers of any size, and
@@ -115,7 +115,7 @@ def define_model_flags():
 
 
 def define_beam_flags():
-  """--beam_size and --length_penalty, for --sampler=beam (beam_search.from_flags reads them).
+  """--beam_size and --length_penalty, for --sampler=beam (decoding/settings.py reads them).
   The model's vocabulary bounds the beams too (2 * beam_size ids): checked once it is loaded."""
   main = _listed_with_the_program()
   flags.DEFINE_integer("beam_size", None, f"Beams per example, for --sampler=beam (1 to "
@@ -175,4 +175,4 @@ def load_model_from_flags(mesh):
   """The model, in the layout the decoding commands' Generator uses (no second copy of it)."""
   f = flags.FLAGS
   return loading.load_model(f.checkpoint, dtype=dtype_from_flags(), mesh=mesh, config=f.config,
-                            quantize=f.quantize, scan_layers=decode.default_scan_layers())
+                            quantize=f.quantize, scan_layers=autoregressive.default_scan_layers())

@@ -4,7 +4,7 @@ r"""Evaluates a checkpoint on a JSONL dataset: predictions, per-example scores, 
       --task=vqa --predictions=vqa_preds.jsonl --metrics=vqa_metrics.json --batch_size=8
 
 Each dataset line is {"image": path, "prompt": str, ...references}; see docs/evaluation.md for
-every task's fields and output formats, and paligemma_jax/evaluation.py for how predictions are
+every task's fields and output formats, and paligemma_jax/evaluation/runner.py for how predictions are
 appended and resumed: running the same command again after an interruption continues where it
 stopped; predictions of another model or setting are refused. Bad lines are reported with their
 line number, skipped and counted.
@@ -15,14 +15,15 @@ import os
 
 from absl import flags
 
-from paligemma_jax import beam_search
 from paligemma_jax import cli
 from paligemma_jax import errors
-from paligemma_jax import evaluation
 from paligemma_jax import files
-from paligemma_jax import loading
 from paligemma_jax import tasks
-from paligemma_jax.tasks import segmentation
+from paligemma_jax.checkpoints import loading
+from paligemma_jax.decoding import beam_search
+from paligemma_jax.decoding import settings
+from paligemma_jax.evaluation import runner
+from paligemma_jax.tasks import segmentation_format
 
 MAX_NEW_TOKENS = {name: task.max_new_tokens for name, task in tasks.REGISTRY.items()
                   if not task.scores_suffixes}
@@ -61,8 +62,9 @@ def validate_flags(f) -> beam_search.BeamSearch | None:
     path = getattr(f, flag)
     if path and os.path.realpath(path) == os.path.realpath(f.dataset):
       raise errors.InputError(f"--{flag} is the --dataset file; refusing to overwrite it.")
-  beams = beam_search.from_flags(getattr(f, "sampler", "greedy"), getattr(f, "beam_size", None),
-                                 getattr(f, "length_penalty", None))
+  beams = settings.decoder(getattr(f, "sampler", "greedy"), beam_size=getattr(f, "beam_size", None),
+                           length_penalty=getattr(f, "length_penalty", None))
+  beams = beams if isinstance(beams, beam_search.BeamSearch) else None  # Greedy.
   if beams and tasks.REGISTRY[f.task].scores_suffixes:
     raise errors.InputError(f"--task={f.task} scores given answers; --sampler=beam is for "
                             "generating them.")
@@ -74,8 +76,8 @@ def main(argv):
   f = flags.FLAGS
   beams = validate_flags(f)
   mesh = cli.mesh_from_flags()  # Before anything touches a device.
-  vae_params = segmentation.load_vae_npz(f.vae_npz) if f.task == "segment" else None
-  evaluator = evaluation.Evaluator(lambda: cli.load_model_from_flags(mesh), batch_size=f.batch_size,
+  vae_params = segmentation_format.load_vae_npz(f.vae_npz) if f.task == "segment" else None
+  evaluator = runner.Evaluator(lambda: cli.load_model_from_flags(mesh), batch_size=f.batch_size,
                                    vae_params=vae_params, model_identity=cli.model_settings(),
                                    beams=beams)
   result = evaluator.run(f.dataset, f.task, f.predictions, f.metrics,

@@ -88,6 +88,35 @@ def writing_aside(path: str, clean: bool = True):
     _writing.discard(tmp)
 
 
+@contextlib.contextmanager
+def directory_aside(path: str, *, writer: bool = True, shared: bool = False):
+  """A new directory to fill in the block, renamed to `path` when the block ends: `path` appears
+  only complete, and an error (or a kill: the next run sweeps it) leaves nothing there.
+
+  writer: this process creates, renames and cleans up; the others of a multi-host job only write
+  into it (the caller syncs them after the creation and before the rename, at the block's end).
+  shared: every process of a job must agree on the name without talking: `.NAME.tmp-shared`,
+  replaced if a killed job left one."""
+  path = os.path.abspath(path)
+  parent, name = os.path.split(path)
+  aside = (contextlib.nullcontext(os.path.join(parent, f".{name}.tmp-shared")) if shared
+           else writing_aside(path))
+  with aside as tmp:
+    try:
+      if writer:
+        os.makedirs(parent, exist_ok=True)
+        if shared:
+          shutil.rmtree(tmp, ignore_errors=True)
+        os.mkdir(tmp)
+      yield tmp
+      if writer:
+        os.rename(tmp, path)
+    except BaseException:
+      if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+      raise
+
+
 def open_for_writing(path: str, mode: str = "w"):
   """A file created with the umask's permissions; in text modes UTF-8, where lone surrogates
   (from undecodable input) are written as JSON-compatible `\\udcff` escapes, not an error."""
@@ -159,17 +188,18 @@ def parse_json_line(raw: bytes):
   try:
     text = raw.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise errors.InputError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
-                            ) from None
+    raise errors.InputError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
+                            reason="invalid UTF-8") from None
   try:
     value = json.loads(text)
     bad_unicode = _has_lone_surrogate(value)
   except json.JSONDecodeError as e:
-    raise errors.InputError(f"invalid JSON: {e}") from None
+    raise errors.InputError(f"invalid JSON: {e}", reason="invalid JSON") from None
   except RecursionError:
-    raise errors.InputError("invalid JSON: nested too deeply") from None
+    raise errors.InputError("invalid JSON: nested too deeply", reason="invalid JSON") from None
   if bad_unicode:
-    raise errors.InputError("a string is not valid Unicode (a lone surrogate such as \\ud83d)")
+    raise errors.InputError("a string is not valid Unicode (a lone surrogate such as \\ud83d)",
+                            reason="invalid Unicode")
   return value
 
 
@@ -194,7 +224,7 @@ def read_jsonl(path: str):
       try:
         yield Line(number, parse_json_line(raw))
       except errors.InputError as e:
-        yield Line(number, error=str(e))
+        yield Line(number, error=errors.message(e))
 
 
 def _difference(before: dict, now: dict) -> str:

@@ -5,7 +5,7 @@ r"""Fine-tunes a PaliGemma checkpoint on JSONL data; resumable, exports a `gener
       --workdir=/runs/captions --export_dir=/ckpt/pg2-3b-224-captions
 
 Each data line is {"image": path, "prefix": str, "suffix": str}; the model learns to answer
-`prefix` with `suffix` (see paligemma_jax/data.py). `--workdir` holds Orbax checkpoints of the
+`prefix` with `suffix` (see paligemma_jax/training/data.py). `--workdir` holds Orbax checkpoints of the
 training state (trainable parameters, optimizer state, step, PRNG key, data position), the
 training config and metrics.jsonl (one line per step, plus evaluation lines). Running the same
 command again resumes from the last checkpoint and continues exactly where the run would have
@@ -18,7 +18,7 @@ line (exit status 1) before anything loads.
 docs/scaling.md); the numbers are those of one device. On a multi-host job (`--distributed`)
 every host runs the same command with the same data; only the first writes metrics and logs.
 
-This module is the command line only; the training itself is `paligemma_jax.trainer.train`.
+This module is the command line only; the training itself is `paligemma_jax.training.trainer.train`.
 """
 
 import os
@@ -28,7 +28,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from paligemma_jax import cli
-from paligemma_jax import trainer
+from paligemma_jax.training import trainer
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "finetune.py")

@@ -12,18 +12,18 @@ image_size ([width, height]), or error (a bad line, a missing image, a prompt to
 example's error; the rest carries on). Results are appended to OUT.partial as they finish and
 renamed to OUT when every input has its line (the settings kept in OUT.run.json); rerunning a
 killed command continues after the last finished line, rerunning a finished one prints its
-results again, and a rerun with other settings is refused (see paligemma_jax/answers.py).
+results again, and a rerun with other settings is refused (see paligemma_jax/tasks/result_lines.py).
 
 Beam search, with transformers' semantics (num_beams, length_penalty, early_stopping=True):
   --sampler=beam --beam_size=3 [--length_penalty=0]
 each line then holds the best hypothesis and its score (sum of its log-probs, <eos> included,
-/ its length ** length_penalty; see paligemma_jax/beam_search.py).
+/ its length ** length_penalty; see paligemma_jax/decoding/beam_search.py).
 
 Detection and segmentation answers, read into pixel coordinates of the original image:
   --task=detect --prompt="detect cat ; dog" [--draw_dir=out/]
   --task=segment --prompt="segment cat" --vae_npz=vae-oid.npz [--draw_dir=out/]
 add boxes ([[x1, y1, x2, y2]] pixels), labels, skipped (malformed objects dropped) and, for
-segment, masks (COCO uncompressed run-length encoding, see `segmentation.rle_encode`) to each line;
+segment, masks (COCO uncompressed run-length encoding, see `segmentation_format.rle_encode`) to each line;
 --draw_dir writes each image with its boxes (and masks) drawn, named in the line's `drawing`.
 """
 
@@ -33,21 +33,18 @@ import os
 from absl import flags
 from absl import logging
 
-from paligemma_jax import answers
-from paligemma_jax import beam_search
 from paligemma_jax import cli
 from paligemma_jax import errors
 from paligemma_jax import files
-from paligemma_jax import inference
-from paligemma_jax import loading
-from paligemma_jax import sampling
 from paligemma_jax import multihost
 from paligemma_jax import tasks
-from paligemma_jax.tasks import segmentation
-
-
-# Defaults of the settings of sampled decoding: another value with --sampler=beam is an error.
-SAMPLING_DEFAULTS = dict(temperature=1.0, top_k=40, top_p=0.95)
+from paligemma_jax.checkpoints import loading
+from paligemma_jax.decoding import beam_search
+from paligemma_jax.decoding import inference
+from paligemma_jax.decoding import sampling
+from paligemma_jax.decoding import settings
+from paligemma_jax.tasks import result_lines
+from paligemma_jax.tasks import segmentation_format
 
 
 def define_flags():
@@ -59,13 +56,13 @@ def define_flags():
   flags.DEFINE_string("output_jsonl", None, "Write one result line per input, in input order; "
                       "a rerun of a killed command continues it.")
   flags.DEFINE_integer("max_new_tokens", 64, "Most tokens to generate per example.", lower_bound=1)
-  flags.DEFINE_enum("sampler", "greedy", [*sampling.METHODS, beam_search.BeamSearch.method],
+  flags.DEFINE_enum("sampler", "greedy", settings.METHODS,
                     "How to pick each token; beam: beam search (beam_search.py), the best "
                     "hypothesis and its `score` in each line.")
-  flags.DEFINE_float("temperature", SAMPLING_DEFAULTS["temperature"],
+  flags.DEFINE_float("temperature", settings.DEFAULTS["temperature"],
                      "Softmax temperature (all but greedy and beam).")
-  flags.DEFINE_integer("top_k", SAMPLING_DEFAULTS["top_k"], "Tokens kept by --sampler=top_k.")
-  flags.DEFINE_float("top_p", SAMPLING_DEFAULTS["top_p"],
+  flags.DEFINE_integer("top_k", settings.DEFAULTS["top_k"], "Tokens kept by --sampler=top_k.")
+  flags.DEFINE_float("top_p", settings.DEFAULTS["top_p"],
                      "Probability mass kept by --sampler=top_p.")
   cli.define_beam_flags()
   flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed reproduces sampled outputs (an int64: "
@@ -99,16 +96,9 @@ def validate_flags(f) -> sampling.Sampler | beam_search.BeamSearch:
     raise errors.InputError("--draw_dir draws boxes and masks: give --task=detect or --task=segment.")
   if f.draw_dir and os.path.exists(f.draw_dir) and not os.path.isdir(f.draw_dir):
     raise errors.InputError(f"--draw_dir={f.draw_dir} is not a directory.")
-  beams = beam_search.from_flags(f.sampler, getattr(f, "beam_size", None),
-                                 getattr(f, "length_penalty", None))
-  if beams is not None:
-    for name, default in SAMPLING_DEFAULTS.items():
-      if getattr(f, name) != default:
-        raise errors.InputError(f"--{name} is for sampled decoding, not --sampler=beam.")
-  try:
-    sampler = beams or sampling.Sampler(f.sampler, f.temperature, f.top_k, f.top_p)
-  except ValueError as e:
-    raise errors.InputError(f"--sampler={f.sampler}: {e}") from None
+  sampler = settings.decoder(f.sampler, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
+                             beam_size=getattr(f, "beam_size", None),
+                             length_penalty=getattr(f, "length_penalty", None))
   loading.checkpoint_kind(f.checkpoint)
   return sampler
 
@@ -129,9 +119,9 @@ def main(argv):
   mesh = cli.mesh_from_flags()  # Before anything touches a device.
   task = None
   if f.task:
-    task = tasks.get(f.task, segmentation.load_vae_npz(f.vae_npz) if f.vae_npz else None)
+    task = tasks.get(f.task, segmentation_format.load_vae_npz(f.vae_npz) if f.vae_npz else None)
   if f.input_jsonl:
-    items = answers.read_examples(f.input_jsonl)
+    items = result_lines.read_examples(f.input_jsonl)
     if not items:
       raise errors.InputError(f"--input_jsonl={f.input_jsonl} has no examples (no non-empty line).")
   else:
@@ -146,8 +136,8 @@ def main(argv):
     params, config, tokenizer = cli.load_model_from_flags(mesh)
     return inference.Predictor(config, params, tokenizer, batch_size=f.batch_size)
 
-  results = answers.answer(load_predictor, items, output=f.output_jsonl, settings=settings,
-                           outputs=answers.Outputs(task, f.draw_dir), progress=len(items) > 1,
+  results = result_lines.answer(load_predictor, items, output=f.output_jsonl, settings=settings,
+                           outputs=result_lines.Outputs(task, f.draw_dir), progress=len(items) > 1,
                            max_new_tokens=f.max_new_tokens, sampler=sampler, seed=f.seed)
   failures = 0
   for _, result in results:

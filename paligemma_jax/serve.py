@@ -22,11 +22,11 @@ import uvicorn
 from paligemma_jax import cli
 from paligemma_jax import errors
 from paligemma_jax import files
-from paligemma_jax import loading
+from paligemma_jax.checkpoints import loading
 from paligemma_jax.serving import engine as engine_lib
 from paligemma_jax.serving import schema
 from paligemma_jax.serving import server
-from paligemma_jax.tasks import segmentation
+from paligemma_jax.tasks import segmentation_format
 
 API_KEY_ENV = "PALIGEMMA_API_KEY"
 MAX_POSITIONS = 8192  # Every PaliGemma (1 and 2) has 8192; the model's own limit is checked too.
@@ -39,7 +39,7 @@ def define_flags():
   flags.DEFINE_integer("port", 8000, "Port to listen on.", lower_bound=0, upper_bound=65535)
   flags.DEFINE_integer("slots", 8, "Decode rows run together (a power of two); requests join "
                        "and leave the running batch one by one.", lower_bound=1, upper_bound=1024)
-  flags.DEFINE_integer("max_queue", 64, "Requests that may wait beyond the running slots; more "
+  flags.DEFINE_integer("max_queue", 64, "Requests that may wait beyond the running rows; more "
                        "get HTTP 429.", lower_bound=0, upper_bound=1_000_000)
   flags.DEFINE_integer("steps_per_call", 4, "Decode steps per device call.", lower_bound=1,
                        upper_bound=1024)
@@ -100,9 +100,9 @@ def main(argv):
     logging.warning("Listening on %s without --api_key: anyone who reaches it can use it.", f.host)
   sock = listen(f.host, f.port)
   mesh = cli.mesh_from_flags()
-  vae = segmentation.load_vae_npz(f.vae_npz) if f.vae_npz else None
+  vae = segmentation_format.load_vae_npz(f.vae_npz) if f.vae_npz else None
   model = cli.load_model_from_flags(mesh)
-  engine = engine_lib.Engine(model, slots=f.slots, max_queue=f.max_queue,
+  engine = engine_lib.Engine(model, rows=f.slots, max_queue=f.max_queue,
                              steps_per_call=f.steps_per_call, max_prompt_tokens=f.max_prompt_tokens,
                              max_tokens_limit=f.max_tokens_limit,
                              image_cache_size=f.image_cache_size, mesh=mesh)

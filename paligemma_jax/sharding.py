@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from paligemma_jax import kv_cache as kv_cache_lib
+from paligemma_jax.model import kv_cache as kv_cache_lib
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # The batch dimension is split over both.

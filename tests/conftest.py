@@ -16,7 +16,7 @@ import spm_fixture  # noqa: E402
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="paligemma-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # Compiling dominates these tiny models' tests: less LLVM optimisation of the CPU code (the same
-# HLO; every tolerance holds) makes test_decode.py 26% faster. Subprocesses inherit it.
+# HLO; every tolerance holds) makes test_autoregressive.py 26% faster. Subprocesses inherit it.
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
                                     "--xla_backend_optimization_level=0",
                                     "--xla_llvm_disable_expensive_passes=true"]).strip()
@@ -32,7 +32,8 @@ def spm_model_path(tmp_path_factory):
 def converted_checkpoint(tmp_path_factory, spm_model_path):
   """converted_checkpoint(version) -> (checkpoint dir, transformers model): a tiny random PaliGemma
   `version` (1 or 2) saved by transformers, converted by our converter, with the test tokenizer."""
-  from paligemma_jax import checkpoint, hf  # Imported late: jax start-up is not needed by all tests.
+  from paligemma_jax.checkpoints import checkpoint  # Imported late: jax start-up is not needed by all tests.
+  from paligemma_jax.checkpoints import hf
   import hf_fixtures
   built = {}
 

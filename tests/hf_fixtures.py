@@ -28,10 +28,13 @@ import os
 import shutil
 from typing import NamedTuple
 
+import numpy as np
 import safetensors.torch
 import torch
 import transformers
 import transformers.initialization
+
+from paligemma_jax.model import paligemma
 
 NAMINGS = ("transformers5", "hub", "in_memory")
 
@@ -211,3 +214,35 @@ def random_inputs(model, batch=2, prompt_len=5, seed=0):
   pixels = torch.rand((batch, 3, s, s), generator=gen) * 2 - 1
   return dict(input_ids=ids, pixel_values=pixels.to(model.dtype), attention_mask=torch.ones_like(ids),
               token_type_ids=torch.zeros_like(ids))
+
+
+# Comparing our logits with transformers' on right-padded prefix-LM batches.
+
+def padded_batch(config, lengths, prefix_lengths, seed=0):
+  """Right-padded rows: image tokens, <bos>, text; the first prefix_lengths[b] tokens are prefix."""
+  rng = np.random.RandomState(seed)
+  n = paligemma.num_image_tokens(config)
+  t = max(lengths)
+  tokens = rng.randint(5, config.image_token_id, size=(len(lengths), t)).astype(np.int32)
+  tokens[:, :n], tokens[:, n] = config.image_token_id, 2
+  slots = np.arange(t)[None]
+  input_mask = slots < np.array(lengths)[:, None]
+  prefix_mask = (slots < np.array(prefix_lengths)[:, None]) & input_mask
+  tokens = np.where(input_mask, tokens, 0)
+  s = config.vision.image_size
+  images = rng.uniform(-1, 1, (len(lengths), s, s, 3)).astype(np.float32)
+  return tokens, images, input_mask, prefix_mask
+
+
+def reference_logits(model, tokens, images, input_mask, prefix_mask):
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                 pixel_values=torch.tensor(images.transpose(0, 3, 1, 2)).to(model.dtype),
+                 attention_mask=torch.tensor(input_mask, dtype=torch.long),
+                 token_type_ids=torch.tensor(~prefix_mask, dtype=torch.long)).logits.float().numpy()
+
+
+def max_error(ours, theirs, input_mask):
+  """Largest difference over real tokens, relative to the logit scale."""
+  valid = input_mask[..., None]
+  return np.max(np.abs(ours - theirs) * valid) / np.max(np.abs(theirs) * valid)

@@ -21,7 +21,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from paligemma_jax import checkpoint, multihost, sampling, sharding  # noqa: E402
+from paligemma_jax import multihost
+from paligemma_jax import sharding
+from paligemma_jax.checkpoints import checkpoint  # noqa: E402
+from paligemma_jax.decoding import sampling
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 

@@ -34,8 +34,13 @@ import numpy as np  # noqa: E402
 
 from configs import finetune as finetune_config  # noqa: E402
 from configs.paligemma import get_config  # noqa: E402
-from paligemma_jax import checkpoint, decode, paligemma, sampling, scoring  # noqa: E402
-from paligemma_jax import sharding, training  # noqa: E402
+from paligemma_jax import sharding  # noqa: E402
+from paligemma_jax.checkpoints import checkpoint  # noqa: E402
+from paligemma_jax.decoding import autoregressive
+from paligemma_jax.decoding import sampling
+from paligemma_jax.decoding import scoring
+from paligemma_jax.model import paligemma
+from paligemma_jax.training import objective
 
 MESHES = ("data:8", "fsdp:4,tensor:2", "data:2,fsdp:2,tensor:2")
 BATCH, PROMPT, SUFFIX, NEW_TOKENS = 8, 6, 5, 6
@@ -65,7 +70,7 @@ def prompt_inputs(config, batch):
 
 def generate(config, params, batch, sampler, mesh=None, scan_layers=None, generator=None):
   """(Generation, the generator): a new one unless `generator` is given."""
-  generator = generator or decode.Generator(config, params, mesh=mesh, scan_layers=scan_layers)
+  generator = generator or autoregressive.Generator(config, params, mesh=mesh, scan_layers=scan_layers)
   out = generator.generate(*prompt_inputs(config, batch), max_new_tokens=NEW_TOKENS,
                            sampler=sampler, rng=jax.random.PRNGKey(7))
   return out, generator
@@ -81,7 +86,7 @@ def cache_spec(generator, config, batch):
   """The PartitionSpecs the compiled prefill gives the KV cache and the generated tokens."""
   prefill, _ = generator.compiled(NEW_TOKENS)
   args = sharding.shard_batch(prompt_inputs(config, batch), generator.mesh)
-  keys = decode.row_keys(jax.random.PRNGKey(0), range(args[0].shape[0]))
+  keys = autoregressive.row_keys(jax.random.PRNGKey(0), range(args[0].shape[0]))
   state = prefill(generator.params, *args, keys, sampling.Sampler().as_arrays())
   return str(state.rows.cache.k.sharding.spec), str(state.tokens.sharding.spec)
 
@@ -113,19 +118,19 @@ def score(config, params, batch, mesh=None):
 
 
 def train_step(config, params, batch, preset, mesh=None, process_local=False):
-  """One `training.train_step` (finetune preset `preset`); with a mesh, the train state, the
+  """One `objective.train_step` (finetune preset `preset`); with a mesh, the train state, the
   frozen parameters and the batch (this process's rows if `process_local`) are sharded
   explicitly and the new state keeps its shardings."""
   cfg = finetune_config.get_config(preset)
   # eps: Adam's first step is lr * g / (|g| + eps); the default 1e-8 would turn float noise in
   # near-zero gradients into full-size updates of either sign.
   cfg.schedule, cfg.warmup_percent, cfg.lr, cfg.eps = "constant", 0.0, 0.05, 1e-3
-  parametrization, trainable, frozen = training.init_trainable(cfg, params, jax.random.PRNGKey(1),
+  parametrization, trainable, frozen = objective.init_trainable(cfg, params, jax.random.PRNGKey(1),
                                                                jnp.float32)
-  tx, schedule = training.make_optimizer(cfg)
-  state = training.init_state(trainable, tx, jax.random.PRNGKey(2))
+  tx, schedule = objective.make_optimizer(cfg)
+  state = objective.init_state(trainable, tx, jax.random.PRNGKey(2))
   batch = dict(batch, loss_mask=batch["input_mask"] & ~batch["prefix_mask"])
-  step = functools.partial(training.train_step, model=paligemma.PaliGemma(config),
+  step = functools.partial(objective.train_step, model=paligemma.PaliGemma(config),
                            parametrization=parametrization, tx=tx, schedule=schedule)
   if mesh is None:
     state, metrics = jax.jit(step)(state, frozen, batch)

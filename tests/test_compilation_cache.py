@@ -9,8 +9,8 @@ import sys
 import jax
 
 from paligemma_jax import compilation_cache
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A cli.run program that compiles two small functions (each well under JAX's default 1 s
 # threshold) and prints what the compilation cache saw.

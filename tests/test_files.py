@@ -91,6 +91,29 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
   assert files.remove_stale_temps(target) == [tmp]  # This process no longer writes it.
 
 
+def test_a_directory_aside_appears_whole_or_not_at_all(tmp_path):
+  """Checkpoint saving and the export share it: renamed when the block ends, removed on an error;
+  a shared name (multi-host jobs) left by a killed job is replaced."""
+  target = tmp_path / "deep" / "out"
+  with files.directory_aside(str(target)) as tmp:
+    assert os.path.isdir(tmp) and not target.exists()
+    (tmp_path / "deep" / os.path.basename(tmp) / "weights").write_text("w")
+  assert os.listdir(target) == ["weights"] and os.listdir(tmp_path / "deep") == ["out"]
+  with pytest.raises(RuntimeError, match="disk full"):
+    with files.directory_aside(str(tmp_path / "failed")) as tmp:
+      raise RuntimeError("disk full")
+  assert sorted(os.listdir(tmp_path)) == ["deep"]
+  left = tmp_path / ".shared.tmp-shared"
+  left.mkdir()
+  (left / "stale").write_text("")
+  with files.directory_aside(str(tmp_path / "shared"), shared=True) as tmp:
+    assert tmp == str(left) and os.listdir(tmp) == []
+  assert os.listdir(tmp_path / "shared") == [] and not left.exists()
+  with files.directory_aside(str(tmp_path / "not_mine"), writer=False) as tmp:
+    assert not os.path.exists(tmp)  # Another process of the job creates and renames it.
+  assert not (tmp_path / "not_mine").exists()
+
+
 def test_resumable_continues_drops_a_cut_line_and_refuses_other_settings(tmp_path):
   path = str(tmp_path / "p.jsonl")
   out = files.Resumable(path, {"model": "a", "n": 3})

@@ -6,8 +6,9 @@ import os
 import nbclient
 import nbformat
 import pytest
+from helpers import ROOT
 
-COLAB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "colab")
+COLAB = os.path.join(ROOT, "colab")
 
 
 def run_notebook(name, monkeypatch):
@@ -33,7 +34,7 @@ def test_inference_notebook(monkeypatch):
   assert images == 3  # The image, the model's boxes, the known boxes.
 
 
-@pytest.mark.skipif(importlib.util.find_spec("paligemma_jax.training") is None,
+@pytest.mark.skipif(importlib.util.find_spec("paligemma_jax.training.objective") is None,
                     reason="the fine-tuning module is not there")
 def test_finetune_notebook(monkeypatch):
   text, images = run_notebook("finetune.ipynb", monkeypatch)

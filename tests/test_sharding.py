@@ -17,10 +17,18 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from configs.paligemma import get_config
-from paligemma_jax import checkpoint, kv_cache, multihost, paligemma, sharding
+from paligemma_jax import multihost
+from paligemma_jax import sharding
+from paligemma_jax.checkpoints import checkpoint
+from paligemma_jax.model import kv_cache
+from paligemma_jax.model import paligemma
+from helpers import TESTS
+
+# One xdist worker runs this module (the README's `--dist loadgroup`): its mesh subprocesses
+# start once per run, not once per worker that happens to get one of its tests.
+pytestmark = pytest.mark.xdist_group("mesh")
 
 PRESETS = ("pg1-3b", "pg2-3b", "pg2-10b", "pg2-28b")
-TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def mesh(data=1, fsdp=1, tensor=1):
@@ -248,16 +256,18 @@ def runs(tmp_path_factory):
   embedder = params["llm"]["embedder"]
   embedder["input_embedding"] = embedder["input_embedding"] * 0.1  # As sharded_check.model_params.
   checkpoint.save(str(tmp / "ckpt"), params, config)
-  # No shared on-disk compilation cache: the 2-process job and the 8-device process compile
-  # programs over the same global device ids. Sharing one cache, the 8-device process at times
-  # aborted in a collective rendezvous (its devices at different collectives), as if it had
-  # loaded a program compiled for the 2-process job.
+  # The 8-device process keeps a compilation cache of its own (a rerun loads its programs); the
+  # 2-process job none. They compile programs over the same global device ids: sharing one
+  # cache, the 8-device process at times aborted in a collective rendezvous (its devices at
+  # different collectives), as if it had loaded a program compiled for the 2-process job.
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false")
+  own_cache = dict(JAX_ENABLE_COMPILATION_CACHE="true", JAX_COMPILATION_CACHE_DIR=os.path.join(
+      os.environ.get("JAX_COMPILATION_CACHE_DIR", str(tmp)), "sharded_check"))  # Its own.
   run = lambda script, args=(), **extra: subprocess.Popen(
       [sys.executable, os.path.join(TESTS, script), *args], env=dict(env, **extra),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   coordinator = f"localhost:{_free_port()}"
-  procs = dict(single=run("sharded_check.py"), multi=[
+  procs = dict(single=run("sharded_check.py", **own_cache), multi=[
       run("multihost_check.py", (str(tmp / "ckpt"), str(tmp)), PALIGEMMA_DISTRIBUTED="1",
           JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
       for i in range(2)])

@@ -25,10 +25,10 @@ import flax
 import ml_collections
 import numpy as np
 
-from paligemma_jax import kv_cache
-from paligemma_jax import paligemma
-from paligemma_jax import sampling
 from paligemma_jax import sharding
+from paligemma_jax.decoding import sampling
+from paligemma_jax.model import kv_cache
+from paligemma_jax.model import paligemma
 
 
 def default_scan_layers() -> bool:

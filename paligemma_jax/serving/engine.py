@@ -10,22 +10,22 @@ tokens (<bos> + prompt + "\n"), not the image tokens; Event.prompt_tokens counts
 
   submit   validates a Request at once (InputError, QueueFull) and queues it;
   thread   the engine thread owns the device: it prefills queued requests in batches (grouped
-           by prompt-length bucket) and INSERTS them into free rows ("slots") of the running
+           by prompt-length bucket) and INSERTS them into free rows of the running
            decode batch, runs `steps_per_call` decode steps per device call, streams the new
-           tokens to each request's Handle and frees a slot as soon as its request ends
+           tokens to each request's Handle and frees its row as soon as its request ends
            (<eos>, a stop string, max_tokens or cancel), to refill it at the next step.
 
-One preallocated KV cache holds every slot ([L, slots, image + prompt + max_tokens_limit, ...]);
-each slot row keeps its own end, so slots advance independently. A request's result depends on
+One preallocated KV cache holds every row ([L, rows, image + prompt + max_tokens_limit, ...]);
+each row keeps its own end, so rows advance independently. A request's result depends on
 nothing else that runs: rows never see each other, and its sampler settings, max_tokens and PRNG
 key (fold_in(sampling.seed_key(seed), 0), then folded with the step index, as `decode.Generator`
-keys row 0) are per-slot arrays. Greedy answers equal `generate`'s; sampled ones equal `generate`'s for a
+keys row 0) are per-row arrays. Greedy answers equal `generate`'s; sampled ones equal `generate`'s for a
 single example with the same seed.
 
 Beside it: requests.py (what a caller holds), image_cache.py (identical images run the image
 tower once), text_stream.py (tokens -> the text a client may see, stop strings).
 
-Shapes, hence compiles: prefill batches of 1, 2, 4 .. slots rows, prompt text padded to 16, 32,
+Shapes, hence compiles: prefill batches of 1, 2, 4 .. `rows` rows, prompt text padded to 16, 32,
 64 .. max_prompt_tokens tokens; one decode chunk. `warmup` compiles the common ones (or all).
 Multi-host meshes are not supported (one process drives the device).
 """
@@ -43,21 +43,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paligemma_jax import batching
 from paligemma_jax import errors
-from paligemma_jax import loading
-from paligemma_jax import paligemma
-from paligemma_jax import processor
-from paligemma_jax import sampling
 from paligemma_jax import sharding
+from paligemma_jax.checkpoints import loading
+from paligemma_jax.decoding import batching
 from paligemma_jax.decoding import core
+from paligemma_jax.decoding import sampling
+from paligemma_jax.model import paligemma
+from paligemma_jax.preprocess import processor
 from paligemma_jax.serving.image_cache import ImageCache, image_key
 from paligemma_jax.serving.requests import Closed, Event, Handle, QueueFull, Request
 from paligemma_jax.serving.text_stream import TextStream
 
 MIN_TEXT_BUCKET = 16  # Prompt text lengths are padded to powers of two from here: few compiles.
 FAILED = "The server failed while running this request."  # Event.error (details in the log).
-_DROP = -1  # Placeholder slot index of a prefill batch's dummy rows; never written.
+_DROP = -1  # Placeholder row index of a prefill batch's dummy rows; never written.
 
 
 @dataclasses.dataclass
@@ -73,7 +73,7 @@ class _Live:
   stream: TextStream
   pixels: np.ndarray | None = None  # Only when its image features were not cached at submit.
   features: jax.Array | None = None  # [N, D] once known.
-  slot: int | None = None
+  row: int | None = None  # Its row of the decode batch, once admitted.
 
 
 def _compile(setup: core.Setup, *, steps: int):
@@ -117,21 +117,21 @@ def _compile(setup: core.Setup, *, steps: int):
 
 
 class Engine:
-  """Continuous batching over `slots` decode rows of one model; see the module docstring."""
+  """Continuous batching over `rows` decode rows of one model; see the module docstring."""
 
-  def __init__(self, model: loading.Model, *, slots: int = 8, max_queue: int = 64,
+  def __init__(self, model: loading.Model, *, rows: int = 8, max_queue: int = 64,
                steps_per_call: int = 4, max_prompt_tokens: int = 256, max_tokens_limit: int = 256,
                image_cache_size: int = 64, mesh=None):
     """max_prompt_tokens: text tokens of a prompt (<bos>, prompt, "\\n"; the image tokens are
-    not counted). mesh: default the one model.params are sharded over, if any; slots are split
+    not counted). mesh: default the one model.params are sharded over, if any; rows are split
     over its `data` x `fsdp` axes, the weights stay as they are sharded."""
-    if slots < 1 or slots & (slots - 1):
-      raise ValueError(f"slots must be a power of two, got {slots}.")
+    if rows < 1 or rows & (rows - 1):
+      raise ValueError(f"rows must be a power of two, got {rows}.")
     if steps_per_call < 1 or max_prompt_tokens < 1 or max_tokens_limit < 1 or max_queue < 0:
       raise ValueError("steps_per_call, max_prompt_tokens and max_tokens_limit must be >= 1.")
     params, config, self.tokenizer = model
     self.vocab_size = self.tokenizer.vocab_size
-    self.num_slots, self.max_queue, self.steps_per_call = slots, max_queue, steps_per_call
+    self.num_rows, self.max_queue, self.steps_per_call = rows, max_queue, steps_per_call
     self.max_prompt_tokens, self.max_tokens_limit = max_prompt_tokens, max_tokens_limit
     self.image_cache_size = image_cache_size
     self.setup = core.Setup.create(
@@ -141,8 +141,7 @@ class Engine:
     self._params = self.setup.decoding_layout(params)
     self.image_size = config.vision.image_size
     self.num_image_tokens = paligemma.num_image_tokens(config)
-    self.text_buckets = [b for b in (MIN_TEXT_BUCKET << i for i in range(32))
-                         if b < max_prompt_tokens] + [max_prompt_tokens]
+    self.text_buckets = sorted({self._text_bucket(n) for n in range(1, max_prompt_tokens + 1)})
     self.max_len = self.num_image_tokens + max_prompt_tokens + max_tokens_limit
     positions = batching.max_positions(config)
     if self.max_len > positions:
@@ -152,7 +151,7 @@ class Engine:
           "positions.")
     self._embed, self._prefill, self._decode = _compile(self.setup, steps=steps_per_call)
     self._state = self._empty_state()
-    self._slots: list[_Live | None] = [None] * slots
+    self._rows: list[_Live | None] = [None] * rows  # The request in each row, if any.
     self._pending: collections.deque[_Live] = collections.deque()
     self._images = ImageCache(image_cache_size)
     self._wake = threading.Condition()
@@ -163,8 +162,11 @@ class Engine:
     self._error = None
     self._counts = collections.Counter()
 
+  def _text_bucket(self, length: int) -> int:
+    return batching.bucketed(length, minimum=MIN_TEXT_BUCKET, maximum=self.max_prompt_tokens)
+
   def _empty_state(self) -> core.State:
-    s = self.num_slots
+    s = self.num_rows
     zeros = np.zeros((s,), np.int32)
     state = core.State(cache=self.setup.init_cache(s, self.max_len), token=zeros, step=zeros,
                        limit=zeros, done=np.ones((s,), bool), rng=np.zeros((s, 2), np.uint32),
@@ -187,7 +189,7 @@ class Engine:
       if self._closing or self._error:
         raise Closed("the engine is shutting down" if self._closing else f"the engine failed: "
                      f"{self._error}")
-      waiting = len(self._pending) - self._slots.count(None)  # The rest start at the next step.
+      waiting = len(self._pending) - self._rows.count(None)  # The rest start at the next step.
       if waiting >= self.max_queue:
         raise QueueFull(f"{waiting} requests are already waiting")
       self._pending.append(live)
@@ -221,7 +223,7 @@ class Engine:
     if text_length > self.max_prompt_tokens:
       raise errors.InputError(f"the prompt has {text_length} tokens (with <bos> and the final "
                               f"newline); the limit is {self.max_prompt_tokens}")
-    bucket = next(b for b in self.text_buckets if b >= text_length) + self.num_image_tokens
+    bucket = self._text_bucket(text_length) + self.num_image_tokens
     stream = TextStream(self.tokenizer.decode, self.tokenizer.eos_id, request.max_tokens,
                         tuple(request.stop))
     live = _Live(request, Handle(self, len(tokens)), tokens, prefix_mask, bucket, key,
@@ -233,10 +235,10 @@ class Engine:
     return live
 
   def stats(self) -> dict:
-    with self._wake:
-      running = sum(s is not None for s in self._slots)
+    with self._wake:  # "slots": /metrics' documented names for the rows.
+      running = sum(s is not None for s in self._rows)
       return dict(self._counts, queue_depth=len(self._pending), running_slots=running,
-                  slots=self.num_slots, image_cache_entries=len(self._images),
+                  slots=self.num_rows, image_cache_entries=len(self._images),
                   **{k: self._counts[k] for k in (
                       "requests_total", "requests_finished", "tokens_total", "image_cache_hits",
                       "image_cache_misses", "prefill_calls", "decode_calls")},
@@ -255,20 +257,20 @@ class Engine:
     """Compiles what most traffic needs: the image tower for every image batch size, the decode
     chunk, prefill + insert for every batch size of the shortest prompt bucket and for one row of
     every longer bucket (every_shape: every (batch size, bucket) pair; the others compile when
-    first needed). Changes no slot.
+    first needed). Changes no row.
 
     Ahead of time (lower + compile fills jit's cache) and in threads, as XLA compiles without
     the GIL; nothing runs but one image-tower batch. The arguments are built as the engine thread
     builds them (the committed state, features indexed out of the tower's output), or the first
     request would compile again. With the persistent compilation cache a restart loads them."""
-    sizes = [1 << i for i in range(self.num_slots.bit_length())]
+    sizes = [1 << i for i in range(self.num_rows.bit_length())]
     s = self.image_size
     pixels = lambda b: np.zeros((b, s, s, 3), np.float32)
     with self._device:
       feature = self._embed(self._params, pixels(1))[0]
       jobs = [functools.partial(self._embed.lower, self._params, pixels(b)) for b in sizes[1:]]
       jobs.append(functools.partial(self._decode.lower, self._params, self._state,
-                                    np.zeros((self.num_slots,), bool)))
+                                    np.zeros((self.num_rows,), bool)))
       for b in sizes:
         features = jnp.stack([feature] * b)
         for length in self.text_buckets if every_shape or b == 1 else self.text_buckets[:1]:
@@ -323,48 +325,48 @@ class Engine:
       logging.exception("serving engine failed")
       with self._wake:
         self._error = f"{type(e).__name__}: {e}"
-        for live in [*self._pending, *filter(None, self._slots)]:
+        for live in [*self._pending, *filter(None, self._rows)]:
           self._finish(live, "error", error=FAILED)
         self._pending.clear()
-        self._slots = [None] * self.num_slots
+        self._rows = [None] * self.num_rows
 
   def _step(self, wait: bool = True) -> bool:
-    """One round: drop cancelled requests, prefill waiting ones into free slots, run one decode
+    """One round: drop cancelled requests, prefill waiting ones into free rows, run one decode
     chunk. Waits for work if `wait`; False once shut down and idle. (Tests call it directly.)"""
     with self._wake:
       if wait:
-        self._wake.wait_for(lambda: self._pending or self._closing or any(self._slots))
+        self._wake.wait_for(lambda: self._pending or self._closing or any(self._rows))
       if not self._drain:
-        for live in [*self._pending, *filter(None, self._slots)]:
+        for live in [*self._pending, *filter(None, self._rows)]:
           live.handle.cancelled = True
       self._drop_cancelled()
-      if self._closing and not self._pending and not any(self._slots):
+      if self._closing and not self._pending and not any(self._rows):
         return False
       admitted = self._admit()
     with self._device:
       if admitted:
         self._prefill_batches(admitted)
-      if any(self._slots):
+      if any(self._rows):
         self._decode_chunk()
     return True
 
   def _drop_cancelled(self):
-    """Under the lock: finishes cancelled requests, waiting or running (their slot is free)."""
+    """Under the lock: finishes cancelled requests, waiting or running (their row is free)."""
     for live in [l for l in self._pending if l.handle.cancelled]:
       self._pending.remove(live)
       self._finish(live, "cancelled")
-    for live in filter(None, list(self._slots)):
+    for live in filter(None, list(self._rows)):
       if live.handle.cancelled:
         self._finish(live, "cancelled")
 
   def _admit(self) -> list[_Live]:
-    """Under the lock: moves waiting requests (first come, first served) into free slots."""
-    free = [i for i, s in enumerate(self._slots) if s is None]
+    """Under the lock: moves waiting requests (first come, first served) into free rows."""
+    free = [i for i, s in enumerate(self._rows) if s is None]
     admitted = []
     while free and self._pending:
       live = self._pending.popleft()
-      live.slot = free.pop(0)
-      self._slots[live.slot] = live
+      live.row = free.pop(0)
+      self._rows[live.row] = live
       admitted.append(live)
     return admitted
 
@@ -383,7 +385,7 @@ class Engine:
       return
     keys = list(todo)
     pixels = [todo[k][0].pixels for k in keys]
-    pixels += pixels[:1] * (batching.power_of_two_bucket(len(keys)) - len(keys))
+    pixels += pixels[:1] * (batching.bucketed(len(keys)) - len(keys))
     features = self._embed(self._params, np.stack(pixels))
     with self._wake:
       for i, key in enumerate(keys):
@@ -394,7 +396,7 @@ class Engine:
         self._images.put(key, features[i])
 
   def _prefill_batches(self, admitted: list[_Live]):
-    """Prefills the admitted requests, one batch per prompt bucket, into their slots. A failure
+    """Prefills the admitted requests, one batch per prompt bucket, into their rows. A failure
     fails the requests it concerns alone, unless the running batch's state was lost with it."""
     with self._failing_alone(admitted):
       self._image_features(admitted)
@@ -418,17 +420,17 @@ class Engine:
       logging.exception("serving engine: %d request(s) failed", len(group))
       with self._wake:
         for live in group:
-          if live.slot is not None and self._slots[live.slot] is live:
+          if live.row is not None and self._rows[live.row] is live:
             self._finish(live, "error", error=FAILED)
 
   def _prefill_group(self, length: int, group: list[_Live]):
-    rows = group + group[:1] * (batching.power_of_two_bucket(len(group)) - len(group))
+    rows = group + group[:1] * (batching.bucketed(len(group)) - len(group))
     tokens, input_mask = batching.right_pad([l.tokens for l in rows], length)
     prefix_mask, _ = batching.right_pad([l.prefix_mask for l in rows], length, bool)
-    slots = np.array([l.slot for l in group] + [_DROP] * (len(rows) - len(group)), np.int32)
+    targets = np.array([l.row for l in group] + [_DROP] * (len(rows) - len(group)), np.int32)
     self._state, token, logprob = self._prefill(
         self._params, self._state, tokens, jnp.stack([l.features for l in rows]), input_mask,
-        prefix_mask, slots, np.stack([l.key for l in rows]),
+        prefix_mask, targets, np.stack([l.key for l in rows]),
         sampling.per_row([l.request.sampler for l in rows]),
         np.array([l.request.max_tokens for l in rows], np.int32))
     self._counts["prefill_calls"] += 1
@@ -439,16 +441,16 @@ class Engine:
           self._advance(live, token[i:i + 1], logprob[i:i + 1])
 
   def _decode_chunk(self):
-    active = np.array([s is not None for s in self._slots])
+    active = np.array([s is not None for s in self._rows])
     self._state, out, logprobs = self._decode(self._params, self._state, active)
     out, logprobs = np.asarray(out), np.asarray(logprobs)
     self._counts["decode_calls"] += 1
     with self._wake:
-      for slot, live in enumerate(self._slots):
-        if live is not None and active[slot]:
-          chosen = out[slot] >= 0
+      for row, live in enumerate(self._rows):
+        if live is not None and active[row]:
+          chosen = out[row] >= 0
           with self._failing_alone([live]):
-            self._advance(live, out[slot][chosen], logprobs[slot][chosen])
+            self._advance(live, out[row][chosen], logprobs[row][chosen])
 
   def _advance(self, live: _Live, tokens, logprobs):
     """Under the lock: takes a request's new tokens; sends an event; finishes it if it ended."""
@@ -458,10 +460,10 @@ class Engine:
 
   def _finish(self, live: _Live, finish: str | None, *, delta: str = "", ids=(), logprobs=(),
               error: str | None = None):
-    """Under the lock: sends one event; a finishing one also frees the request's slot."""
+    """Under the lock: sends one event; a finishing one also frees the request's row."""
     if finish is not None:
-      if live.slot is not None and self._slots[live.slot] is live:
-        self._slots[live.slot] = None
+      if live.row is not None and self._rows[live.row] is live:
+        self._rows[live.row] = None
       self._counts["requests_finished"] += 1
       self._counts[f"finish_{finish}"] += 1
     live.handle._put(Event(delta, list(ids), finish, live.handle.prompt_tokens,

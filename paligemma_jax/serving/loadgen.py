@@ -41,8 +41,8 @@ from PIL import Image, ImageDraw
 from paligemma_jax import cli
 from paligemma_jax import errors
 from paligemma_jax import files
-from paligemma_jax import inference
-from paligemma_jax import loading
+from paligemma_jax.checkpoints import loading
+from paligemma_jax.decoding import inference
 
 PROMPTS = ("caption en", "answer en what is in the image?", "answer en what color is it?",
            "detect circle ; square", "ocr", "answer en how many shapes are there?")

@@ -6,7 +6,7 @@ import queue
 import time
 from typing import Iterator
 
-from paligemma_jax import sampling
+from paligemma_jax.decoding import sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,7 @@ class Handle:
       yield event
 
   def cancel(self) -> None:
-    """The client went away: the slot is freed at the next step (finish_reason "cancelled")."""
+    """The client went away: its row is freed at the next step (finish_reason "cancelled")."""
     self.cancelled = True
     self._engine._notify()
 

@@ -29,8 +29,10 @@ import urllib.request
 
 from PIL import ExifTags, Image
 
-from paligemma_jax import sampling
+from paligemma_jax import errors
 from paligemma_jax import tasks
+from paligemma_jax.decoding import sampling
+from paligemma_jax.decoding import settings
 
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that transpose the image.
 
@@ -212,24 +214,14 @@ def _seed(body: dict) -> int:
 
 
 def _sampler(body: dict, max_top_k: int) -> sampling.Sampler:
-  temperature = _number(body, "temperature", 0.0)
-  top_p = _number(body, "top_p", 1.0)
-  top_k = body.get("top_k")
-  if temperature < 0:
-    raise bad(f"temperature must be >= 0, got {temperature}.", "temperature")
-  if not 0 < top_p <= 1:
-    raise bad(f"top_p must be in (0, 1], got {top_p}.", "top_p")
-  if top_k is not None:
-    top_k = _integer(body, "top_k", 0, maximum=max_top_k)
-  if temperature == 0:
-    return sampling.Sampler()  # Greedy, as OpenAI's temperature 0: top_p, top_k do not apply.
-  if top_k and top_p < 1:
-    raise bad("Give top_k or top_p, not both (one truncation per request).", "top_k")
-  if top_k:
-    return sampling.Sampler("top_k", temperature, top_k=top_k)
-  if top_p < 1:
-    return sampling.Sampler("top_p", temperature, top_p=top_p)
-  return sampling.Sampler("temperature", temperature)
+  """JSON types and the vocabulary's bound here; the rest as every caller's (settings.py)."""
+  temperature, top_p = _number(body, "temperature", 0.0), _number(body, "top_p", 1.0)
+  top_k = None if body.get("top_k") is None else _integer(body, "top_k", 0, maximum=max_top_k)
+  try:
+    return settings.decoder(None, temperature=temperature, top_k=top_k, top_p=top_p,
+                            flag_names=False)
+  except errors.InputError as e:
+    raise bad(str(e), e.param) from None
 
 
 def _stop(stop) -> tuple[str, ...]:

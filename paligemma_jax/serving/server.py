@@ -101,7 +101,7 @@ def create_app(engine, *, model_name: str, api_key: str | None = None,
   """The server app for a started `engine` (its lifespan's end calls engine.shutdown(drain=True)).
 
   api_key: every endpoint but /health and the static page needs `Authorization: Bearer KEY`.
-  vae_params: the mask decoder (segmentation.load_vae_npz), for "task": "segment".
+  vae_params: the mask decoder (segmentation_format.load_vae_npz), for "task": "segment".
   on_ready: called once the app has started (the CLI prints the URL).
   """
   limits = dataclasses.replace(limits, segment=vae_params is not None,

@@ -6,7 +6,7 @@
   segment.py  segment: boxes and masks, mIoU / cIoU
   score.py    score: log-likelihood of given suffixes, multiple-choice accuracy, perplexity
 
-`detection.py` and `segmentation.py` are the answer formats (loc/seg tokens <-> pixel boxes and
+`detection_format.py` and `segmentation_format.py` are the answer formats (loc/seg tokens <-> pixel boxes and
 masks) that the tasks read. Adding a task means adding one module with a `TASKS` tuple of
 `base.Task` subclasses and naming it in `_MODULES`.
 """

@@ -4,8 +4,8 @@ Dataset lines: {"image", "prompt": "answer en ...", "answers": [str, ...]} (a lo
 answer). Each prediction gets `score`; the metric is its mean.
 """
 
-from paligemma_jax import metrics
 from paligemma_jax.tasks import base
+from paligemma_jax.tasks import metrics
 
 
 class Answer(base.Task):

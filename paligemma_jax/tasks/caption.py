@@ -1,7 +1,7 @@
 """Captioning: {"image", "prompt": "caption en", "captions": [str, ...]}; CIDEr-D over the corpus."""
 
-from paligemma_jax import metrics
 from paligemma_jax.tasks import base
+from paligemma_jax.tasks import metrics
 
 
 class Caption(base.Task):

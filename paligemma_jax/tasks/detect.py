@@ -6,9 +6,9 @@ of the original image), "labels": [str, ...]}. Outputs: boxes, labels, skipped (
 
 import numpy as np
 
-from paligemma_jax import metrics
 from paligemma_jax.tasks import base
-from paligemma_jax.tasks import detection
+from paligemma_jax.tasks import detection_format
+from paligemma_jax.tasks import metrics
 
 
 class Detect(base.Task):
@@ -27,14 +27,14 @@ class Detect(base.Task):
       raise base.Invalid("invalid 'labels'", f"{len(boxes)} boxes but {len(labels)} labels")
 
   def parse(self, text, width, height):
-    return detection.parse_detections(text, width, height)
+    return detection_format.parse_detections(text, width, height)
 
   def fields(self, objects):
     return {"boxes": base.rounded_boxes(objects.boxes), "labels": objects.labels,
             "skipped": objects.skipped}
 
   def draw(self, image, objects):
-    return detection.draw_boxes(image, objects)
+    return detection_format.draw_boxes(image, objects)
 
   def metrics(self, lines):
     predicted = [list(zip(p["labels"], p["boxes"])) for p in lines]

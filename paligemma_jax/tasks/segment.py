@@ -2,7 +2,7 @@
 
 Dataset lines: {"image", "prompt": "segment cat", "mask": "path/to/mask.png"} (a binary PNG of the
 image's size, non-zero = the object). Outputs: boxes, labels, skipped and masks (COCO uncompressed
-RLE, `segmentation.rle_encode`); evaluate adds the first object's IoU. As big_vision's RefCOCO
+RLE, `segmentation_format.rle_encode`); evaluate adds the first object's IoU. As big_vision's RefCOCO
 evaluator: only the first object counts, and a first object that does not parse (or whose box is
 empty in whole pixels) scores IoU 0 and is counted as invalid. Metrics: mIoU, cIoU.
 """
@@ -12,10 +12,10 @@ import os
 import numpy as np
 from PIL import Image
 
-from paligemma_jax import metrics
 from paligemma_jax.tasks import base
-from paligemma_jax.tasks import detection
-from paligemma_jax.tasks import segmentation
+from paligemma_jax.tasks import detection_format
+from paligemma_jax.tasks import metrics
+from paligemma_jax.tasks import segmentation_format
 
 
 def load_mask(path: str) -> np.ndarray:
@@ -43,14 +43,14 @@ class Segment(base.Task):
 
   def parse(self, text, width, height):
     self.check_resources()
-    return segmentation.decode_masks(text, width, height, self.vae_params)
+    return segmentation_format.decode_masks(text, width, height, self.vae_params)
 
   def fields(self, objects):
     return {"boxes": base.rounded_boxes(objects.boxes), "labels": objects.labels,
-            "skipped": objects.skipped, "masks": [segmentation.rle_encode(m) for m in objects.masks]}
+            "skipped": objects.skipped, "masks": [segmentation_format.rle_encode(m) for m in objects.masks]}
 
   def draw(self, image, objects):
-    return segmentation.draw_masks(image, objects)
+    return segmentation_format.draw_masks(image, objects)
 
   def example_fields(self, row, result):
     text, (width, height) = result["text"], result["image_size"]
@@ -59,10 +59,10 @@ class Segment(base.Task):
       raise base.Invalid("mask size differs", f"mask {row.record['mask']} is {target.shape[1]}x"
                                               f"{target.shape[0]} but the image is {width}x{height}")
     objects = self.parse(text, width, height)
-    groups = detection.split_objects(text)
-    first = (detection.parse_object(groups[0], seg_tokens=segmentation.SEG_TOKENS_PER_OBJECT)
+    groups = detection_format.split_objects(text)
+    first = (detection_format.parse_object(groups[0], seg_tokens=segmentation_format.SEG_TOKENS_PER_OBJECT)
              if groups else None)
-    valid = first is not None and segmentation.pixel_box(first[0], width, height) is not None
+    valid = first is not None and segmentation_format.pixel_box(first[0], width, height) is not None
     predicted = objects.masks[0] if valid else np.zeros_like(target)
     return {"text": text, "stop_reason": result["stop_reason"], **self.fields(objects),
             "valid": valid, "iou": metrics.mask_iou(predicted, target) if valid else 0.0,

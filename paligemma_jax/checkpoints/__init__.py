@@ -1,0 +1,1 @@
+"""Weights in and out: our checkpoints (Orbax), Hugging Face, the Hub, big_vision .npz."""

@@ -1,0 +1,1 @@
+"""Evaluating a model on a dataset: predictions, per-example scores, metrics."""

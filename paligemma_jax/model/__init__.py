@@ -1,0 +1,1 @@
+"""The networks: SigLIP, Gemma, PaliGemma, their masks, KV cache and int8 layers."""

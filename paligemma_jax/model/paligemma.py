@@ -1,0 +1,153 @@
+"""PaliGemma: SigLIP image encoder -> linear projector -> Gemma decoder with a prefix-LM mask.
+
+Inputs, for a batch of B examples of T tokens (see `processor.build_prompt`):
+  images      [B, S, S, 3] float in [-1, 1]
+  tokens      [B, T] int: image tokens (config.image_token_id), <bos>, prompt, "\\n", [suffix, <eos>]
+  input_mask  [B, T] bool: real tokens (False for padding)
+  prefix_mask [B, T] bool: the full-attention prefix (image + prompt); suffix tokens are causal
+
+Four entry points share one layer stack:
+  __call__     all-position logits, no cache (training);
+  prefill      runs the image and the right-padded prompt, fills a KV cache, returns each row's
+               last-token logits;
+  extend       causal tokens after the cached ones (scoring suffixes against one cached prompt);
+  decode_step  one new token per row, read from and written to the cache (`extend` by one).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from paligemma_jax.model import gemma
+from paligemma_jax.model import kv_cache as kv_cache_lib
+from paligemma_jax.model import quantize
+from paligemma_jax.model import siglip
+from paligemma_jax.model.attention_mask import attention_mask
+
+
+class PaliGemma(nn.Module):
+  config: ml_collections.ConfigDict
+
+  def setup(self):
+    cfg = self.config
+    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), remat=cfg.remat,
+              quantized=quantize.enabled(cfg))
+    self.img = siglip.Encoder(cfg.vision, **kw)
+    self.projector = nn.Dense(cfg.text.width, dtype=kw["dtype"], param_dtype=kw["param_dtype"])
+    self.llm = gemma.Decoder(cfg.text, **kw, scan_layers=cfg.get("scan_layers", True))
+
+  def embed_image(self, images):
+    """[B, S, S, 3] -> [B, N, D]: image features in the text embedding space."""
+    return self.projector(self.img(images))
+
+  def embed(self, tokens, images, features=None):
+    """Token embeddings with each row's image-token slots replaced, in order, by its image
+    features: `embed_image(images)`, or `features` [B, N, D] computed before."""
+    is_image = tokens == self.config.image_token_id
+    x = self.llm.embed(jnp.where(is_image, 0, tokens))  # The image id may lie past the table.
+    if features is None:
+      if images is None:
+        return x
+      features = self.embed_image(images)
+    features = features.astype(x.dtype)  # [B, N, D]
+    index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+    gathered = jnp.take_along_axis(features, index[..., None], axis=1)
+    return jnp.where(is_image[..., None], gathered, x)
+
+  def _masks(self, q_slot, q_prefix, kv_valid, kv_prefix):
+    """The full-attention mask, and the sliding-window one if any layer uses it."""
+    full = attention_mask(q_slot, q_prefix, kv_valid, kv_prefix)
+    if not gemma.layer_is_sliding(self.config.text).any():
+      return full, None
+    return full, attention_mask(q_slot, q_prefix, kv_valid, kv_prefix, self.config.text.sliding_window)
+
+  def __call__(self, tokens, images, input_mask, prefix_mask, return_hidden=False):
+    """All-position logits [B, T, V] (float32), no cache."""
+    input_mask, prefix_mask = input_mask.astype(bool), prefix_mask.astype(bool)
+    slots = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    positions = jnp.maximum(jnp.cumsum(input_mask, axis=1) - 1, 0)
+    masks = self._masks(slots, prefix_mask, input_mask, prefix_mask & input_mask)
+    hidden, _ = self.llm(self.embed(tokens, images), positions, *masks)
+    return hidden if return_hidden else self.llm.logits(hidden)
+
+  def prefill(self, tokens, images, input_mask, prefix_mask, cache: kv_cache_lib.KVCache,
+              features=None):
+    """Runs right-padded prompts into an empty cache; returns (last-token logits [B, V], cache).
+    `features` [B, N, D] (then images is None): image features computed before (an image cache)."""
+    input_mask, prefix_mask = input_mask.astype(bool), prefix_mask.astype(bool)
+    b, t = tokens.shape
+    pad = [(0, 0), (0, cache.max_len - t)]
+    kv_valid = jnp.pad(input_mask, pad)
+    kv_prefix = jnp.pad(prefix_mask & input_mask, pad)
+    slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+    masks = self._masks(slots, prefix_mask, kv_valid, kv_prefix)
+    hidden, cache = self.llm(self.embed(tokens, images, features), slots, *masks, cache=cache)
+    lengths = input_mask.sum(axis=1).astype(jnp.int32)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
+    return self.llm.logits(last)[:, 0], cache.replace(end=lengths)
+
+  def extend(self, tokens, cache: kv_cache_lib.KVCache):
+    """Causal text tokens [B, S] written from slot cache.end on -> (hidden [B, S, D], cache
+    advanced by S slots). They see the cached prompt and each other causally, as suffix tokens."""
+    slots = cache.end[:, None] + jnp.arange(tokens.shape[1])  # [B, S]
+    kv_valid = jnp.arange(cache.max_len)[None, :] <= slots[:, -1:]
+    no_prefix = jnp.zeros_like(kv_valid)
+    masks = self._masks(slots, jnp.zeros(tokens.shape, bool), kv_valid, no_prefix)
+    hidden, cache = self.llm(self.embed(tokens, None), slots, *masks, cache=cache)
+    return hidden, cache.replace(end=cache.end + tokens.shape[1])
+
+  def decode_step(self, tokens, cache: kv_cache_lib.KVCache):
+    """tokens [B] at slot cache.end -> (logits [B, V], cache advanced by one slot)."""
+    hidden, cache = self.extend(tokens[:, None], cache)
+    return self.llm.logits(hidden)[:, 0], cache
+
+
+def num_image_tokens(config: ml_collections.ConfigDict) -> int:
+  return (config.vision.image_size // config.vision.patch_size) ** 2
+
+
+def init_cache(config: ml_collections.ConfigDict, batch: int, max_len: int, dtype=None):
+  """An empty KV cache for `batch` rows of up to `max_len` tokens (prompt + generated)."""
+  t = config.text
+  return kv_cache_lib.init(t.depth, batch, max_len, t.num_kv_heads, t.head_dim,
+                           jnp.dtype(dtype or config.dtype))
+
+
+def dummy_inputs(config: ml_collections.ConfigDict, batch: int = 1):
+  """Smallest valid inputs (image tokens + <bos>), for init and shape inference."""
+  n, s = num_image_tokens(config), config.vision.image_size
+  tokens = jnp.concatenate([jnp.full((batch, n), config.image_token_id), jnp.full((batch, 1), 2)], 1)
+  ones = jnp.ones(tokens.shape, bool)
+  return tokens, jnp.zeros((batch, s, s, 3), jnp.float32), ones, ones
+
+
+def init_params(config: ml_collections.ConfigDict, rng):
+  """Random parameters with the layout of a converted checkpoint."""
+  return PaliGemma(config).init(rng, *dummy_inputs(config))["params"]
+
+
+def unstack_layers(params):
+  """Splits the stacked decoder weights `llm/layers` [L, ...] into `llm/layers_0`.. (each [...]),
+  the layout of a model whose config has `scan_layers=False` (see gemma.Decoder)."""
+  llm = dict(params["llm"])
+  stacked = llm.pop("layers")
+  depth = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+  for i in range(depth):
+    llm[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+  return {**params, "llm": llm}
+
+
+def param_shapes(config: ml_collections.ConfigDict):
+  """The parameter tree as jax.ShapeDtypeStruct leaves, computed without allocating anything."""
+  return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+
+
+def quantize_params(params, config: ml_collections.ConfigDict):
+  """(params, config) of the model in int8 (see quantize.py), from its float checkpoint-layout
+  params; an already quantized model is returned as it is."""
+  if quantize.enabled(config):
+    return params, config
+  config = config.copy_and_resolve_references()
+  config.quantize = quantize.INT8
+  return quantize.quantize_tree(params, param_shapes(config)), config

@@ -1,0 +1,1 @@
+"""Images and prompts -> model inputs: the tokenizer and the processor."""

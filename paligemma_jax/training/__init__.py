@@ -1,0 +1,1 @@
+"""Fine-tuning: data, what trains, the train step, the loop and its workdir."""

@@ -1,0 +1,41 @@
+"""The benchmark: flags defined only when run, and the fine-tuning memory report."""
+
+import os
+import subprocess
+import sys
+
+from absl import flags
+
+from configs.paligemma import get_config
+from paligemma_jax import benchmark  # noqa: F401  Imported beside the converter below.
+from paligemma_jax.benchmarks import finetune_memory
+from helpers import ROOT, assert_expected_failure
+
+
+def test_importing_beside_the_converter_defines_no_flags():
+  import checkpoints_convert.hf_to_orbax  # noqa: F401  Both once defined --dtype at import.
+  assert "text_tokens" not in flags.FLAGS and "finetune_memory" not in flags.FLAGS
+
+
+def test_finetune_memory_per_preset_and_lora_needs_the_least():
+  """One layer at pg2-3b's text widths (tiny vocabulary and image): LoRA's adapters need no
+  float32 gradient of the attention kernels, which `attn` trains. Two presets: each compiles."""
+  config = get_config("pg2-3b")
+  config.vision = get_config("tiny-pg2").vision
+  config.text.update(depth=1, vocab_size=1600)
+  config.image_token_id = config.text.vocab_size - 64
+  records = finetune_memory.per_preset(config, dtype="float32", preset_names=("attn", "lora"))
+  assert [sorted(r) for r in records] == [["argument_gib", "preset", "temp_gib"]] * 2
+  attn, lora = records
+  assert attn["preset"] == "attn" and lora["preset"] == "lora"
+  assert attn["argument_gib"] > 0 and lora["argument_gib"] > 0
+  assert 0 < lora["temp_gib"] < attn["temp_gib"], records
+
+
+def test_out_of_range_flag_values_are_one_line():
+  """--e2e_rounds=0 ended in statistics.median([]) after minutes of priming runs."""
+  proc = subprocess.run([sys.executable, "-m", "paligemma_jax.benchmark", "--e2e",
+                         "--e2e_rounds=0"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, PYTHONPATH=ROOT))
+  assert assert_expected_failure(proc) == [
+      "benchmark.py: error: flag --e2e_rounds=0: 0 is not an integer in the range [1, 1000]"]

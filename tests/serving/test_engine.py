@@ -1,0 +1,281 @@
+"""The continuous-batching engine: answers equal generate's whatever runs beside them, streaming,
+stop strings, max_tokens, the image cache, bad requests, overload, cancel and shutdown.
+
+One engine (2 rows) serves every test; most drive its loop by hand (`_step`), so which request
+sits in which row at each step is certain; the last test runs its thread.
+"""
+
+import contextlib
+import io
+import threading
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from paligemma_jax import errors
+from paligemma_jax.checkpoints import loading
+from paligemma_jax.decoding import inference
+from paligemma_jax.decoding import sampling
+from paligemma_jax.serving import engine as engine_lib
+
+MAX_NEW = 8  # Every reference answer is this long (one compiled reference loop).
+GREEDY = sampling.Sampler()
+TEMPERATURE = sampling.Sampler("temperature", temperature=1.5)
+TOP_K = sampling.Sampler("top_k", temperature=2.0, top_k=5)
+
+
+@pytest.fixture(scope="module")
+def model(converted_checkpoint):
+  """The tiny PaliGemma 1 with its decoder layers' kernels x10, so that greedy answers vary with
+  the prompt and image (the plain random one repeats its last input token)."""
+  params, config, tokenizer = loading.load_model(converted_checkpoint(1)[0])
+  louder = lambda path, x: np.asarray(x) * (10 if "layers" in jax.tree_util.keystr(path) and
+                                            x.ndim > 1 else 1)
+  params = {**params, "llm": jax.tree_util.tree_map_with_path(louder, params["llm"])}
+  return loading.Model(jax.device_put(params), config, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def predictor(model):
+  return inference.Predictor(model.config, model.params, model.tokenizer, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+  return engine_lib.Engine(model, rows=2, max_queue=2, steps_per_call=2, max_prompt_tokens=16,
+                           max_tokens_limit=12, image_cache_size=2)
+
+
+def png(seed: int) -> bytes:
+  pixels = np.random.RandomState(seed).randint(0, 256, (20, 24, 3), np.uint8)
+  out = io.BytesIO()
+  Image.fromarray(pixels).save(out, "PNG")
+  return out.getvalue()
+
+
+def reference(predictor, image, prompt, sampler=GREEDY, seed=0):
+  """generate's answer for one example: (token ids, text, finish reason)."""
+  [out] = predictor.predict([inference.Example(image, prompt)], max_new_tokens=MAX_NEW,
+                            sampler=sampler, seed=seed)
+  return out["tokens"], out["text"], {"eos": "stop", "length": "length"}[out["stop_reason"]]
+
+
+def run_until_idle(engine):
+  while engine._pending or any(engine._rows):
+    engine._step(wait=False)
+
+
+def answer(handle):
+  result = handle.result(timeout=0)
+  return result.token_ids, result.text, result.finish_reason
+
+
+@contextlib.contextmanager
+def engine_compiles():
+  """Yields the list of the engine's programs (prefill, decode, image tower) lowered within; a
+  lowering happens on every jit cache miss, even when the persistent cache has the program."""
+  names = []
+
+  def listener(event, duration, fun_name="", **kwargs):
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration" and any(
+        p in fun_name for p in ("prefill_insert", "decode_chunk", "embed_images")):
+      names.append(fun_name)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_a_second_identical_request_compiles_nothing(engine):
+  """The first prefill gets the state built at start, later ones a state a jitted call returned;
+  both must hit one compiled program (they did not: uncommitted vs committed arrays)."""
+  run_until_idle(engine)
+  engine._state = engine._empty_state()  # As the engine starts.
+  request = engine_lib.Request("caption en", png(0), max_tokens=3)
+  first = engine.submit(request)
+  run_until_idle(engine)
+  with engine_compiles() as compiled:
+    second = engine.submit(request)
+    run_until_idle(engine)
+  assert compiled == []
+  assert answer(second) == answer(first)
+
+
+def test_requests_inserted_into_a_running_batch_answer_as_generate(engine, predictor):
+  first = engine_lib.Request("caption en", png(0), max_tokens=MAX_NEW)
+  inserted = [engine_lib.Request("answer en what is it", png(1), MAX_NEW, TEMPERATURE, seed=3),
+              engine_lib.Request("detect cat", png(2), MAX_NEW, TOP_K, seed=5)]
+  handle = engine.submit(first)
+  engine._step(wait=False)  # Prefill + 2 decode steps: 3 tokens, still running.
+  assert engine.stats()["running_slots"] == 1
+  handles = [engine.submit(r) for r in inserted]
+  engine._step(wait=False)  # The first inserted joins the running one; the other waits.
+  assert engine.stats()["running_slots"] == 2 and engine.stats()["queue_depth"] == 1
+  run_until_idle(engine)
+  for request, h in zip([first] + inserted, [handle] + handles):
+    want = reference(predictor, request.image, request.prompt, request.sampler, request.seed)
+    assert answer(h) == want
+    assert len(want[0]) > 2 and len(set(want[0])) > 1  # Not a degenerate answer.
+  # Same seed, same answer; another seed, another answer.
+  again = engine.submit(inserted[0])
+  other = engine.submit(engine_lib.Request(**{**vars(inserted[0]), "seed": 4}))
+  run_until_idle(engine)
+  assert answer(again) == answer(handles[0]) != answer(other)
+
+
+def test_stop_strings_max_tokens_and_streaming(engine, predictor):
+  tokens, text, _ = reference(predictor, png(0), "caption en")
+  stop = text[len(text) // 2:len(text) // 2 + 2]
+  streamed = engine.submit(engine_lib.Request("caption en", png(0), MAX_NEW, stop=("zzz", stop)))
+  short = engine.submit(engine_lib.Request("caption en", png(0), max_tokens=3))
+  run_until_idle(engine)
+  events = list(streamed.events(timeout=0))
+  assert all(e.finish_reason is None for e in events[:-1]) and len(events) >= 2
+  assert 0 < text.find(stop) < len(text) - len(stop)  # Cut in the middle.
+  assert "".join(e.text for e in events) == text[:text.find(stop)]
+  assert events[-1].finish_reason == "stop"
+  assert sum((e.token_ids for e in events), []) == tokens[:events[-1].completion_tokens]
+  assert events[-1].prompt_tokens == len(predictor.prompt_tokens("caption en")[0])
+  assert answer(short) == (tokens[:3], predictor.tokenizer.decode(tokens[:3]), "length")
+
+
+def test_image_cache_computes_each_image_once(engine):
+  before = engine.stats()
+  image = png(7)
+  handles = [engine.submit(engine_lib.Request(p, image, max_tokens=2)) for p in ("ocr", "caption en")]
+  run_until_idle(engine)  # Both in one prefill batch: the image tower runs once.
+  handles.append(engine.submit(engine_lib.Request("detect dog", image, max_tokens=2)))
+  run_until_idle(engine)
+  after = engine.stats()
+  assert after["image_cache_misses"] - before["image_cache_misses"] == 1
+  assert after["image_cache_hits"] - before["image_cache_hits"] == 2
+  assert all(h.result(timeout=0).finish_reason == "length" for h in handles)
+
+
+def test_bad_requests_raise_without_disturbing_running_ones(engine, predictor):
+  running = engine.submit(engine_lib.Request("caption en", png(1), max_tokens=MAX_NEW))
+  engine._step(wait=False)
+  bad = [dict(image=b"not an image"), dict(image=b""), dict(prompt="word " * 20),
+         dict(max_tokens=0), dict(max_tokens=13), dict(stop=("",)), dict(seed="x"),
+         dict(prompt="\ud83d")]
+  for change in bad:
+    with pytest.raises(errors.InputError):
+      engine.submit(engine_lib.Request(**{"prompt": "ocr", "image": png(2), **change}))
+  with pytest.raises(ValueError):
+    sampling.Sampler("temperature", temperature=0.0)
+  assert engine.stats()["queue_depth"] == 0
+  run_until_idle(engine)
+  assert answer(running) == reference(predictor, png(1), "caption en")
+
+
+def test_queue_full_and_cancel_free_rows(engine):
+  request = engine_lib.Request("caption en", png(0), max_tokens=12)
+  running = [engine.submit(request) for _ in range(2)]
+  engine._step(wait=False)
+  waiting = [engine.submit(request) for _ in range(2)]
+  with pytest.raises(engine_lib.QueueFull):
+    engine.submit(request)
+  running[0].cancel()
+  waiting[0].cancel()
+  engine._step(wait=False)  # The freed row takes the request still waiting.
+  stats = engine.stats()
+  assert stats["running_slots"] == 2 and stats["queue_depth"] == 0
+  run_until_idle(engine)
+  assert [h.result(timeout=0).finish_reason for h in running + waiting] == [
+      "cancelled", "length", "cancelled", "length"]
+
+
+def test_out_of_range_values_are_refused_at_submit(engine):
+  request = lambda **change: engine_lib.Request(**{"prompt": "ocr", "image": png(2),
+                                                   "max_tokens": 4, **change})
+  vocab = engine.tokenizer.vocab_size
+  for change in [dict(sampler=sampling.Sampler("top_k", 1.0, top_k=vocab + 1)),
+                 dict(seed=2**63), dict(seed=-2**63 - 1), dict(seed=1.5)]:
+    with pytest.raises(errors.InputError):
+      engine.submit(request(**change))
+  for value in [2**31, 1e20]:
+    with pytest.raises(ValueError, match="top_k"):
+      sampling.Sampler("top_k", 1.0, top_k=value)
+  assert engine.stats()["queue_depth"] == 0
+  handles = [engine.submit(request(sampler=sampling.Sampler("top_k", 1.0, top_k=vocab),
+                                   seed=seed)) for seed in (2**63 - 1, -2**63)]
+  run_until_idle(engine)
+  assert [h.result(timeout=0).finish_reason for h in handles] == ["length"] * 2
+
+
+def test_max_queue_counts_only_requests_beyond_the_free_rows(engine):
+  """An idle engine with 2 rows and max_queue=2 takes 4 requests at once (2 start at the next
+  step, 2 wait), and refuses the 5th."""
+  request = engine_lib.Request("caption en", png(0), max_tokens=2)
+  handles = [engine.submit(request) for _ in range(4)]
+  with pytest.raises(engine_lib.QueueFull):
+    engine.submit(request)
+  run_until_idle(engine)
+  assert [h.result(timeout=0).finish_reason for h in handles] == ["length"] * 4
+
+
+def test_a_failure_preparing_one_request_fails_it_alone(engine, predictor, monkeypatch):
+  running = engine.submit(engine_lib.Request("caption en", png(1), max_tokens=MAX_NEW))
+  engine._step(wait=False)
+  calls = []
+
+  def failing(*args):
+    calls.append(args)
+    raise OverflowError("a value this request carried")  # Before the state is donated.
+
+  monkeypatch.setattr(engine, "_prefill", failing)
+  doomed = engine.submit(engine_lib.Request("ocr", png(2), max_tokens=MAX_NEW))
+  run_until_idle(engine)
+  result = doomed.result(timeout=0)
+  assert result.finish_reason == "error" and result.error == engine_lib.FAILED
+  assert answer(running) == reference(predictor, png(1), "caption en")
+  assert len(calls) == 1 and engine.health() is None and engine.stats()["running_slots"] == 0
+  monkeypatch.undo()
+  later = engine.submit(engine_lib.Request("caption en", png(3), max_tokens=MAX_NEW))
+  run_until_idle(engine)
+  assert answer(later) == reference(predictor, png(3), "caption en")
+
+
+def test_threaded_streaming_and_draining_shutdown(engine, predictor):
+  engine.warmup()  # Shapes of one prompt bucket only here (2 rows): nothing new to compile.
+  engine.start()
+  requests = [engine_lib.Request("caption en", png(i), max_tokens=MAX_NEW) for i in range(3)]
+  results = {}
+
+  def consume(i):
+    results[i] = answer_stream(handles[i])
+
+  def answer_stream(handle):
+    events = list(handle.events(timeout=60))
+    return sum((e.token_ids for e in events), []), "".join(e.text for e in events), \
+        events[-1].finish_reason
+
+  with engine_compiles() as compiled:
+    handles = [engine.submit(r) for r in requests]
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(3)]
+    for t in threads:
+      t.start()
+    engine.shutdown(drain=True)  # Returns once everything accepted has finished.
+    for t in threads:
+      t.join(timeout=60)
+  assert compiled == []
+  for i, r in enumerate(requests):
+    assert results[i] == reference(predictor, r.image, r.prompt)
+  with pytest.raises(engine_lib.Closed):
+    engine.submit(requests[0])
+  assert engine.stats()["running_slots"] == 0
+
+
+def test_per_row_sampler_settings_choose_as_one_sampler_per_batch():
+  logits = jax.random.normal(jax.random.PRNGKey(1), (4, 40)) * 3
+  keys = jax.random.split(jax.random.PRNGKey(2), 4)
+  samplers = [GREEDY, TEMPERATURE, TOP_K, sampling.Sampler("top_p", temperature=0.7, top_p=0.8)]
+  sample = jax.jit(sampling.sample)
+  per_row = np.asarray(sample(logits, keys, sampling.per_row(samplers)))
+  for i, sampler in enumerate(samplers):
+    assert per_row[i] == np.asarray(sample(logits, keys, sampler.as_arrays()))[i]
+  assert len(set(per_row)) > 1

@@ -1,0 +1,659 @@
+"""The HTTP server (paligemma_jax/serving/server.py) against a fake engine, then the real one.
+
+The fake engine has the real one's interface (submit/Handle/Event/stats/shutdown) and answers
+from a script, so each HTTP behaviour is checked alone and fast: the reply and chunk formats,
+every bad-request class, the API key, a full queue, a client that leaves mid-stream, metrics
+and shutdown. The last test serves the tiny converted checkpoint with the real engine through
+`python -m paligemma_jax.serve`, checks its greedy answers equal `generate`'s and that SIGTERM
+lets a running request finish.
+"""
+
+import asyncio
+import base64
+import collections
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import types
+import zlib
+
+import fastapi.testclient
+import numpy as np
+from PIL import Image
+import pytest
+
+from paligemma_jax import errors
+from paligemma_jax.decoding import sampling
+from paligemma_jax.serving import engine as engine_lib
+from paligemma_jax.serving import schema
+from paligemma_jax.serving import server
+from helpers import ROOT, assert_expected_failure
+
+
+
+class FakeHandle:
+  def __init__(self, pieces, prompt_tokens, finish, hold):
+    self.pieces, self.prompt_tokens, self.finish, self.hold = pieces, prompt_tokens, finish, hold
+    self.cancelled = threading.Event()
+
+  def events(self, timeout=None):
+    count = 0
+    for i, piece in enumerate(self.pieces):
+      count += 1
+      yield engine_lib.Event(piece, [100 + count], None, self.prompt_tokens, count)
+      if self.hold and i == 0:  # Waits for the client to leave.
+        self.cancelled.wait(10)
+      if self.cancelled.is_set():
+        yield engine_lib.Event("", [], "cancelled", self.prompt_tokens, count)
+        return
+    yield engine_lib.Event("", [], self.finish, self.prompt_tokens, count)
+
+  def cancel(self):
+    self.cancelled.set()
+
+
+class FakeEngine:
+  """Answers `script[prompt]` (a text split into pieces) or echoes the prompt."""
+
+  def __init__(self, script=None, hold=False):
+    self.script, self.hold = script or {}, hold
+    self.requests, self.handles = [], []
+    self.full = False
+    self.shut_down = None
+    self.max_tokens_limit = 100
+    self.vocab_size = 1000
+    self.failed = None  # What health() says.
+
+  def submit(self, request):
+    if self.shut_down is not None:
+      raise engine_lib.Closed()
+    if "tokens too long" in request.prompt:
+      raise errors.InputError("prompt of 300 tokens exceeds max_prompt_tokens=256")
+    if self.full:
+      raise engine_lib.QueueFull()
+    self.requests.append(request)
+    text = self.script.get(request.prompt, f"echo {request.prompt}")
+    pieces = text.split("|") if "|" in text else [w + " " for w in text.split()]
+    pieces = pieces[:request.max_tokens]
+    finish = "length" if len(pieces) == request.max_tokens else "stop"
+    self.handles.append(FakeHandle(pieces, 260, finish, self.hold))
+    return self.handles[-1]
+
+  def stats(self):
+    return {"queue_depth": 3, "running_slots": 2, "slots": 8, "image_cache_hits": 5,
+            "name": "not a number"}
+
+  def shutdown(self, drain=True):
+    self.shut_down = drain
+
+  def health(self):
+    return self.failed
+
+
+def png(size=(20, 10), color=(0, 128, 255)) -> bytes:
+  out = io.BytesIO()
+  Image.new("RGB", size, color).save(out, format="PNG")
+  return out.getvalue()
+
+
+def data_url(data: bytes) -> str:
+  return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def body(prompt="caption en", image=None, **fields):
+  url = image if isinstance(image, str) else data_url(image or png())
+  return {"model": "anything", "messages": [{"role": "user", "content": [
+      {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]}],
+          **fields}
+
+
+def client(engine, **kwargs):
+  app = server.create_app(engine, model_name="tiny-pg", **kwargs)
+  return fastapi.testclient.TestClient(app)
+
+
+def sse_chunks(text: str) -> list:
+  blocks = [b for b in text.split("\n\n") if b]
+  assert all(b.startswith("data: ") for b in blocks), text
+  assert blocks[-1] == "data: [DONE]"
+  return [json.loads(b[len("data: "):]) for b in blocks[:-1]]
+
+
+def test_reply_models_health_metrics_and_shutdown():
+  engine = FakeEngine({"caption en": "a| blue| sky"})
+  with client(engine) as c:
+    r = c.post("/v1/chat/completions", json=body(max_tokens=7, seed=3, stop="\n"))
+    assert r.status_code == 200, r.text
+    reply = r.json()
+    assert reply["object"] == "chat.completion" and reply["model"] == "tiny-pg"
+    assert reply["id"].startswith("chatcmpl-")
+    assert reply["choices"] == [{"index": 0, "logprobs": None, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": "a blue sky"}}]
+    assert reply["usage"] == {"prompt_tokens": 260, "completion_tokens": 3, "total_tokens": 263}
+    request = engine.requests[0]
+    assert (request.prompt, request.image, request.max_tokens, request.seed, request.stop) == (
+        "caption en", png(), 7, 3, ("\n",))
+    assert request.sampler == sampling.Sampler()  # temperature defaults to 0: greedy.
+    r = c.post("/v1/chat/completions", json=body("answer en why", max_tokens=2))
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+    assert r.json()["choices"][0]["message"]["content"] == "echo answer "
+
+    models = c.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny-pg"] and models["object"] == "list"
+    assert c.get("/health").json() == {"status": "ok"}
+    assert "<canvas" in c.get("/").text
+    text = c.get("/metrics").text
+    assert 'paligemma_requests_total{status="200"} 2.0' in text
+    assert "paligemma_engine_queue_depth 3.0" in text and "paligemma_engine_running_slots 2.0" in text
+    assert "paligemma_engine_image_cache_hits 5.0" in text and "engine_name" not in text
+    assert "paligemma_time_to_first_token_seconds_count 2.0" in text
+    assert "paligemma_completion_tokens_total 5.0" in text
+    assert "paligemma_output_tokens_per_second 0.5" in text  # 5 tokens in the 10 s window.
+    assert engine.shut_down is None
+  assert engine.shut_down is True  # The lifespan's end drains the engine.
+
+
+def test_sampler_fields_map_to_the_engine():
+  engine = FakeEngine()
+  with client(engine) as c:
+    for fields, want in [({"temperature": 0, "top_k": 5}, sampling.Sampler()),
+                         ({"temperature": 0.7}, sampling.Sampler("temperature", 0.7)),
+                         ({"temperature": 1, "top_p": 1}, sampling.Sampler("temperature", 1.0)),
+                         ({"temperature": 0.5, "top_k": 4}, sampling.Sampler("top_k", 0.5, top_k=4)),
+                         ({"temperature": 1, "top_p": 0.9}, sampling.Sampler("top_p", 1.0, top_p=.9))]:
+      assert c.post("/v1/chat/completions", json=body(**fields)).status_code == 200
+      assert engine.requests[-1].sampler == want, fields
+
+
+def error_of(response, status, code=None, param=None):
+  assert response.status_code == status, response.text
+  error = response.json()["error"]
+  assert set(error) == {"message", "type", "param", "code"} and error["message"]
+  assert code is None or error["code"] == code, error
+  assert param is None or error["param"] == param, error
+  return error
+
+
+def test_every_bad_request_class_is_refused_alone(tmp_path):
+  engine = FakeEngine()
+  limits = schema.Limits(max_body_bytes=200_000, max_image_pixels=100_000, max_prompt_chars=50)
+  good = body()
+  text_only = {"messages": [{"role": "user", "content": "caption en"}]}
+  two_images = body()
+  two_images["messages"][0]["content"].append(good["messages"][0]["content"][0])
+  no_text = body("")
+  system = {"messages": [{"role": "system", "content": "be nice"}, good["messages"][0]]}
+  cases = [  # (json or raw bytes, status, code, param)
+      (b"{not json", 400, "invalid_json", None),
+      (b"[1, 2]", 400, "invalid_json", None),
+      ({"model": "x"}, 400, "missing", "messages"),
+      (system, 400, None, "messages"),
+      (text_only, 400, "missing_image", "messages"),
+      (body("caption en", "data:image/png;base64,"), 400, "invalid_image", "messages"),
+      ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}, 400,
+       "missing_image", "messages"),
+      (two_images, 400, None, "messages"),
+      (no_text, 400, "missing_prompt", "messages"),
+      (body(image="data:text/plain;base64,aGk="), 400, "invalid_image", "messages"),
+      (body(image="data:image/png;base64,@@@@"), 400, "invalid_image", "messages"),
+      (body(image=data_url(b"not an image at all")), 400, "invalid_image", "messages"),
+      (body(image="https://example.com/cat.png"), 400, "url_not_allowed", "messages"),
+      (body(image=str(tmp_path / "cat.png")), 400, "url_not_allowed", "messages"),
+      (body(max_tokens=0), 400, None, "max_tokens"),
+      (body(max_tokens="3"), 400, None, "max_tokens"),
+      (body(max_tokens=101), 400, None, "max_tokens"),  # Over the engine's max_tokens_limit.
+      (body(temperature=-1), 400, None, "temperature"),
+      (body(temperature="hot"), 400, None, "temperature"),
+      (body(top_p=0), 400, None, "top_p"),
+      (body(temperature=1, top_k=-1), 400, None, "top_k"),
+      (body(temperature=1, top_k=3, top_p=0.5), 400, None, "top_k"),
+      (body(stop=[""]), 400, None, "stop"),
+      (body(stream="yes"), 400, None, "stream"),
+      (body(task="ocr"), 400, None, "task"),
+      (body(task="segment"), 400, "unsupported", "task"),  # No mask decoder given.
+      (body(n=2), 400, None, "n"),
+      (body("x" * 51), 400, "prompt_too_long", "messages"),
+      (body("tokens too long"), 400, "invalid_value", "messages"),  # The engine's InputError.
+      (body(image=png((400, 300))), 413, "request_too_large", "messages"),  # 120,000 pixels.
+      (body(image=np.random.RandomState(0).bytes(210_000).hex()), 413, "request_too_large", None),
+  ]
+  with client(engine, limits=limits) as c:
+    for payload, status, code, param in cases:
+      if isinstance(payload, bytes):
+        r = c.post("/v1/chat/completions", content=payload,
+                   headers={"Content-Type": "application/json"})
+      else:
+        r = c.post("/v1/chat/completions", json=payload)
+      error_of(r, status, code, param)
+    assert engine.requests == []  # None reached the engine ...
+    r = c.post("/v1/chat/completions", json=good)  # ... and the server still answers.
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "echo caption en "
+    assert 'paligemma_requests_total{status="400"} 29.0' in c.get("/metrics").text
+
+
+def png_header(width: int, height: int) -> bytes:
+  """A PNG that declares width x height pixels (its header is all a size check reads)."""
+  chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data +
+                              struct.pack(">I", zlib.crc32(kind + data)))
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+          + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_hostile_values_are_400s_with_openai_bodies(tmp_path):
+  """Each value the engine cannot hold, each malformed body, is refused before the engine."""
+  engine = FakeEngine()
+  deep = ("[" * 100_000 + "]" * 100_000).encode()
+  huge_integer = b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}"
+  os.mkfifo(tmp_path / "fifo")
+  cases = [  # (json or raw bytes, status, code, param)
+      (deep, 400, "invalid_json", None),
+      (huge_integer, 400, "invalid_json", None),
+      (body(temperature=1, top_k=2**31), 400, None, "top_k"),
+      (body(temperature=1, top_k=1e20), 400, None, "top_k"),
+      (body(temperature=1, top_k=1001), 400, None, "top_k"),  # Past the vocabulary.
+      (body(temperature=10**400), 400, None, "temperature"),
+      (body(seed=2**63), 400, None, "seed"),
+      (body(seed=-2**63 - 1), 400, None, "seed"),
+      (body(seed=1e20), 400, None, "seed"),
+      (body(n=True), 400, None, "n"),
+      (body(n=1.0), 400, None, "n"),
+      (body(logprobs=True), 400, "unsupported", "logprobs"),
+      (body(top_logprobs=2), 400, "unsupported", "logprobs"),
+      (body(max_tokens=5, max_completion_tokens=0), 400, None, "max_completion_tokens"),
+      (body(max_tokens=5, max_completion_tokens="x"), 400, None, "max_completion_tokens"),
+      (body(max_tokens=5, max_completion_tokens=6), 400, None, "max_completion_tokens"),
+      (body(image="/dev/zero"), 400, "invalid_image", "messages"),  # Not a regular file.
+      (body(image=str(tmp_path / "fifo")), 400, "invalid_image", "messages"),  # Never blocks.
+      (body(image=str(tmp_path / "a\0b.png")), 400, "invalid_image", "messages"),
+      (body(image=str(tmp_path)), 400, "invalid_image", "messages"),
+      (body(image=data_url(png_header(50_000, 50_000))), 413, "request_too_large", "messages"),
+      (body(image=data_url(png_header(10_000, 10_000))), 413, "request_too_large", "messages"),
+  ]
+  limits = schema.Limits(allow_local_images=True, max_image_bytes=1 << 20)
+  with client(engine, limits=limits) as c:
+    for payload, status, code, param in cases:
+      if isinstance(payload, bytes):
+        r = c.post("/v1/chat/completions", content=payload,
+                   headers={"Content-Type": "application/json"})
+      else:
+        r = c.post("/v1/chat/completions", json=payload)
+      error = error_of(r, status, code, param)
+      assert " at 0x" not in error["message"] and len(error["message"]) < 300, error
+    assert engine.requests == []
+    (tmp_path / "big.png").write_bytes(png() + b"\0" * (2 << 20))
+    error_of(c.post("/v1/chat/completions", json=body(image=str(tmp_path / "big.png"))), 413,
+             "request_too_large")
+    error = error_of(c.post("/v1/chat/completions", json=body(image=data_url(b"GIF89a nope"))),
+                     400, "invalid_image")
+    assert "BytesIO" not in error["message"]
+    error_of(c.get("/v1/nothing"), 404)
+    error_of(c.get("/v1/chat/completions"), 405)
+    # What is accepted: the values' whole ranges, any case of a data URL's scheme and type.
+    for fields in [dict(temperature=1, top_k=1000, seed=2**63 - 1), dict(seed=-2**63, n=1),
+                   dict(temperature=1e-45), dict(temperature=1e308), dict(logprobs=False),
+                   dict(max_tokens=5, max_completion_tokens=5)]:
+      assert c.post("/v1/chat/completions", json=body(**fields)).status_code == 200, fields
+    upper = "DATA:IMAGE/PNG;BASE64," + data_url(png()).partition(",")[2]
+    assert c.post("/v1/chat/completions", json=body(image=upper)).status_code == 200
+    assert engine.requests[-1].image == png()
+    assert engine.requests[0].sampler.top_k == 1000 and engine.requests[0].seed == 2**63 - 1
+
+
+def test_an_unexpected_failure_is_a_500_body_and_a_failed_engine_fails_health():
+  engine = FakeEngine()
+  engine.submit = lambda request: (_ for _ in ()).throw(RuntimeError("<secret object at 0x7f>"))
+  app = server.create_app(engine, model_name="tiny-pg")
+  with fastapi.testclient.TestClient(app, raise_server_exceptions=False) as c:
+    error = error_of(c.post("/v1/chat/completions", json=body()), 500)
+    assert error["type"] == "server_error" and "secret" not in error["message"]
+    assert 'paligemma_requests_total{status="500"} 1.0' in c.get("/metrics").text
+    assert c.get("/health").json() == {"status": "ok"}
+    engine.failed = "the engine failed: RuntimeError"
+    r = c.get("/health")
+    assert r.status_code == 503 and r.json()["status"] == "error"
+
+
+def test_local_images_only_when_allowed_and_urls_only_to_public_hosts(tmp_path):
+  (tmp_path / "cat.png").write_bytes(png((30, 40)))
+  engine = FakeEngine({"detect cat": "<loc0000><loc0000><loc0512><loc1023> cat"})
+  limits = schema.Limits(allow_local_images=True, allow_image_urls=True)
+  with client(engine, limits=limits) as c:
+    r = c.post("/v1/chat/completions", json=body("detect cat", str(tmp_path / "cat.png"),
+                                                 task="detect"))
+    assert r.status_code == 200, r.text
+    message = r.json()["choices"][0]["message"]
+    # Boxes in pixels of the 30x40 image, as generate --task=detect reads them.
+    assert message["boxes"] == [[0.0, 0.0, 30.0, 20.02]] and message["labels"] == ["cat"]
+    assert engine.requests[0].image == png((30, 40))
+    error_of(c.post("/v1/chat/completions", json=body(image=str(tmp_path / "none.png"))), 400,
+             "invalid_image")
+    error_of(c.post("/v1/chat/completions", json=body(image="http://127.0.0.1:9/x.png")), 400,
+             "url_not_allowed")  # Never the server's own host or network.
+
+
+def test_api_key():
+  engine = FakeEngine()
+  with client(engine, api_key="s3cret") as c:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+      error_of(c.post("/v1/chat/completions", json=body(), headers=headers), 401, "invalid_api_key")
+      error_of(c.get("/v1/models", headers=headers), 401)
+      error_of(c.get("/metrics", headers=headers), 401)
+    assert engine.requests == []
+    assert c.get("/health").status_code == 200 and c.get("/").status_code == 200  # Static page.
+    ok = {"Authorization": "Bearer s3cret"}
+    assert c.post("/v1/chat/completions", json=body(), headers=ok).status_code == 200
+    assert c.get("/v1/models", headers=ok).status_code == 200
+    assert c.get("/metrics", headers=ok).status_code == 200
+
+
+def test_full_queue_is_429_and_shutting_down_is_503():
+  engine = FakeEngine()
+  with client(engine) as c:
+    engine.full = True
+    error_of(c.post("/v1/chat/completions", json=body()), 429, "queue_full")
+    engine.full = False
+    assert c.post("/v1/chat/completions", json=body()).status_code == 200
+    engine.shut_down = True
+    error_of(c.post("/v1/chat/completions", json=body()), 503, "shutting_down")
+
+
+def test_streaming_chunks():
+  engine = FakeEngine({"caption en": "a| cat| on a mat", "detect cat": "<loc0000><loc0000>|"
+                                                                      "<loc1023><loc1023> cat"})
+  with client(engine) as c:
+    r = c.post("/v1/chat/completions", json=body(stream=True, stream_options={"include_usage": True}))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    chunks = sse_chunks(r.text)
+    assert len({c["id"] for c in chunks}) == 1
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "tiny-pg" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    deltas = [c["choices"][0]["delta"].get("content") for c in chunks[1:-2]]
+    assert deltas == ["a", " cat", " on a mat"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None] * 4 + ["stop"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+
+    r = c.post("/v1/chat/completions", json=body("detect cat", png((100, 50)), stream=True,
+                                                 task="detect"))
+    chunks = sse_chunks(r.text)
+    last = chunks[-1]["choices"][0]
+    assert last["finish_reason"] == "stop" and "usage" not in chunks[-1]
+    assert last["delta"]["boxes"] == [[0.0, 0.0, 100.0, 50.0]] and last["delta"]["labels"] == ["cat"]
+
+
+def asgi_call(app, payload: dict, leave_after_chunks: int):
+  """Drives the ASGI app as uvicorn would; the client disconnects after some body chunks."""
+  sent, chunk_seen = [], asyncio.Event()
+  raw = json.dumps(payload).encode()
+
+  async def receive():
+    if not sent:
+      sent.append(None)
+      return {"type": "http.request", "body": raw, "more_body": False}
+    if leave_after_chunks:
+      await chunk_seen.wait()
+    return {"type": "http.disconnect"}
+
+  messages = []
+
+  async def send(message):
+    messages.append(message)
+    if sum(m["type"] == "http.response.body" for m in messages) >= leave_after_chunks:
+      chunk_seen.set()
+
+  scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+           "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"",
+           "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("t", 80),
+           "headers": [(b"content-type", b"application/json"),
+                       (b"content-length", str(len(raw)).encode())]}
+
+  async def main():
+    await asyncio.wait_for(app(scope, receive, send), 10)
+  asyncio.run(main())
+  return messages
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_cancels_its_request(stream, monkeypatch):
+  monkeypatch.setattr(server, "DISCONNECT_POLL_S", 0.05)
+  engine = FakeEngine({"caption en": "a|b|c|d"}, hold=True)
+  app = server.create_app(engine, model_name="tiny-pg")
+  start = time.monotonic()
+  messages = asgi_call(app, body(stream=stream), leave_after_chunks=2 if stream else 0)
+  assert time.monotonic() - start < 5  # Not the fake's 10 s wait: cancel() released it.
+  assert engine.handles[0].cancelled.is_set()
+  bodies = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+  assert b"[DONE]" not in bodies
+
+
+def test_a_client_that_leaves_while_tokens_flow_is_noticed(monkeypatch):
+  """Not only when the engine is silent: a long answer streaming into a non-streaming request
+  whose client left is cancelled within about DISCONNECT_POLL_S."""
+  monkeypatch.setattr(server, "DISCONNECT_POLL_S", 0.1)
+
+  class Flowing(FakeHandle):
+    def events(self, timeout=None):
+      for i in range(300):  # 3 s of tokens, one every 10 ms.
+        if self.cancelled.is_set():
+          yield engine_lib.Event("", [], "cancelled", 260, i)
+          return
+        time.sleep(0.01)
+        yield engine_lib.Event("x", [100], None, 260, i + 1)
+      yield engine_lib.Event("", [], "length", 260, 300)
+
+  engine = FakeEngine()
+  engine.submit = lambda request: engine.handles.append(Flowing([], 260, "length", False)) or \
+      engine.handles[-1]
+  start = time.monotonic()
+  asgi_call(server.create_app(engine, model_name="tiny-pg"), body(), leave_after_chunks=0)
+  assert time.monotonic() - start < 1.5 and engine.handles[0].cancelled.is_set()
+
+
+def test_serve_flags_are_checked_before_loading(tmp_path):
+  from paligemma_jax import serve
+  flags = types.SimpleNamespace(slots=3, default_max_tokens=8, max_tokens_limit=16, vae_npz=None,
+                                checkpoint=str(tmp_path))
+  with pytest.raises(errors.InputError, match="--slots=3"):
+    serve.validate_flags(flags)
+  flags.slots, flags.default_max_tokens = 4, 32
+  with pytest.raises(errors.InputError, match="--default_max_tokens=32"):
+    serve.validate_flags(flags)
+  flags.default_max_tokens, flags.vae_npz = 8, str(tmp_path / "missing.npz")
+  with pytest.raises(errors.InputError, match="vae_npz"):
+    serve.validate_flags(flags)
+  flags.vae_npz = None
+  with pytest.raises(errors.InputError, match="neither a converted checkpoint"):
+    serve.validate_flags(flags)
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    with pytest.raises(errors.InputError, match="cannot listen"):
+      serve.listen("127.0.0.1", taken.getsockname()[1])
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(app):
+  """`app` on a loopback port in a thread, as the CLI serves it (uvicorn); yields its URL."""
+  import uvicorn
+  port = free_port()
+  uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+  thread = threading.Thread(target=uv.run, daemon=True)
+  thread.start()
+  deadline = time.monotonic() + 20
+  while not uv.started:
+    assert time.monotonic() < deadline and thread.is_alive()
+    time.sleep(0.02)
+  try:
+    yield f"http://127.0.0.1:{port}"
+  finally:
+    uv.should_exit = True
+    thread.join(10)
+
+
+def test_loadgen_measures_a_streaming_server():
+  from paligemma_jax.serving import loadgen
+  engine = FakeEngine()
+  requests = loadgen.request_set(6, 50.0, 2, 5, seed=0)
+  images = loadgen.make_images(2, 32, seed=0)
+  assert len(set(images)) == 2
+  with serving(server.create_app(engine, model_name="tiny-pg")) as url:
+    result = asyncio.run(loadgen.run_phase(url, requests, images, lambda i: i % 2, 30, None))
+  assert result["completed"] == 6 and result["refused"] == 0 and result["unfinished"] == 0
+  sent = sorted((r.max_tokens, r.image, r.prompt) for r in engine.requests)  # Any order.
+  assert sent == sorted((int(m), images[i % 2], p) for i, (m, p) in enumerate(
+      zip(requests["max_tokens"], requests["prompt"])))
+  want = sum(min(len(p.split()) + 1, m) for p, m in zip(requests["prompt"], requests["max_tokens"]))
+  assert result["output_tokens"] == want  # Counted from the streamed usage.
+  assert result["ttft_s"]["p50"] > 0 and result["output_tokens_per_s"] > 0
+  assert result["image_cache_hits"] == 0  # The fake's stats do not change.
+  with pytest.raises(errors.InputError, match="only targets this machine"):
+    loadgen._check_loopback("http://10.0.0.1:8000")
+  loadgen._check_loopback("http://localhost:8000")
+
+
+def test_loadgen_refuses_out_of_range_flags_on_one_line():
+  """A negative --seed ended in numpy's ValueError (default_rng takes no negative seed)."""
+  proc = subprocess.run([sys.executable, "-m", "paligemma_jax.serving.loadgen",
+                         "--checkpoint=/nonexistent", "--seed=-1"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert assert_expected_failure(proc) == [
+      "loadgen.py: error: flag --seed=-1: -1 is not a non-negative integer"], proc.stderr
+
+
+def test_soak_mixed_good_and_hostile_clients(converted_checkpoint):
+  """4 clients send 240 requests, good and bad mixed, at a real engine behind uvicorn: every
+  good one is answered as generate answers it, every bad one gets its 4xx (a top_k past int32,
+  which once ended the engine, among them), nothing hangs, and the counters add up."""
+  import httpx
+  from paligemma_jax.decoding import inference
+  from paligemma_jax.checkpoints import loading
+  model = loading.load_model(converted_checkpoint(1)[0])
+  images = [png((40, 30), (200, 30, 30)), png((17, 50), (10, 200, 90)), png((64, 64), (9, 9, 9))]
+  prompts = ["caption en", "answer en what is this?"]
+  pairs = [(i, p) for i in range(len(images)) for p in prompts]
+  predictor = inference.Predictor(model.config, model.params, model.tokenizer, batch_size=8)
+  want = [r["text"] for r in predictor.predict(
+      [inference.Example(images[i], p) for i, p in pairs], max_new_tokens=6)]
+  engine = engine_lib.Engine(model, rows=4, max_queue=64, steps_per_call=2, max_prompt_tokens=16,
+                             max_tokens_limit=8)
+  engine.start()
+  limits = schema.Limits(max_body_bytes=256 << 10)
+  vocab = model.tokenizer.vocab_size
+  hostile = [{"temperature": 1, "top_k": 2**31}, {"temperature": 1, "top_k": vocab + 1},
+             {"seed": 2**64}, {"temperature": "x"}, {"n": 2}, {"max_tokens": 9}]
+  counts = collections.Counter()
+
+  async def one(c, k):
+    pair = k % len(pairs)
+    good = body(pairs[pair][1], images[pairs[pair][0]], max_tokens=6)
+    kind = k % 8
+    if kind in (0, 1, 2):
+      r = await c.post("/v1/chat/completions", json=good)
+      assert r.status_code == 200, r.text
+      assert r.json()["choices"][0]["message"]["content"] == want[pair]
+    elif kind in (3, 7):
+      async with c.stream("POST", "/v1/chat/completions", json={**good, "stream": True}) as r:
+        assert r.status_code == 200
+        text = []
+        async for line in r.aiter_lines():
+          if kind == 7:
+            break  # Leaves mid-stream: its request is cancelled.
+          if line.startswith("data: {"):
+            text.append(json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
+        if kind == 3:
+          assert "".join(text) == want[pair]
+    elif kind == 4:
+      r = await c.post("/v1/chat/completions", content=b'{"messages": [',
+                       headers={"Content-Type": "application/json"})
+      error_of(r, 400, "invalid_json")
+    elif kind == 5:
+      error_of(await c.post("/v1/chat/completions", json={**good, **hostile[k % len(hostile)]}),
+               400)
+    else:
+      error_of(await c.post("/v1/chat/completions", json=body(image=png() + b"\0" * (300 << 10))),
+               413)
+    counts[{4: 400, 5: 400, 6: 413}.get(kind, 200)] += 1
+
+  async def client_loop(url, first):
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+      for k in range(first, 240, 4):
+        await one(c, k)
+
+  with serving(server.create_app(engine, model_name="tiny-pg", limits=limits)) as url:
+    async def main():
+      await asyncio.wait_for(asyncio.gather(*(client_loop(url, i) for i in range(4))), 300)
+    asyncio.run(main())
+    stats = engine.stats()
+    with httpx.Client(base_url=url) as c:
+      text = c.get("/metrics").text
+      assert c.get("/health").json() == {"status": "ok"}
+  assert sum(counts.values()) == 240 and counts == {200: 150, 400: 60, 413: 30}
+  for status, count in counts.items():
+    assert f'paligemma_requests_total{{status="{status}"}} {count}.0' in text, text
+  assert stats["requests_total"] == 150 and not stats["error"]  # Only good ones reached it.
+  stats = engine.stats()  # The engine has drained (the app's end): every request finished.
+  assert stats["requests_finished"] == 150 and stats["running_slots"] == 0
+  assert stats["queue_depth"] == 0 and stats["finish_cancelled"] <= 30
+
+
+def test_served_answers_equal_generate_and_sigterm_finishes_running_requests(converted_checkpoint,
+                                                                             tmp_path):
+  import httpx
+  from paligemma_jax.decoding import inference
+  from paligemma_jax.checkpoints import loading
+  directory, _ = converted_checkpoint(1)
+  port = free_port()
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "paligemma_jax.serve", f"--checkpoint={directory}", f"--port={port}",
+       "--slots=2", "--max_tokens_limit=16", "--default_max_tokens=8", "--max_prompt_tokens=32",
+       "--nowarmup"],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+  try:
+    images = [png((40, 30), (200, 30, 30)), png((17, 50), (10, 200, 90))]
+    for image, path in zip(images, ("a.png", "b.png")):
+      (tmp_path / path).write_bytes(image)
+    params, config, tokenizer = loading.load_model(directory)
+    predictor = inference.Predictor(config, params, tokenizer, batch_size=2)
+    prompts = ["caption en", "answer en what is this?"]
+    want = list(predictor.predict([inference.Example(str(tmp_path / p), q) for p, q in
+                                   zip(("a.png", "b.png"), prompts)], max_new_tokens=6))
+    deadline = time.monotonic() + 120
+    url = f"http://127.0.0.1:{port}"
+    output = [proc.stdout.readline()]
+    while "http://" not in output[-1]:  # The CLI prints the URL once it serves.
+      assert output[-1] and time.monotonic() < deadline, "".join(output)
+      output.append(proc.stdout.readline())
+    line = output[-1]
+    assert url in line
+    with httpx.Client(base_url=url, timeout=60) as c:
+      got = c.post("/v1/chat/completions", json=body(prompts[0], images[0], max_tokens=6)).json()
+      assert got["choices"][0]["message"]["content"] == want[0]["text"]
+      assert got["usage"]["completion_tokens"] == len(want[0]["tokens"])
+      with c.stream("POST", "/v1/chat/completions",
+                    json=body(prompts[1], images[1], max_tokens=6, stream=True)) as r:
+        lines = r.iter_lines()
+        first = next(lines)
+        proc.send_signal(signal.SIGTERM)  # While this request runs: it still completes.
+        text = "\n\n".join(line for line in [first, *lines] if line)
+    chunks = sse_chunks(text)
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert content == want[1]["text"]
+    assert proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once done.
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
