@@ -126,8 +126,8 @@ def main(argv):
       raise errors.InputError(f"--input_jsonl={f.input_jsonl} has no examples (no non-empty line).")
   else:
     items = [inference.Example(f.image, f.prompt)]
-  settings = {**cli.model_settings(), "max_new_tokens": f.max_new_tokens, "task": f.task,
-              **sampler_settings(sampler, f.seed)}
+  run_settings = {**cli.model_settings(), "max_new_tokens": f.max_new_tokens, "task": f.task,
+                  **sampler_settings(sampler, f.seed)}
   if f.draw_dir and multihost.is_writer():
     os.makedirs(f.draw_dir, exist_ok=True)
     files.remove_stale_temps_in(f.draw_dir)  # Drawings a killed run was writing.
@@ -136,7 +136,7 @@ def main(argv):
     params, config, tokenizer = cli.load_model_from_flags(mesh)
     return inference.Predictor(config, params, tokenizer, batch_size=f.batch_size)
 
-  results = result_lines.answer(load_predictor, items, output=f.output_jsonl, settings=settings,
+  results = result_lines.answer(load_predictor, items, output=f.output_jsonl, settings=run_settings,
                            outputs=result_lines.Outputs(task, f.draw_dir), progress=len(items) > 1,
                            max_new_tokens=f.max_new_tokens, sampler=sampler, seed=f.seed)
   failures = 0

@@ -175,7 +175,7 @@ def shard_params(params, mesh: Mesh, strict: bool = True):
 
 
 def state_shardings(state, mesh: Mesh):
-  """Shardings for a train state (training.init_state: params, opt_state, step, rng): parameters
+  """Shardings for a train state (objective.init_state: params, opt_state, step, rng): parameters
   and optimizer moments follow RULES; scalars, PRNG keys and LoRA adapters are replicated."""
   return param_shardings(state, mesh, strict=False)
 

@@ -89,7 +89,7 @@ def _stored_structure(params, config) -> str:
 
 def _writer() -> ocp.Checkpointer:
   """Orbax, writing each array's raw bytes into a file of its own (zarr3, no compression, no
-  OCDBT), the form checkpoint_mmap maps without copying: zstd saved little on float weights and
+  OCDBT), the form checkpoints/mapped.py maps without copying: zstd saved little on float weights and
   made restores 3x slower; OCDBT packs every array into one file TensorStore must copy out of.
   Checkpoints written the earlier ways load all the same, through Orbax."""
   return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, use_zarr3=True,
@@ -198,7 +198,7 @@ def _place(host, dtype, shardings):
 
 
 def _restore_with_orbax(directory, path, config, dtype, shardings):
-  """What checkpoint_mmap does not map: TensorStore reads and casts, into the shardings."""
+  """What mapped.py does not map: TensorStore reads and casts, into the shardings."""
   with ocp.StandardCheckpointer() as ckpt:
     try:
       stored = ckpt.metadata(path).item_metadata
@@ -224,7 +224,7 @@ def load(directory: str, dtype=None, shardings=None, scan_layers: bool = True):
   is one jax.sharding.Sharding for all leaves or a matching tree of them (default: the first
   device); scan_layers=False returns the decoder's layers apart (paligemma.unstack_layers).
 
-  A checkpoint that checkpoint_mmap can map is not copied on CPU, its layers apart neither, and
+  A checkpoint that mapped.py can map is not copied on CPU, its layers apart neither, and
   goes straight from the page cache to an accelerator; any other is restored through Orbax."""
   config = load_config(directory)
   path = _part(directory, PARAMS)

@@ -9,7 +9,7 @@
   start    the first token of each row from the prefill's logits -> State.
   step     one token for every active, unfinished row (`forward` + `choose`).
 
-The loops keep only what is their own: `decode.Generator` is a while_loop over `step` writing
+The loops keep only what is their own: `autoregressive.Generator` is a while_loop over `step` writing
 its output buffers; the serving engine a fori_loop over `step` with an active mask, taking new
 rows in with `insert`; beam search `forward` plus its candidate selection and
 `kv_cache.take_rows` of the parents; scoring `prefill` plus `PaliGemma.extend` on copies of a

@@ -15,6 +15,9 @@ errors.InputError whose `param` names the setting; `flag_names` words it for a c
 (`--top_k`, `--sampler=beam`) or for a request body (`top_k`).
 """
 
+import math
+import numbers
+
 from paligemma_jax import errors
 from paligemma_jax.decoding import beam_search
 from paligemma_jax.decoding import sampling
@@ -36,19 +39,20 @@ def decoder(method: str | None = None, *, temperature: float | None = None,
                             f"{method!r}.", param="sampler")
   sampled = dict(temperature=temperature, top_k=top_k, top_p=top_p)
   if method == beam_search.BeamSearch.method:
-    for key, value in sampled.items():
-      if value is not None and value != DEFAULTS[key]:
-        raise errors.InputError(f"{name(key)} is for sampled decoding, not "
-                                f"{name('sampler')}=beam.", param=key)
     if beam_size is None:
       raise errors.InputError(f"{name('sampler')}=beam needs {name('beam_size')} (e.g. 2 or 3).",
                               param="beam_size")
     try:
-      return beam_search.BeamSearch(
+      beams = beam_search.BeamSearch(
           beam_size, beam_search.BeamSearch.length_penalty if length_penalty is None
           else length_penalty)
     except ValueError as e:
       raise errors.InputError(f"{name('sampler')}=beam: {e}", param="beam_size") from None
+    for key, value in sampled.items():
+      if value is not None and value != DEFAULTS[key]:
+        raise errors.InputError(f"{name(key)} is for sampled decoding, not "
+                                f"{name('sampler')}=beam.", param=key)
+    return beams
   for key, value in (("beam_size", beam_size), ("length_penalty", length_penalty)):
     if value is not None:
       raise errors.InputError(f"{name(key)} is for {name('sampler')}=beam, not "
@@ -78,4 +82,6 @@ def _inferred(temperature, top_k, top_p, name) -> sampling.Sampler:
   try:
     return sampling.Sampler(method, temperature, **chosen)
   except ValueError as e:  # A temperature that is not finite, a top_k past the device's int32.
-    raise errors.InputError(str(e), param=next(iter(chosen), "temperature")) from None
+    finite = isinstance(temperature, numbers.Real) and math.isfinite(temperature)
+    raise errors.InputError(str(e), param=next(iter(chosen), "temperature") if finite
+                            else "temperature") from None

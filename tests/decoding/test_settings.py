@@ -28,6 +28,7 @@ def test_without_a_method_the_values_choose_it_as_the_api_implies():
 @pytest.mark.parametrize("method,values,message,param", [
     ("beam", dict(beam_size=2, temperature=0.5), "--temperature is for sampled decoding", "temperature"),
     ("beam", {}, "--sampler=beam needs --beam_size", "beam_size"),
+    ("beam", dict(temperature=0.5), "--sampler=beam needs --beam_size", "beam_size"),  # First.
     ("beam", dict(beam_size=0), "--sampler=beam: beam_size must be", "beam_size"),
     ("top_k", dict(beam_size=2), "--beam_size is for --sampler=beam, not --sampler=top_k", "beam_size"),
     ("top_k", dict(top_k=0), "--sampler=top_k: ", "sampler"),
@@ -44,6 +45,8 @@ def test_flags_refused_name_the_flag(method, values, message, param):
     (dict(temperature=1.0, top_p=0.0), "top_p must be in", "top_p"),
     (dict(temperature=1.0, top_k=3, top_p=0.5), "Give top_k or top_p, not both", "top_k"),
     (dict(temperature=float("inf")), "temperature", "temperature"),
+    (dict(temperature=float("inf"), top_k=5), "temperature", "temperature"),
+    (dict(temperature=1.0, top_k=2**40), "top_k", "top_k"),
 ])
 def test_request_bodies_refused_name_the_field(values, message, param):
   with pytest.raises(errors.InputError, match=message) as e:

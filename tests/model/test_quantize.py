@@ -107,7 +107,7 @@ def test_int8_checkpoint_converts_loads_and_decodes_like_float32(tmp_path, conve
 
 def greedy(config, params, tokens, images, mask, steps):
   """Greedy tokens [B, steps], their log-probabilities and the first token's logits: prefill, then
-  decode_step by decode_step (cheaper to compile than decode.Generator's loop; same methods)."""
+  decode_step by decode_step (cheaper to compile than autoregressive.Generator's loop; same methods)."""
   model = paligemma.PaliGemma(config)
   cache = paligemma.init_cache(config, tokens.shape[0], tokens.shape[1] + steps)
   prefill = jax.jit(lambda p, c: model.apply({"params": p}, tokens, images, mask, mask, c,
