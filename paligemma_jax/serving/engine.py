@@ -1,9 +1,10 @@
 """A continuous-batching engine: many requests share one jitted decode batch (pure JAX, no HTTP).
 
-Interface changes (for the server): nothing removed or renamed. Added: finish_reason
-"cancelled" (after Handle.cancel or shutdown(drain=False)) and "error" (the engine thread failed;
-Event.error says why), Event.logprobs (one per token id), exception Closed (submit after
-shutdown), Handle.result(timeout), Engine.stats() keys requests_finished, finish_<reason>,
+Event.finish_reason speaks generate's words: "eos" (<eos>, OpenAI's "stop", as server.py
+answers it), "stop" (a stop string), "length", "cancelled" (after Handle.cancel or
+shutdown(drain=False)) and "error" (the engine thread failed; Event.error says why). Also:
+Event.logprobs (one per token id), exception Closed (submit after shutdown),
+Handle.result(timeout), Engine.stats() keys requests_finished, finish_<reason>,
 image_cache_entries, prefill_calls, decode_calls, error. Sampler(...) itself raises ValueError
 for bad values (the server builds it and maps that to a 400). max_prompt_tokens counts the text
 tokens (<bos> + prompt + "\n"), not the image tokens; Event.prompt_tokens counts both.

@@ -24,8 +24,8 @@ class Event:
   """Streamed to the caller, in order; the last one has a finish_reason."""
   text: str  # New text since the previous event (may be "").
   token_ids: list[int]  # New token ids since the previous event (<eos> never included).
-  finish_reason: str | None  # None while running; then "stop" (<eos> or a stop string),
-  #                            "length", or (Added) "cancelled" / "error".
+  finish_reason: str | None  # None while running; then "eos", "stop" (a stop string),
+  #                            "length", "cancelled" or "error" (server.py: OpenAI's names).
   prompt_tokens: int  # Prompt length in tokens, image tokens included.
   completion_tokens: int  # Tokens generated so far (<eos> not counted).
   error: str | None = None  # Added: why, when finish_reason is "error".

@@ -92,6 +92,7 @@ class _ClosingStream(responses.StreamingResponse):
 
 
 def _finish_reason(reason: str | None) -> str | None:
+  """The engine's end reason (generate's words) in OpenAI's: <eos> and a stop string are "stop"."""
   return {"eos": "stop"}.get(reason, reason)
 
 

@@ -20,11 +20,13 @@ class TextStream:
 
   def push(self, tokens) -> tuple[list[int], str, str | None]:
     """New tokens (a request may have chosen more than it needs) -> (the ids it keeps, the new
-    text to send, finish: "stop" (<eos> or a stop string), "length" or None while running)."""
+    text to send, finish: "eos", "stop" (a stop string), "length", or None while running).
+    The reasons are generate's (`Generation.row`'s stop_reason) plus "stop"; the server alone
+    speaks OpenAI's ("stop" for both <eos> and a stop string)."""
     start, finish, cut = len(self.ids), None, None
     for token in tokens:
       if token == self.eos_id:
-        finish = "stop"
+        finish = "eos"
         break
       self.ids.append(token)
       if self.stop:

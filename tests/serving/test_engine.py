@@ -59,7 +59,7 @@ def reference(predictor, image, prompt, sampler=GREEDY, seed=0):
   """generate's answer for one example: (token ids, text, finish reason)."""
   [out] = predictor.predict([inference.Example(image, prompt)], max_new_tokens=MAX_NEW,
                             sampler=sampler, seed=seed)
-  return out["tokens"], out["text"], {"eos": "stop", "length": "length"}[out["stop_reason"]]
+  return out["tokens"], out["text"], out["stop_reason"]  # The engine's words are generate's.
 
 
 def run_until_idle(engine):
