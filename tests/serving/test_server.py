@@ -182,6 +182,14 @@ def error_of(response, status, code=None, param=None):
   return error
 
 
+def post_chat(c, payload):
+  """A chat request: a body to send as JSON, or raw bytes (malformed JSON) sent as they are."""
+  if isinstance(payload, bytes):
+    return c.post("/v1/chat/completions", content=payload,
+                  headers={"Content-Type": "application/json"})
+  return c.post("/v1/chat/completions", json=payload)
+
+
 def test_every_bad_request_class_is_refused_alone(tmp_path):
   engine = FakeEngine()
   limits = schema.Limits(max_body_bytes=200_000, max_image_pixels=100_000, max_prompt_chars=50)
@@ -227,11 +235,7 @@ def test_every_bad_request_class_is_refused_alone(tmp_path):
   ]
   with client(engine, limits=limits) as c:
     for payload, status, code, param in cases:
-      if isinstance(payload, bytes):
-        r = c.post("/v1/chat/completions", content=payload,
-                   headers={"Content-Type": "application/json"})
-      else:
-        r = c.post("/v1/chat/completions", json=payload)
+      r = post_chat(c, payload)
       error_of(r, status, code, param)
     assert engine.requests == []  # None reached the engine ...
     r = c.post("/v1/chat/completions", json=good)  # ... and the server still answers.
@@ -280,11 +284,7 @@ def test_hostile_values_are_400s_with_openai_bodies(tmp_path):
   limits = schema.Limits(allow_local_images=True, max_image_bytes=1 << 20)
   with client(engine, limits=limits) as c:
     for payload, status, code, param in cases:
-      if isinstance(payload, bytes):
-        r = c.post("/v1/chat/completions", content=payload,
-                   headers={"Content-Type": "application/json"})
-      else:
-        r = c.post("/v1/chat/completions", json=payload)
+      r = post_chat(c, payload)
       error = error_of(r, status, code, param)
       assert " at 0x" not in error["message"] and len(error["message"]) < 300, error
     assert engine.requests == []
