@@ -24,7 +24,7 @@ from paligemma_jax import multihost
 from paligemma_jax import sharding
 from paligemma_jax.checkpoints import checkpoint
 from paligemma_jax.checkpoints import loading
-from paligemma_jax.decoding import autoregressive
+from paligemma_jax.decoding import core
 
 EXPECTED = (errors.InputError, OSError, app.UsageError)
 # Static bounds of integer flags, checked as they are parsed: absl takes integers of any size, and
@@ -175,4 +175,4 @@ def load_model_from_flags(mesh):
   """The model, in the layout the decoding commands' Generator uses (no second copy of it)."""
   f = flags.FLAGS
   return loading.load_model(f.checkpoint, dtype=dtype_from_flags(), mesh=mesh, config=f.config,
-                            quantize=f.quantize, scan_layers=autoregressive.default_scan_layers())
+                            quantize=f.quantize, scan_layers=core.default_scan_layers())

@@ -37,6 +37,7 @@ from configs.paligemma import get_config  # noqa: E402
 from paligemma_jax import sharding  # noqa: E402
 from paligemma_jax.checkpoints import checkpoint  # noqa: E402
 from paligemma_jax.decoding import autoregressive
+from paligemma_jax.decoding import core
 from paligemma_jax.decoding import sampling
 from paligemma_jax.decoding import scoring
 from paligemma_jax.model import paligemma
@@ -86,7 +87,7 @@ def cache_spec(generator, config, batch):
   """The PartitionSpecs the compiled prefill gives the KV cache and the generated tokens."""
   prefill, _ = generator.compiled(NEW_TOKENS)
   args = sharding.shard_batch(prompt_inputs(config, batch), generator.mesh)
-  keys = autoregressive.row_keys(jax.random.PRNGKey(0), range(args[0].shape[0]))
+  keys = core.row_keys(jax.random.PRNGKey(0), range(args[0].shape[0]))
   state = prefill(generator.params, *args, keys, sampling.Sampler().as_arrays())
   return str(state.rows.cache.k.sharding.spec), str(state.tokens.sharding.spec)
 

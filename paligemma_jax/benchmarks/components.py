@@ -15,6 +15,7 @@ from paligemma_jax.checkpoints import hf
 from paligemma_jax.decoding import autoregressive
 from paligemma_jax.decoding import batching
 from paligemma_jax.decoding import beam_search
+from paligemma_jax.decoding import core
 from paligemma_jax.decoding import sampling
 from paligemma_jax.decoding import scoring
 from paligemma_jax.model import paligemma
@@ -67,7 +68,7 @@ def time_ours(config, params, inputs, batch, new_tokens, repeats):
   params = generator.params  # The decoding layout (per-layer weights on CPU).
   prefill, loop = generator.compiled(new_tokens)
   args = [np.repeat(x, batch, axis=0) for x in inputs]
-  rng = autoregressive.row_keys(jax.random.PRNGKey(0), range(batch))
+  rng = core.row_keys(jax.random.PRNGKey(0), range(batch))
   start = time.perf_counter()
   sampler = sampling.Sampler().as_arrays()
   jax.block_until_ready(loop(params, prefill(params, *args, rng, sampler)))
@@ -167,7 +168,7 @@ def compile_seconds(variant, quantize=None):
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
   args = (shapes, spec((1, n + 32), jnp.int32), spec((1, s, s, 3), jnp.float32),
           spec((1, n + 32), bool), spec((1, n + 32), bool),
-          autoregressive.row_keys(jax.random.PRNGKey(0), [0]),
+          core.row_keys(jax.random.PRNGKey(0), [0]),
           sampling.Sampler().as_arrays())
   start = time.perf_counter()
   prefill.lower(*args).compile()

@@ -55,10 +55,6 @@ class DecodeState:
   logprobs: jax.Array  # [B, N] float32.
 
 
-row_keys = core.row_keys
-default_scan_layers = core.default_scan_layers
-
-
 def _compile(setup: core.Setup, max_new_tokens: int):
   """The jitted (prefill, loop) pair; jax.jit caches their executables per input shape. Built
   from the setup only, so it keeps no generator or parameters alive."""
@@ -152,13 +148,13 @@ class Generator:
     """Continues each right-padded prompt row ([B, T] arrays, images [B, S, S, 3]).
 
     rng: [B] keys, one per row (a row's samples depend on its key only), or one key (row b
-    then uses `row_keys(rng, range(B))[b]`); default PRNGKey(0).
+    then uses `core.row_keys(rng, range(B))[b]`); default PRNGKey(0).
     """
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     rng = jax.random.PRNGKey(0) if rng is None else jnp.asarray(rng)
     if rng.ndim == 1:
-      rng = row_keys(rng, np.arange(tokens.shape[0]))
+      rng = core.row_keys(rng, np.arange(tokens.shape[0]))
     mesh = self.mesh
     prefill, loop = self.compiled(max_new_tokens)
     settings = sampler.as_arrays()

@@ -19,6 +19,7 @@ from paligemma_jax import errors
 from paligemma_jax.decoding import autoregressive
 from paligemma_jax.decoding import batching
 from paligemma_jax.decoding import beam_search
+from paligemma_jax.decoding import core
 from paligemma_jax.decoding import sampling
 from paligemma_jax.model import paligemma
 from paligemma_jax.preprocess import processor
@@ -108,7 +109,7 @@ class Predictor:
       answers = {}
       if ready:
         rows = [indices[id(p)] for p in ready]
-        keys = autoregressive.row_keys(key, rows + rows[:1] * (self.batch_size - len(rows)))  # + dummies.
+        keys = core.row_keys(key, rows + rows[:1] * (self.batch_size - len(rows)))  # + dummies.
         generation = generator.generate(
             *batching.collate(ready, self.batch_size, self.bucket), max_new_tokens=max_new_tokens,
             sampler=sampler, rng=keys)

@@ -21,8 +21,7 @@ class Invalid(errors.InputError):
   """An example that cannot be evaluated; `reason` is the short form counted in the summary."""
 
   def __init__(self, reason: str, detail: str | None = None):
-    super().__init__(detail or reason)
-    self.reason = reason
+    super().__init__(detail or reason, reason=reason)
 
 
 class Task:
