@@ -127,7 +127,7 @@ def scoring_rows(inputs, choices, rng, suffix_tokens=8):
   rows = []
   for _ in range(choices):
     tokens = np.concatenate([prompt, rng.randint(10, 1000, size=suffix_tokens), [1]]).astype(np.int32)
-    rows.append((tokens, np.arange(len(tokens)) < len(prompt), suffix_tokens + 1, pixels, 0))
+    rows.append((tokens, np.arange(len(tokens)) < len(prompt), suffix_tokens + 1, [pixels], 0))
   return rows
 
 

@@ -59,10 +59,11 @@ def _compile(setup: core.Setup, max_new_tokens: int):
   """The jitted (prefill, loop) pair; jax.jit caches their executables per input shape. Built
   from the setup only, so it keeps no generator or parameters alive."""
 
-  def prefill(params, tokens, images, input_mask, prefix_mask, rng, sampler) -> DecodeState:
+  def prefill(params, tokens, images, input_mask, prefix_mask, image_index, rng,
+              sampler) -> DecodeState:
     batch, length = tokens.shape
     logits, cache = core.prefill(setup, params, tokens, input_mask, prefix_mask, images=images,
-                                 cache_len=length + max_new_tokens)
+                                 image_index=image_index, cache_len=length + max_new_tokens)
     rows, logprob = core.start(setup, logits, cache, rng, sampler, max_new_tokens)
     out_tokens = jnp.full((batch, max_new_tokens), setup.pad_id, jnp.int32).at[:, 0].set(rows.token)
     out_logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(logprob)
@@ -143,9 +144,11 @@ class Generator:
       self._compiled[key] = _compile(self.setup.on(self.mesh), int(max_new_tokens))
     return self._compiled[key]
 
-  def generate(self, tokens, images, input_mask, prefix_mask, *, max_new_tokens: int,
-               sampler: sampling.Sampler = sampling.Sampler(), rng=None) -> Generation:
-    """Continues each right-padded prompt row ([B, T] arrays, images [B, S, S, 3]).
+  def generate(self, tokens, images, input_mask, prefix_mask, image_index=None, *,
+               max_new_tokens: int, sampler: sampling.Sampler = sampling.Sampler(),
+               rng=None) -> Generation:
+    """Continues each right-padded prompt row ([B, T] arrays; images [B, S, S, 3], one per row,
+    or [M, S, S, 3] with image_index [B, K]: several per row, see `paligemma`).
 
     rng: [B] keys, one per row (a row's samples depend on its key only), or one key (row b
     then uses `core.row_keys(rng, range(B))[b]`); default PRNGKey(0).
@@ -159,11 +162,11 @@ class Generator:
     prefill, loop = self.compiled(max_new_tokens)
     settings = sampler.as_arrays()
     if mesh is not None:  # Every host passes the same global batch.
-      tokens, images, input_mask, prefix_mask = sharding.shard_batch(
-          (tokens, images, input_mask, prefix_mask), mesh)
+      tokens, images, input_mask, prefix_mask, image_index = sharding.shard_batch(
+          (tokens, images, input_mask, prefix_mask, image_index), mesh)
       rng, settings = jax.device_put((rng, settings), sharding.replicated(mesh))
-    state = loop(self.params, prefill(self.params, tokens, images, input_mask, prefix_mask, rng,
-                                      settings))
+    state = loop(self.params, prefill(self.params, tokens, images, input_mask, prefix_mask,
+                                      image_index, rng, settings))
     out_tokens, logprobs = multihost.fetch((state.tokens, state.logprobs))  # Any host.
     is_eos = out_tokens == self.eos_id
     lengths = np.where(is_eos.any(1), is_eos.argmax(1), max_new_tokens).astype(np.int32)

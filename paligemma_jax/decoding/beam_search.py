@@ -128,9 +128,9 @@ def search_step(state: BeamState, logprobs, *, beam_size: int, max_new_tokens: i
 def _compile_prefill(setup: core.Setup, max_new_tokens: int):
   """The jitted prefill: prompts [B, T] -> (last logits [B, V], cache of T + N slots). Every beam
   size shares it."""
-  def prefill(params, tokens, images, input_mask, prefix_mask):
+  def prefill(params, tokens, images, input_mask, prefix_mask, image_index):
     return core.prefill(setup, params, tokens, input_mask, prefix_mask, images=images,
-                        cache_len=tokens.shape[1] + max_new_tokens)
+                        image_index=image_index, cache_len=tokens.shape[1] + max_new_tokens)
   return jax.jit(prefill)
 
 
@@ -193,9 +193,10 @@ class BeamGenerator:
       self._searches[(int(beam_size), n, g.mesh)] = _compile_search(setup, int(beam_size), n)
     return self._prefills[(n, g.mesh)], self._searches[(int(beam_size), n, g.mesh)]
 
-  def generate(self, tokens, images, input_mask, prefix_mask, *, max_new_tokens: int,
-               sampler: BeamSearch = BeamSearch(), rng=None) -> BeamGeneration:
-    """The best hypothesis for each right-padded prompt row ([B, T] arrays, images [B, S, S, 3]).
+  def generate(self, tokens, images, input_mask, prefix_mask, image_index=None, *,
+               max_new_tokens: int, sampler: BeamSearch = BeamSearch(),
+               rng=None) -> BeamGeneration:
+    """The best hypothesis for each right-padded prompt row (inputs as `Generator.generate`).
     rng: unused (beam search is deterministic); accepted as `autoregressive.Generator.generate` does."""
     del rng
     if max_new_tokens < 1:
@@ -210,10 +211,11 @@ class BeamGenerator:
     penalty = np.float32(sampler.length_penalty)
     mesh = g.mesh
     if mesh is not None:  # Every host passes the same global batch.
-      tokens, images, input_mask, prefix_mask = sharding.shard_batch(
-          (tokens, images, input_mask, prefix_mask), mesh)
+      tokens, images, input_mask, prefix_mask, image_index = sharding.shard_batch(
+          (tokens, images, input_mask, prefix_mask, image_index), mesh)
       penalty = jax.device_put(penalty, sharding.replicated(mesh))
-    best = search(g.params, *prefill(g.params, tokens, images, input_mask, prefix_mask), penalty)
+    best = search(g.params, *prefill(g.params, tokens, images, input_mask, prefix_mask,
+                                     image_index), penalty)
     out_tokens, logprobs, scores = multihost.fetch(best)  # Replicated: any host.
     is_eos = out_tokens == g.eos_id
     lengths = np.where(is_eos.any(1), is_eos.argmax(1), max_new_tokens).astype(np.int32)

@@ -4,8 +4,9 @@
            chosen, <eos> and pad, the KV cache's dtype, the mesh and the shardings on it.
   State    one row per sequence: KV cache, last token, tokens chosen so far (the index of its
            next key), limit, done, PRNG key, sampler settings (scalars, or [B] per row).
-  prefill  images, or image features already computed (the server's image cache), and
-           right-padded prompts -> a cache of `cache_len` slots and each row's last logits.
+  prefill  images (one or several per row), or image features already computed (the server's
+           image cache), and right-padded prompts -> a cache of `cache_len` slots and each
+           row's last logits.
   start    the first token of each row from the prefill's logits -> State.
   step     one token for every active, unfinished row (`forward` + `choose`).
 
@@ -119,12 +120,14 @@ def row_keys(key, indices):
 
 
 def prefill(setup: Setup, params, tokens, input_mask, prefix_mask, *, cache_len: int,
-            images=None, features=None):
-  """Right-padded prompts [B, T] with their images [B, S, S, 3] or image features [B, N, D]
+            images=None, features=None, image_index=None):
+  """Right-padded prompts [B, T] with their images [M, S, S, 3] or image features [M, N, D]
+  (row b's are those at image_index[b], see `paligemma`; None: one per row, M = B)
   -> (last-token logits [B, V], cache of `cache_len` slots holding the prompts)."""
   cache = setup.split_cache(setup.init_cache(tokens.shape[0], cache_len))
   logits, cache = setup.model.apply({"params": params}, tokens, images, input_mask, prefix_mask,
-                                    cache, features=features, method=setup.model.prefill)
+                                    cache, features=features, image_index=image_index,
+                                    method=setup.model.prefill)
   return logits, setup.split_cache(cache)
 
 

@@ -1,6 +1,6 @@
-"""From (image path, prompt) examples to answers: the path every entry point shares.
+"""From (image paths, prompt) examples to answers: the path every entry point shares.
 
-  load + preprocess images (background threads, one batch ahead of the model; batching.py) ->
+  load + preprocess images (one or several per example) (background threads, one batch ahead of the model; batching.py) ->
   build prompt tokens -> right-pad into fixed-shape batches (prompt length rounded up to a
   bucket, last batch padded with dummy rows) -> Generator.generate -> detokenize.
 
@@ -10,7 +10,7 @@ run as usual. Load the model with `loading.load_model`.
 """
 
 import dataclasses
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import ml_collections
 import tqdm
@@ -22,15 +22,28 @@ from paligemma_jax.decoding import beam_search
 from paligemma_jax.decoding import core
 from paligemma_jax.decoding import sampling
 from paligemma_jax.model import paligemma
+from paligemma_jax.preprocess import image_fields
 from paligemma_jax.preprocess import processor
 from paligemma_jax.preprocess.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass
 class Example:
-  image: str
-  prompt: str
+  """One prompt about one image (`image`) or several (`images`, in the order the prompt reads
+  them: their image tokens come first, in that order, as transformers' processor lays out a
+  list of images per prompt). An image is a file path, bytes or a binary file object."""
+  image: Any = None
+  prompt: str = ""
   extra: dict = dataclasses.field(default_factory=dict)  # Carried through to the output line.
+  images: list | None = None
+
+  def sources(self) -> list:
+    """The images in order; an InputError where there is none."""
+    return image_fields.sources(self.image, self.images)
+
+  def given(self) -> dict:
+    """The images as given, for output lines: {"image": ...} or {"images": [...]}."""
+    return {"image": self.image} if self.images is None else {"images": list(self.images)}
 
 
 class Predictor:
@@ -51,10 +64,11 @@ class Predictor:
     self.num_image_tokens = paligemma.num_image_tokens(config)
     self.max_positions = batching.max_positions(config)
 
-  def prompt_tokens(self, prompt: str):
-    """(tokens, prefix_mask) of an inference prompt: image tokens, <bos>, prompt, "\\n"."""
+  def prompt_tokens(self, prompt: str, num_images: int = 1):
+    """(tokens, prefix_mask) of an inference prompt: N image tokens per image, <bos>, prompt,
+    "\\n"."""
     tokens, prefix_mask, _ = processor.build_prompt(
-        self.tokenizer, prompt, self.num_image_tokens, self.config.image_token_id)
+        self.tokenizer, prompt, num_images * self.num_image_tokens, self.config.image_token_id)
     return tokens, prefix_mask
 
   def length_error(self, prompt_length: int, max_new_tokens: int) -> str | None:
@@ -63,11 +77,12 @@ class Predictor:
                                  new_tokens=max_new_tokens)
 
   def prepare(self, example: Example, max_new_tokens: int) -> batching.Prepared:
-    def rows():
-      tokens, prefix_mask = self.prompt_tokens(example.prompt)
+    def rows(num_images):
+      tokens, prefix_mask = self.prompt_tokens(example.prompt, num_images)
       error = self.length_error(len(tokens), max_new_tokens)
       if error:
-        raise errors.InputError(error, reason="too long")
+        raise errors.InputError(error + batching.images_note(num_images, self.num_image_tokens),
+                                reason="too long")
       return [(tokens, prefix_mask)]
     return batching.prepare(example, rows, self.config.vision.image_size)
 
@@ -124,9 +139,9 @@ class Predictor:
     bar.close()
 
   def _result(self, p: batching.Prepared, answer) -> dict:
-    out = {"image": p.example.image, "prompt": p.example.prompt, **p.example.extra}
+    out = {**p.example.given(), "prompt": p.example.prompt, **p.example.extra}
     if answer is None:
       return {**out, "error": p.error}
     tokens, logprobs, stop_reason, extra = answer
     return {**out, "text": self.tokenizer.decode(tokens), "tokens": tokens, "logprobs": logprobs,
-            "stop_reason": stop_reason, "image_size": list(p.image_size), **extra}
+            "stop_reason": stop_reason, **p.size_fields(), **extra}

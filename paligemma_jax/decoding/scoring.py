@@ -16,7 +16,7 @@ power of two of prompts (dummies are masked out), so compiled shapes repeat.
 import collections
 import dataclasses
 import functools
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from paligemma_jax.decoding import batching
 from paligemma_jax.decoding import core
 from paligemma_jax.model import kv_cache
 from paligemma_jax.model import paligemma
+from paligemma_jax.preprocess import image_fields
 from paligemma_jax.preprocess import processor
 from paligemma_jax.preprocess.tokenizer import Tokenizer
 
@@ -39,11 +40,19 @@ DEFAULT_TARGET_BUCKET = 16  # Target counts (suffix tokens + <eos>) are rounded 
 
 @dataclasses.dataclass
 class Candidates:
-  """An image, a prompt and the suffixes whose likelihood is wanted."""
-  image: str
-  prompt: str
-  suffixes: list
+  """An image (or several: `images`, as `inference.Example` takes them), a prompt and the
+  suffixes whose likelihood is wanted."""
+  image: Any = None
+  prompt: str = ""
+  suffixes: list = dataclasses.field(default_factory=list)
   extra: dict = dataclasses.field(default_factory=dict)  # Carried through to the result.
+  images: list | None = None
+
+  def sources(self) -> list:
+    return image_fields.sources(self.image, self.images)
+
+  def given(self) -> dict:
+    return {"image": self.image} if self.images is None else {"images": list(self.images)}
 
 
 def make_setup(config: ml_collections.ConfigDict, mesh=None) -> core.Setup:
@@ -52,19 +61,21 @@ def make_setup(config: ml_collections.ConfigDict, mesh=None) -> core.Setup:
 
 
 def suffix_logprobs(setup: core.Setup, params, prompt_tokens, images, prompt_mask,
-                    suffix_tokens, suffix_mask, source):
+                    suffix_tokens, suffix_mask, source, image_index=None):
   """log p(suffix_tokens[r, j] | image, prompt, suffix_tokens[r, :j]) -> [R, K] float32, 0 where
   masked.
 
-  prompt_tokens [P, T] int, images [P, S, S, 3], prompt_mask [P, T] bool: right-padded prompts
-    (image tokens, <bos>, prompt, "\\n"), each run once.
+  prompt_tokens [P, T] int, prompt_mask [P, T] bool: right-padded prompts (image tokens,
+    <bos>, prompt, "\\n"), each run once; images [P, S, S, 3], or [M, S, S, 3] with
+    image_index [P, K] (several per prompt, see `paligemma`).
   suffix_tokens [R, K] int, suffix_mask [R, K] bool: each row's suffix + <eos>, right-padded.
   source [R] int: the prompt each row continues (its cache row is copied).
   Both KV caches are split over setup.mesh like the batch (sharding.cache_shardings).
   """
   model = setup.model
   last, cache = core.prefill(setup, params, prompt_tokens, prompt_mask, prompt_mask,
-                             images=images, cache_len=prompt_tokens.shape[1] + suffix_tokens.shape[1])
+                             images=images, image_index=image_index,
+                             cache_len=prompt_tokens.shape[1] + suffix_tokens.shape[1])
   # last: [P, V], predicts suffix token 0.
   cache = setup.split_cache(kv_cache.take_rows(cache, source))
   hidden, _ = model.apply({"params": params}, suffix_tokens[:, :-1], cache, method=model.extend)
@@ -75,7 +86,7 @@ def suffix_logprobs(setup: core.Setup, params, prompt_tokens, images, prompt_mas
 
 
 def collate(rows: list, batch_size: int, bucket: int, target_bucket: int):
-  """(tokens, prefix_mask, num_targets, pixels, group) rows -> the fixed-shape arguments of
+  """(tokens, prefix_mask, num_targets, pixels: a list, group) rows -> the fixed-shape arguments of
   `suffix_logprobs`. Rows of one group (one example) share one prompt. There are `batch_size`
   rows (dummy rows read prompt 0 with no targets) and a power of two of prompts, at most
   `batch_size` (dummy prompts repeat the first): a few shapes, and little work on dummies
@@ -94,8 +105,8 @@ def collate(rows: list, batch_size: int, bucket: int, target_bucket: int):
   suffix_tokens, suffix_mask = batching.right_pad(
       [t[int(m.sum()):] for t, m, *_ in rows] + no_suffix, k)
   source = np.array([prompts[r[4]][0] for r in rows] + [0] * len(no_suffix), np.int32)
-  images = np.stack([r[3] for r in firsts])
-  return prompt_tokens, images, prompt_mask, suffix_tokens, suffix_mask, source
+  images, image_index = batching.image_batch([r[3] for r in firsts])
+  return prompt_tokens, images, prompt_mask, suffix_tokens, suffix_mask, source, image_index
 
 
 class Scorer:
@@ -117,22 +128,24 @@ class Scorer:
     self.setup = make_setup(config, self.mesh)
     self.logprobs_fn = jax.jit(functools.partial(suffix_logprobs, self.setup))
 
-  def row(self, prompt: str, suffix: str):
+  def row(self, prompt: str, suffix: str, num_images: int = 1):
     """(tokens, prefix_mask, number of targets) of one prompt + suffix."""
     tokens, prefix_mask, loss_mask = processor.build_prompt(
-        self.tokenizer, prompt, self.num_image_tokens, self.config.image_token_id, suffix=suffix)
+        self.tokenizer, prompt, num_images * self.num_image_tokens, self.config.image_token_id,
+        suffix=suffix)
     return tokens, prefix_mask, int(loss_mask.sum())
 
   def prepare(self, candidates: Candidates) -> batching.Prepared:
     """Tokenizes every suffix and decodes the image; runs in the background threads."""
-    def rows():
+    def rows(num_images):
       if not candidates.suffixes:
         raise errors.InputError("no suffixes to score")
-      rows = [self.row(candidates.prompt, s) for s in candidates.suffixes]
+      rows = [self.row(candidates.prompt, s, num_images) for s in candidates.suffixes]
       error = batching.length_error(max(len(r[0]) for r in rows), self.max_positions,
                                     bucket=self.bucket, what="prompt + suffix")
       if error:
-        raise errors.InputError(error, reason="too long")
+        raise errors.InputError(error + batching.images_note(num_images, self.num_image_tokens),
+                                reason="too long")
       return rows
     return batching.prepare(candidates, rows, self.config.vision.image_size)
 
@@ -184,10 +197,10 @@ class Scorer:
 
   def _result(self, p: batching.Prepared, lps: list) -> dict:
     c = p.example
-    out = {"image": c.image, "prompt": c.prompt, "suffixes": list(c.suffixes), **c.extra}
+    out = {**c.given(), "prompt": c.prompt, "suffixes": list(c.suffixes), **c.extra}
     if p.error is not None:
       return {**out, "error": p.error}
     sums = [float(np.sum(lp, dtype=np.float64)) for lp in lps]
     counts = [len(lp) for lp in lps]
     return {**out, "logprob": sums, "mean_logprob": [s / n for s, n in zip(sums, counts)],
-            "num_tokens": counts, "choice": int(np.argmax(sums)), "image_size": list(p.image_size)}
+            "num_tokens": counts, "choice": int(np.argmax(sums)), **p.size_fields()}

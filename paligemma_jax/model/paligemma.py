@@ -1,10 +1,14 @@
 """PaliGemma: SigLIP image encoder -> linear projector -> Gemma decoder with a prefix-LM mask.
 
 Inputs, for a batch of B examples of T tokens (see `processor.build_prompt`):
-  images      [B, S, S, 3] float in [-1, 1]
-  tokens      [B, T] int: image tokens (config.image_token_id), <bos>, prompt, "\\n", [suffix, <eos>]
+  images      [M, S, S, 3] float in [-1, 1]: every image of the batch, each run through the
+              image tower once;
+  image_index [B, K] int: row b's k-th image is images[image_index[b, k]] (entries past the row's
+              own images are ignored); None: one image per row, row b's is images[b] (M = B);
+  tokens      [B, T] int: N image tokens (config.image_token_id) per image, in the row's image
+              order, then <bos>, prompt, "\\n", [suffix, <eos>]
   input_mask  [B, T] bool: real tokens (False for padding)
-  prefix_mask [B, T] bool: the full-attention prefix (image + prompt); suffix tokens are causal
+  prefix_mask [B, T] bool: the full-attention prefix (images + prompt); suffix tokens are causal
 
 Four entry points share one layer stack:
   __call__     all-position logits, no cache (training);
@@ -41,16 +45,20 @@ class PaliGemma(nn.Module):
     """[B, S, S, 3] -> [B, N, D]: image features in the text embedding space."""
     return self.projector(self.img(images))
 
-  def embed(self, tokens, images, features=None):
-    """Token embeddings with each row's image-token slots replaced, in order, by its image
-    features: `embed_image(images)`, or `features` [B, N, D] computed before."""
+  def embed(self, tokens, images, features=None, image_index=None):
+    """Token embeddings with each row's image-token slots replaced, in order, by the features of
+    its images: `embed_image(images)`, or `features` [M, N, D] computed before (an image cache).
+    Row b's j-th image token takes patch j % N of its image j // N, as transformers'
+    masked_scatter places a flat list of image features over the batch's image tokens."""
     is_image = tokens == self.config.image_token_id
     x = self.llm.embed(jnp.where(is_image, 0, tokens))  # The image id may lie past the table.
     if features is None:
       if images is None:
         return x
       features = self.embed_image(images)
-    features = features.astype(x.dtype)  # [B, N, D]
+    features = features.astype(x.dtype)  # [M, N, D]
+    if image_index is not None:  # -> [B, K * N, D]: each row's images, in order.
+      features = features[image_index].reshape(tokens.shape[0], -1, features.shape[-1])
     index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
     gathered = jnp.take_along_axis(features, index[..., None], axis=1)
     return jnp.where(is_image[..., None], gathered, x)
@@ -62,19 +70,20 @@ class PaliGemma(nn.Module):
       return full, None
     return full, attention_mask(q_slot, q_prefix, kv_valid, kv_prefix, self.config.text.sliding_window)
 
-  def __call__(self, tokens, images, input_mask, prefix_mask, return_hidden=False):
+  def __call__(self, tokens, images, input_mask, prefix_mask, image_index=None,
+               return_hidden=False):
     """All-position logits [B, T, V] (float32), no cache."""
     input_mask, prefix_mask = input_mask.astype(bool), prefix_mask.astype(bool)
     slots = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     positions = jnp.maximum(jnp.cumsum(input_mask, axis=1) - 1, 0)
     masks = self._masks(slots, prefix_mask, input_mask, prefix_mask & input_mask)
-    hidden, _ = self.llm(self.embed(tokens, images), positions, *masks)
+    hidden, _ = self.llm(self.embed(tokens, images, image_index=image_index), positions, *masks)
     return hidden if return_hidden else self.llm.logits(hidden)
 
   def prefill(self, tokens, images, input_mask, prefix_mask, cache: kv_cache_lib.KVCache,
-              features=None):
+              features=None, image_index=None):
     """Runs right-padded prompts into an empty cache; returns (last-token logits [B, V], cache).
-    `features` [B, N, D] (then images is None): image features computed before (an image cache)."""
+    `features` [M, N, D] (then images is None): image features computed before (an image cache)."""
     input_mask, prefix_mask = input_mask.astype(bool), prefix_mask.astype(bool)
     b, t = tokens.shape
     pad = [(0, 0), (0, cache.max_len - t)]
@@ -82,7 +91,8 @@ class PaliGemma(nn.Module):
     kv_prefix = jnp.pad(prefix_mask & input_mask, pad)
     slots = jnp.broadcast_to(jnp.arange(t), (b, t))
     masks = self._masks(slots, prefix_mask, kv_valid, kv_prefix)
-    hidden, cache = self.llm(self.embed(tokens, images, features), slots, *masks, cache=cache)
+    hidden, cache = self.llm(self.embed(tokens, images, features, image_index), slots, *masks,
+                             cache=cache)
     lengths = input_mask.sum(axis=1).astype(jnp.int32)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
     return self.llm.logits(last)[:, 0], cache.replace(end=lengths)
@@ -105,6 +115,15 @@ class PaliGemma(nn.Module):
 
 def num_image_tokens(config: ml_collections.ConfigDict) -> int:
   return (config.vision.image_size // config.vision.patch_size) ** 2
+
+
+def images_per_row(images):
+  """Training's fixed-shape images -> the model's (images, image_index): [B, S, S, 3] (one per
+  row) as they are, with None; [B, K, S, S, 3] (K per row) -> ([B * K, S, S, 3], [B, K])."""
+  if images.ndim == 4:
+    return images, None
+  b, k = images.shape[:2]
+  return images.reshape(b * k, *images.shape[2:]), jnp.arange(b * k).reshape(b, k)
 
 
 def init_cache(config: ml_collections.ConfigDict, batch: int, max_len: int, dtype=None):

@@ -53,9 +53,10 @@ def test_length_error_counts_the_padded_prompt_and_the_new_tokens():
 
 def test_collate_right_pads_and_repeats_the_first_row():
   pixels = np.zeros((2, 2, 3), np.float32)
-  rows = [batching.Prepared(None, [(np.array([7, 8, 9]), np.array([1, 1, 0], bool))], pixels),
-          batching.Prepared(None, [(np.array([5]), np.array([1], bool))], pixels + 1)]
-  tokens, images, input_mask, prefix_mask = batching.collate(rows, 3, bucket=4)
+  rows = [batching.Prepared(None, [(np.array([7, 8, 9]), np.array([1, 1, 0], bool))], [pixels]),
+          batching.Prepared(None, [(np.array([5]), np.array([1], bool))], [pixels + 1])]
+  tokens, images, input_mask, prefix_mask, image_index = batching.collate(rows, 3, bucket=4)
+  assert image_index is None  # One image per row.
   np.testing.assert_array_equal(tokens, [[7, 8, 9, 0], [5, 0, 0, 0], [7, 8, 9, 0]])
   np.testing.assert_array_equal(input_mask.sum(1), [3, 1, 3])
   np.testing.assert_array_equal(prefix_mask.sum(1), [2, 1, 2])
@@ -65,19 +66,19 @@ def test_collate_right_pads_and_repeats_the_first_row():
 def test_prepare_turns_input_errors_into_the_example_error(tmp_path):
   Image.new("RGB", (6, 4)).save(tmp_path / "a.png")
   example = inference.Example(str(tmp_path / "a.png"), "p")
-  ok = batching.prepare(example, lambda: ["row"], 8)
-  assert ok.error is None and ok.rows == ["row"] and ok.pixels.shape == (8, 8, 3)
+  ok = batching.prepare(example, lambda num_images: ["row"] * num_images, 8)
+  assert ok.error is None and ok.rows == ["row"] and np.shape(ok.pixels) == (1, 8, 8, 3)
   assert ok.image_size == (6, 4)
 
-  def untokenizable():  # As Tokenizer.encode on text SentencePiece cannot take.
+  def untokenizable(num_images):  # As Tokenizer.encode on text SentencePiece cannot take.
     raise errors.InputError("text is not valid Unicode")
 
-  def bug():
+  def bug(num_images):
     raise RuntimeError("bug")
 
   missing = inference.Example(str(tmp_path / "missing.png"), "p")
   # The rows come first: a refused example is not decoded (here it would fail differently).
   assert batching.prepare(missing, untokenizable, 8).error == "text is not valid Unicode"
-  assert "missing.png" in batching.prepare(missing, lambda: ["row"], 8).error
+  assert "missing.png" in batching.prepare(missing, lambda num_images: ["row"], 8).error
   with pytest.raises(RuntimeError):  # Anything else is a bug, not the example's error.
     batching.prepare(example, bug, 8)

@@ -99,11 +99,13 @@ def test_batches_pad_and_keep_order_and_shapes(converted_checkpoint, images):
 
 def test_collate_runs_each_prompt_once_and_points_rows_at_theirs():
   # (tokens, prefix_mask, num_targets, pixels, group): rows 0 and 2 continue one prompt.
-  rows = [(np.array([9, 9, 2, 5, 6, 7, 1]), np.array([1, 1, 1, 1, 0, 0, 0], bool), 3, np.zeros((2, 2, 3)), "a"),
-          (np.array([9, 9, 2, 8, 1]), np.array([1, 1, 1, 0, 0], bool), 2, np.ones((2, 2, 3)), "b"),
-          (np.array([9, 9, 2, 5, 4, 1]), np.array([1, 1, 1, 1, 0, 0], bool), 2, np.zeros((2, 2, 3)), "a")]
-  prompt_tokens, images, prompt_mask, suffix_tokens, suffix_mask, source = scoring.collate(rows, 4, 8, 4)
+  rows = [(np.array([9, 9, 2, 5, 6, 7, 1]), np.array([1, 1, 1, 1, 0, 0, 0], bool), 3, [np.zeros((2, 2, 3))], "a"),
+          (np.array([9, 9, 2, 8, 1]), np.array([1, 1, 1, 0, 0], bool), 2, [np.ones((2, 2, 3))], "b"),
+          (np.array([9, 9, 2, 5, 4, 1]), np.array([1, 1, 1, 1, 0, 0], bool), 2, [np.zeros((2, 2, 3))], "a")]
+  prompt_tokens, images, prompt_mask, suffix_tokens, suffix_mask, source, image_index = (
+      scoring.collate(rows, 4, 8, 4))
   assert prompt_tokens.shape == (2, 8) and images.shape == (2, 2, 2, 3) and suffix_tokens.shape == (4, 4)
+  assert image_index is None  # One image per prompt.
   np.testing.assert_array_equal(prompt_tokens[:, :4], [[9, 9, 2, 5], [9, 9, 2, 0]])
   np.testing.assert_array_equal(prompt_mask.sum(1), [4, 3])
   np.testing.assert_array_equal(images[:, 0, 0, 0], [0, 1])
@@ -111,8 +113,8 @@ def test_collate_runs_each_prompt_once_and_points_rows_at_theirs():
   np.testing.assert_array_equal(suffix_tokens[suffix_mask], [6, 7, 1, 8, 1, 4, 1])
   np.testing.assert_array_equal(suffix_mask.sum(1), [3, 2, 2, 0])  # The dummy row has no targets.
   # Three prompts run as four (a power of two), the dummy repeating the first.
-  third = (np.array([9, 9, 2, 3, 1]), np.array([1, 1, 1, 1, 0], bool), 1, np.ones((2, 2, 3)), "c")
-  prompt_tokens, images, prompt_mask, *_, source = scoring.collate(rows + [third], 4, 8, 4)
+  third = (np.array([9, 9, 2, 3, 1]), np.array([1, 1, 1, 1, 0], bool), 1, [np.ones((2, 2, 3))], "c")
+  prompt_tokens, images, prompt_mask, *_, source, _ = scoring.collate(rows + [third], 4, 8, 4)
   assert prompt_tokens.shape == (4, 8) and images.shape == (4, 2, 2, 3)
   np.testing.assert_array_equal(prompt_mask.sum(1), [4, 3, 4, 4])
   np.testing.assert_array_equal(prompt_tokens[3], prompt_tokens[0])
