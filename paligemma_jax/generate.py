@@ -6,9 +6,13 @@ Many, in batches:
   python -m paligemma_jax.generate --checkpoint=/ckpt/pg2-3b-224 --input_jsonl=in.jsonl \
       --output_jsonl=out.jsonl --batch_size=8
 where each input line is {"image": path, "prompt": str} (other fields are copied through).
-Each output line holds image, prompt, text, tokens (generated ids, <eos> excluded), logprobs
+Several images in one prompt, in the order the prompt reads them:
+  --image=left.jpg --image=right.jpg --prompt="answer en is the left one bigger?"
+  {"images": [path, path, ...], "prompt": str}
+Each output line holds image (or images, as given), prompt, text, tokens (generated ids, <eos> excluded), logprobs
 (log-softmax of the raw logits at each chosen token), stop_reason ("eos" | "length"),
-image_size ([width, height]), or error (a bad line, a missing image, a prompt too long: that
+image_size ([width, height]; of the first image, with image_sizes for all of them where there
+are several), or error (a bad line, a missing image, a prompt too long: that
 example's error; the rest carries on). Results are appended to OUT.partial as they finish and
 renamed to OUT when every input has its line (the settings kept in OUT.run.json); rerunning a
 killed command continues after the last finished line, rerunning a finished one prints its
@@ -22,7 +26,7 @@ each line then holds the best hypothesis and its score (sum of its log-probs, <e
 Detection and segmentation answers, read into pixel coordinates of the original image:
   --task=detect --prompt="detect cat ; dog" [--draw_dir=out/]
   --task=segment --prompt="segment cat" --vae_npz=vae-oid.npz [--draw_dir=out/]
-add boxes ([[x1, y1, x2, y2]] pixels), labels, skipped (malformed objects dropped) and, for
+add boxes ([[x1, y1, x2, y2]] pixels of the first image, where there are several), labels, skipped (malformed objects dropped) and, for
 segment, masks (COCO uncompressed run-length encoding, see `segmentation_format.rle_encode`) to each line;
 --draw_dir writes each image with its boxes (and masks) drawn, named in the line's `drawing`.
 """
@@ -43,13 +47,15 @@ from paligemma_jax.decoding import beam_search
 from paligemma_jax.decoding import inference
 from paligemma_jax.decoding import sampling
 from paligemma_jax.decoding import settings
+from paligemma_jax.preprocess import image_fields
 from paligemma_jax.tasks import result_lines
 from paligemma_jax.tasks import segmentation_format
 
 
 def define_flags():
   cli.define_model_flags()
-  flags.DEFINE_string("image", None, "Image path, for a single example (with --prompt).")
+  flags.DEFINE_multi_string("image", None, "Image path, for a single example (with --prompt); "
+                            "repeat it for several images in one prompt, in prompt order.")
   flags.DEFINE_string("prompt", None, 'Prompt, e.g. "caption en", "answer en what is this?", '
                       '"ocr", "detect cat ; dog", "segment cat".')
   flags.DEFINE_string("input_jsonl", None, 'Many examples: lines {"image": path, "prompt": str}.')
@@ -125,7 +131,9 @@ def main(argv):
     if not items:
       raise errors.InputError(f"--input_jsonl={f.input_jsonl} has no examples (no non-empty line).")
   else:
-    items = [inference.Example(f.image, f.prompt)]
+    one = len(f.image) == 1
+    items = [inference.Example(f.image[0] if one else None, f.prompt,
+                               images=None if one else list(f.image))]
   run_settings = {**cli.model_settings(), "max_new_tokens": f.max_new_tokens, "task": f.task,
                   **sampler_settings(sampler, f.seed)}
   if f.draw_dir and multihost.is_writer():
@@ -145,7 +153,8 @@ def main(argv):
       failures += 1
       logging.error("%s", result["error"])
     elif multihost.is_writer():
-      print(f"{result['image']}\t{result['prompt']!r}\t{result['text']}", flush=True)
+      images = ",".join(image_fields.paths(result))
+      print(f"{images}\t{result['prompt']!r}\t{result['text']}", flush=True)
   if failures:
     logging.warning("%d of %d inputs failed (see the messages above).", failures, len(items))
   return 1 if failures == len(items) else 0

@@ -13,6 +13,7 @@ import pytest
 
 from paligemma_jax import errors
 from paligemma_jax import generate
+from paligemma_jax import tasks
 from paligemma_jax.checkpoints import loading
 from paligemma_jax.decoding import autoregressive
 from paligemma_jax.decoding import inference
@@ -87,6 +88,46 @@ def test_single_example_and_refusals(converted_checkpoint, tmp_path):
   assert missing.returncode != 0 and "/nonexistent" in missing.stderr
   usage = run(f"--checkpoint={directory}", "--prompt=x")
   assert usage.returncode != 0 and "--image and --prompt" in usage.stderr
+
+
+def test_several_images_by_flag_and_by_line_match_the_library(converted_checkpoint, tmp_path):
+  directory, _ = converted_checkpoint(2)
+  rng = np.random.RandomState(1)
+  paths = []
+  for i, size in enumerate([(30, 20), (16, 40)]):
+    paths.append(str(tmp_path / f"img{i}.png"))
+    Image.fromarray(rng.randint(0, 255, size[::-1] + (3,), dtype=np.uint8)).save(paths[-1])
+  proc = run(f"--checkpoint={directory}", f"--image={paths[0]}", f"--image={paths[1]}",
+             "--prompt=answer en which is wider?", "--max_new_tokens=5", "--task=detect")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  params, config, tokenizer = loading.load_model(directory)
+  predictor = inference.Predictor(config, params, tokenizer, batch_size=2)
+  example = inference.Example(images=paths, prompt="answer en which is wider?")
+  want, = predictor.predict([example], max_new_tokens=5)
+  assert proc.stdout == f"{paths[0]},{paths[1]}\t'answer en which is wider?'\t{want['text']}\n"
+
+  lines = [{"images": paths, "prompt": "caption en", "id": 1}, {"image": paths[1], "prompt": "ocr"},
+           {"images": paths[::-1], "prompt": "caption en"}, {"images": [], "prompt": "x"},
+           {"images": [paths[0], 3], "prompt": "x"}]
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+  items = result_lines.read_examples(str(tmp_path / "in.jsonl"))
+  assert "in.jsonl:4: bad input line: 'images' must be a non-empty list" in items[3]["error"]
+  assert "in.jsonl:5: bad input line: 'images' must be a list of strings" in items[4]["error"]
+  out = tmp_path / "out.jsonl"
+  results = [r for _, r in result_lines.answer(
+      predictor, items, output=str(out), settings={}, max_new_tokens=5,
+      outputs=result_lines.Outputs(tasks.get("detect")))]
+  assert results[0]["images"] == paths and results[0]["id"] == 1 and "image" not in results[0]
+  assert results[0]["image_sizes"] == [[30, 20], [16, 40]] and results[2]["image_size"] == [16, 40]
+  assert "boxes" in results[0]  # Of the first image (see generate's docstring).
+  for line, result in zip(lines[:3], results):
+    alone, = predictor.predict([inference.Example(line.get("image"), line["prompt"],
+                                                  images=line.get("images"))], max_new_tokens=5)
+    assert result["tokens"] == alone["tokens"]
+  # A rerun of the finished file gives the same lines without running anything.
+  again = [r for _, r in result_lines.answer(None, items, output=str(out), settings={},
+                                             max_new_tokens=5)]
+  assert again == results
 
 
 def test_mesh_flag_shards_and_gives_the_same_answers(converted_checkpoint, tmp_path):

@@ -1,4 +1,6 @@
 """Evaluation datasets: JSONL lines {"image", "prompt", ...references} -> rows, or why not.
+A line may name several images instead, in prompt order: {"images": [left, right], "prompt", ...}
+(NLVR2 pairs, video frames; see preprocess/image_fields.py).
 
 Every non-empty line becomes a `Row` or a `Skip` with its line number and a short reason (counted
 in the evaluation summary): not UTF-8, not JSON, not an object, a missing or mistyped field, or a
@@ -11,6 +13,7 @@ import os
 
 from paligemma_jax import errors
 from paligemma_jax import files
+from paligemma_jax.preprocess import image_fields
 from paligemma_jax.tasks import base
 
 
@@ -21,16 +24,25 @@ class Row:
   root: str  # Where relative paths are resolved.
 
   @property
-  def image(self) -> str:
-    return self.path("image")
+  def images(self) -> list[str]:
+    """Every image of the example, in prompt order, resolved."""
+    return [self.resolve(p) for p in image_fields.paths(self.record)]
+
+  def example_images(self) -> dict:
+    """The images as an Example (or Candidates) takes them: image= or images=, resolved."""
+    images = self.images
+    return {"image": images[0]} if "image" in self.record else {"images": images}
 
   def path(self, key: str) -> str:
     """The path field `key`, resolved against the image directory."""
-    return os.path.join(self.root, os.path.expanduser(self.record[key]))
+    return self.resolve(self.record[key])
+
+  def resolve(self, path: str) -> str:
+    return os.path.join(self.root, os.path.expanduser(path))
 
   @property
   def reference(self) -> dict:
-    return {k: v for k, v in self.record.items() if k not in ("image", "prompt")}
+    return {k: v for k, v in self.record.items() if k not in ("image", "images", "prompt")}
 
 
 @dataclasses.dataclass
@@ -44,11 +56,14 @@ def check_record(record, task: base.Task, resolve) -> dict:
   """One parsed line checked for `task`; returns it (lists normalised) or raises base.Invalid."""
   if not isinstance(record, dict):
     raise base.Invalid("not a JSON object")
-  for key in ("image", "prompt"):
-    if key not in record:
-      raise base.Invalid(f"missing '{key}'")
-    if not isinstance(record[key], str):
-      raise base.Invalid(f"invalid '{key}'", f"'{key}' must be a string")
+  try:
+    image_fields.paths(record)
+  except errors.InputError as e:
+    raise base.Invalid(e.reason, str(e)) from None
+  if "prompt" not in record:
+    raise base.Invalid("missing 'prompt'")
+  if not isinstance(record["prompt"], str):
+    raise base.Invalid("invalid 'prompt'", "'prompt' must be a string")
   task.check(record, resolve)
   return record
 

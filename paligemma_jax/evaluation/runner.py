@@ -28,6 +28,7 @@ from paligemma_jax.decoding import beam_search
 from paligemma_jax.decoding import inference
 from paligemma_jax.decoding import scoring
 from paligemma_jax.evaluation import dataset as dataset_lib
+from paligemma_jax.preprocess import image_fields
 from paligemma_jax.tasks import base
 
 MAX_SKIPPED_LINES = 100  # Skipped lines listed by number in the metrics file; all are counted.
@@ -49,7 +50,8 @@ def _check_same_examples(done: dict, rows: list, predictions: str, dataset: str)
   by_line = {r.line: r for r in rows}
   for line, p in done.items():
     row = by_line.get(line)
-    if row is None or p.get("image") != row.record["image"] or p.get("prompt") != row.record["prompt"]:
+    if row is None or image_fields.given(p) != image_fields.given(row.record) or (
+        p.get("prompt") != row.record["prompt"]):
       raise errors.InputError(f"{predictions}: the prediction for {dataset}:{line} is not of that "
                               "example (the dataset changed?); pass a new --predictions file.")
 
@@ -86,9 +88,10 @@ class Evaluator:
   def _results(self, task: base.Task, rows: list, max_new_tokens: int):
     """Model outputs for `rows`, in order."""
     if task.scores_suffixes:
-      return self.scorer.score(scoring.Candidates(r.image, r.record["prompt"], r.record["suffixes"])
-                               for r in rows)
-    examples = (inference.Example(r.image, r.record["prompt"]) for r in rows)
+      return self.scorer.score(scoring.Candidates(prompt=r.record["prompt"],
+                                                  suffixes=r.record["suffixes"],
+                                                  **r.example_images()) for r in rows)
+    examples = (inference.Example(prompt=r.record["prompt"], **r.example_images()) for r in rows)
     if self.beams is None:
       return self.predictor.predict(examples, max_new_tokens=max_new_tokens)
     return self.predictor.predict(examples, max_new_tokens=max_new_tokens, sampler=self.beams)
@@ -160,8 +163,9 @@ class Evaluator:
           skips.append(dataset_lib.Skip(row.line, e.reason, f"{dataset}:{row.line}: {e}"))
           bar.set_postfix(skipped=len(skips))
           continue
-        prediction = {"line": row.line, "task": task.name, "image": row.record["image"],
-                      "prompt": row.record["prompt"], "image_size": list(result["image_size"]),
-                      **fields, "reference": row.reference}
+        sizes = {k: result[k] for k in ("image_size", "image_sizes") if k in result}
+        prediction = {"line": row.line, "task": task.name, **image_fields.given(row.record),
+                      "prompt": row.record["prompt"], **sizes, **fields,
+                      "reference": row.reference}
         out.append(prediction)  # Only the writing process writes.
         done[row.line] = prediction

@@ -20,6 +20,7 @@ from paligemma_jax import errors
 from paligemma_jax import files
 from paligemma_jax import multihost
 from paligemma_jax.decoding import inference
+from paligemma_jax.preprocess import image_fields
 from paligemma_jax.preprocess import processor
 from paligemma_jax.tasks import base
 
@@ -27,29 +28,33 @@ from paligemma_jax.tasks import base
 # What a result line holds: dropped from an input line (an earlier run's output fed back in to
 # retry its errors), so that a stale `error` or `text` cannot pass for this run's.
 RESULT_FIELDS = ("line", "error", "text", "tokens", "logprobs", "stop_reason", "image_size",
-                 "score", "boxes", "labels", "skipped", "masks", "drawing")
+                 "image_sizes", "score", "boxes", "labels", "skipped", "masks", "drawing")
 
 
 def read_examples(path: str) -> list:
   """One item per non-empty line of `path`: an inference.Example, or for an unusable line a
-  result dict {"line": n, "error": "path:n: bad input line: ..."}. Other fields are carried
-  through to the result line, except RESULT_FIELDS."""
+  result dict {"line": n, "error": "path:n: bad input line: ..."}. A line names one image
+  (`image`) or several (`images`, see image_fields). Other fields are carried through to the
+  result line, except RESULT_FIELDS."""
   items = []
   for line in files.read_jsonl(path):
-    error = line.error
-    if error is None:
+    try:
+      if line.error is not None:
+        raise errors.InputError(line.error)
       record = line.value
       if not isinstance(record, dict):
-        error = "expected a JSON object"
-      elif "image" not in record or "prompt" not in record:
-        error = f"missing field '{'image' if 'image' not in record else 'prompt'}'"
-      elif not isinstance(record["image"], str) or not isinstance(record["prompt"], str):
-        error = "'image' and 'prompt' must be strings"
-    if error is not None:
-      items.append({"line": line.number, "error": f"{path}:{line.number}: bad input line: {error}"})
+        raise errors.InputError("expected a JSON object")
+      image_fields.paths(record)
+      if "prompt" not in record:
+        raise errors.InputError("missing field 'prompt'")
+      if not isinstance(record["prompt"], str):
+        raise errors.InputError("'prompt' must be a string")
+    except errors.InputError as e:
+      items.append({"line": line.number, "error": f"{path}:{line.number}: bad input line: {e}"})
       continue
     record = {k: v for k, v in line.value.items() if k not in RESULT_FIELDS}
-    items.append(inference.Example(record.pop("image"), record.pop("prompt"), extra=record))
+    items.append(inference.Example(record.pop("image", None), record.pop("prompt"), extra=record,
+                                   images=record.pop("images", None)))
   return items
 
 
@@ -63,12 +68,13 @@ class Outputs:
     """`result` with the task's fields (and `drawing`) added; errors pass unchanged."""
     if self.task is None or "error" in result:
       return result
-    objects = self.task.parse(result["text"], *result["image_size"])
+    objects = self.task.parse(result["text"], *result["image_size"])  # Of the first image.
     fields = self.task.fields(objects)
     if self.draw_dir and multihost.is_writer():
-      stem = os.path.splitext(os.path.basename(result["image"]))[0]
+      first = image_fields.paths(result)[0]
+      stem = os.path.splitext(os.path.basename(first))[0]
       fields["drawing"] = os.path.join(self.draw_dir, f"{index:05d}_{stem}.png")
-      drawn = self.task.draw(processor.load_image(result["image"]), objects)
+      drawn = self.task.draw(processor.load_image(first), objects)
       with files.atomic_writer(fields["drawing"], binary=True, clean=False) as f:  # Swept once.
         drawn.save(f, format="PNG")
     return {**result, **fields}
@@ -77,7 +83,7 @@ class Outputs:
 def _same_example(result: dict, item) -> bool:
   if isinstance(item, dict):
     return result.get("line") == item["line"] and "error" in result
-  return result.get("image") == item.image and result.get("prompt") == item.prompt
+  return image_fields.given(result) == item.given() and result.get("prompt") == item.prompt
 
 
 def _check_same_examples(done: list, items: list, path: str, finished: bool):

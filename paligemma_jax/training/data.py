@@ -1,4 +1,5 @@
-"""Training data: JSONL lines {"image", "prefix", "suffix"} -> fixed-shape batches.
+"""Training data: JSONL lines {"image", "prefix", "suffix"} -> fixed-shape batches. A line may
+name several images instead, in prompt order: {"images": [path, ...], "prefix", "suffix"}.
 
   read_jsonl   parses and tokenises every line up front (image tokens, <bos>, prefix, "\\n",
                suffix, <eos>, see `processor.build_prompt`); a bad line (invalid UTF-8 or JSON,
@@ -10,8 +11,9 @@
                decoded is reported with its line number and skipped.
   eval_batches one pass in file order, the last batch padded with zero-weight rows.
 
-Every batch has the same shapes: tokens, input_mask, prefix_mask, loss_mask [B, N + max_text_len]
-and images [B, S, S, 3]. The stream is a pure function of (seed, position), where position counts
+Every batch has the same shapes: tokens, input_mask, prefix_mask, loss_mask [B, K * N +
+max_text_len] and images [B, S, S, 3], or [B, K, S, S, 3] where some line has several images (K:
+the most any line has; a row with fewer has zero images after its own, which no token reads). The stream is a pure function of (seed, position), where position counts
 the stream slots consumed (skipped ones included), so a run restored at a saved position sees
 exactly the batches an uninterrupted run would have seen.
 """
@@ -27,14 +29,15 @@ import numpy as np
 
 from paligemma_jax import errors
 from paligemma_jax import files
+from paligemma_jax.preprocess import image_fields
 from paligemma_jax.preprocess import processor
 
 
 @dataclasses.dataclass
 class Record:
-  """One usable line, tokenised; the image is decoded later."""
+  """One usable line, tokenised; the images are decoded later."""
   where: str  # "file:line", for messages.
-  image: str  # Resolved path.
+  images: list[str]  # Resolved paths, in prompt order.
   prefix: str
   suffix: str
   tokens: np.ndarray  # int32 [T], T <= N + max_text_len.
@@ -44,49 +47,56 @@ class Record:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """What the model expects: image tokens, image size, and the fixed text length."""
+  """What the model expects: image tokens per image, image size, the fixed text length, and the
+  most images a line has (`for_records` sets it from the data)."""
   num_image_tokens: int
   image_token_id: int
   image_size: int
   max_text_len: int
+  max_images: int = 1
 
   @property
   def length(self) -> int:
-    return self.num_image_tokens + self.max_text_len
+    return self.max_images * self.num_image_tokens + self.max_text_len
+
+  def for_records(self, *record_lists) -> "Layout":
+    """This layout with room for the most images any of the records has."""
+    most = max((len(r.images) for records in record_lists for r in records), default=1)
+    return dataclasses.replace(self, max_images=most)
 
 
-_FIELDS = ("image", "prefix", "suffix")
-
-
-def _fields(value) -> list[str]:
+def _fields(value) -> tuple[list[str], str, str]:
   if not isinstance(value, dict):
     raise errors.InputError("expected a JSON object")
-  for key in _FIELDS:
+  images = image_fields.paths(value)
+  for key in ("prefix", "suffix"):
     if key not in value:
       raise errors.InputError(f"missing field {key!r}")
-  fields = [value[k] for k in _FIELDS]
-  if not all(isinstance(f, str) for f in fields):
-    raise errors.InputError("'image', 'prefix' and 'suffix' must be strings")
-  return fields
+  if not all(isinstance(value[k], str) for k in ("prefix", "suffix")):
+    raise errors.InputError("'prefix' and 'suffix' must be strings")
+  return images, value["prefix"], value["suffix"]
 
 
 def _record(where: str, value, root: str, tokenizer, layout: Layout) -> Record:
   """The record of one parsed line; InputError says why the line is unusable."""
-  image, prefix, suffix = _fields(value)
-  image = os.path.join(root, image)  # An absolute `image` stays as it is.
-  if not os.path.isfile(image):
-    raise errors.InputError(f"image not found: {image}")
+  images, prefix, suffix = _fields(value)
+  images = [os.path.join(root, image) for image in images]  # Absolute paths stay as they are.
+  for image in images:
+    if not os.path.isfile(image):
+      raise errors.InputError(f"image not found: {image}")
   # The tokenizer raises InputError for text it cannot take.
+  image_tokens = len(images) * layout.num_image_tokens
   tokens, prefix_mask, loss_mask = processor.build_prompt(
-      tokenizer, prefix, layout.num_image_tokens, layout.image_token_id, suffix)
-  if prefix_mask.sum() >= layout.length:
-    raise errors.InputError(f"the prompt alone has {prefix_mask.sum() - layout.num_image_tokens} "
+      tokenizer, prefix, image_tokens, layout.image_token_id, suffix)
+  length = image_tokens + layout.max_text_len
+  if prefix_mask.sum() >= length:
+    raise errors.InputError(f"the prompt alone has {prefix_mask.sum() - image_tokens} "
                             f"text tokens, max_text_len is {layout.max_text_len}")
-  if len(tokens) > layout.length:
+  if len(tokens) > length:
     logging.warning("%s: %d text tokens cut to max_text_len=%d (the suffix loses its end)",
-                    where, len(tokens) - layout.num_image_tokens, layout.max_text_len)
-    tokens, prefix_mask, loss_mask = (x[:layout.length] for x in (tokens, prefix_mask, loss_mask))
-  return Record(where, image, prefix, suffix, tokens, prefix_mask, loss_mask)
+                    where, len(tokens) - image_tokens, layout.max_text_len)
+    tokens, prefix_mask, loss_mask = (x[:length] for x in (tokens, prefix_mask, loss_mask))
+  return Record(where, images, prefix, suffix, tokens, prefix_mask, loss_mask)
 
 
 def read_jsonl(path: str, tokenizer, layout: Layout, image_root: str = "") -> list[Record]:
@@ -111,13 +121,18 @@ def fingerprint(records: list[Record]) -> str:
   """A digest of the examples (image paths and tokens): a resumed run checks it is on the same data."""
   digest = hashlib.sha256()
   for r in records:
-    digest.update(r.image.encode() + b"\0" + r.tokens.tobytes())
+    digest.update("\0".join(r.images).encode() + b"\0" + r.tokens.tobytes())
   return digest.hexdigest()[:16]
 
 
 def load_example(record: Record, layout: Layout) -> dict:
   """Padded arrays for one record; raises processor.ImageLoadError for an unreadable image."""
-  pixels, _ = processor.load_pixels(record.image, layout.image_size)  # Bounded decode memory.
+  # Bounded decode memory (processor.decode_budget), one image at a time.
+  pixels = [processor.load_pixels(image, layout.image_size)[0] for image in record.images]
+  if layout.max_images == 1:
+    pixels = pixels[0]
+  else:
+    pixels = np.stack(pixels + [np.zeros_like(pixels[0])] * (layout.max_images - len(pixels)))
   n, pad = len(record.tokens), layout.length - len(record.tokens)
   return dict(tokens=np.pad(record.tokens, (0, pad)),  # Pad id 0.
               input_mask=np.arange(layout.length) < n,

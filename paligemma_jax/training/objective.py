@@ -22,6 +22,7 @@ import ml_collections
 import optax
 
 from paligemma_jax import errors
+from paligemma_jax.model import paligemma
 from paligemma_jax.training import lora
 
 PRESETS = {
@@ -151,8 +152,10 @@ def token_loss(logits, tokens, loss_mask, weight=None):
 
 def batch_loss(trainable, frozen, batch, rng, *, model, parametrization: Parametrization):
   """(summed loss, target tokens) of one batch."""
-  logits = parametrization.apply(model, trainable, frozen, batch["tokens"], batch["images"],
-                                 batch["input_mask"], batch["prefix_mask"], rngs={"dropout": rng})
+  images, image_index = paligemma.images_per_row(batch["images"])
+  logits = parametrization.apply(model, trainable, frozen, batch["tokens"], images,
+                                 batch["input_mask"], batch["prefix_mask"], image_index,
+                                 rngs={"dropout": rng})
   return token_loss(logits, batch["tokens"], batch["loss_mask"], batch.get("weight"))
 
 

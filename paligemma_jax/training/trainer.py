@@ -149,7 +149,7 @@ class HeldOutEvaluator:
                                            num_threads=self.config.num_threads)
     self.predictor.generator.params = params  # Same shapes every time: compiled once.
     chosen = self.records[:self.config.eval_num_generate]
-    examples = [inference.Example(r.image, r.prefix) for r in chosen]
+    examples = [inference.Example(prompt=r.prefix, images=r.images) for r in chosen]
     hits, scored = 0, 0
     for record, result in zip(chosen, self.predictor.predict(
         examples, max_new_tokens=self.config.eval_max_new_tokens)):
@@ -220,6 +220,7 @@ def _setup(config, base: str, train_jsonl: str, eval_jsonl: str | None, mesh):
   train_records = _read_examples(train_jsonl, "--train_jsonl", config, tokenizer, layout)
   eval_records = (_read_examples(eval_jsonl, "--eval_jsonl", config, tokenizer, layout)
                   if eval_jsonl else [])
+  layout = layout.for_records(train_records, eval_records)
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   parametrization, trainable, frozen = objective.init_trainable(config, params, init_rng,
                                                                jnp.dtype(param_dtype))

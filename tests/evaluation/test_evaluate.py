@@ -17,6 +17,8 @@ from PIL import Image
 
 from paligemma_jax import tasks
 from paligemma_jax.checkpoints import loading
+from paligemma_jax.decoding import inference
+from paligemma_jax.decoding import scoring
 from paligemma_jax.evaluation import dataset
 from paligemma_jax.evaluation import runner
 from paligemma_jax.tasks import detection_format
@@ -164,6 +166,45 @@ def test_end_to_end(evaluator, data_dir, tmp_path, task):
     assert result[key] == pytest.approx(value, abs=1e-9), key
 
 
+@pytest.mark.parametrize("task", ["exact_match", "score"])
+def test_lines_with_several_images(loaded, data_dir, tmp_path, task):
+  """NLVR2-style pairs beside a single image: each answer is the model's on those images in that
+  order; the predictions echo the images given; a bad `images` value is a counted skip."""
+  evaluator = runner.Evaluator(lambda: loaded, batch_size=4)  # Its own compiles (see below).
+  pairs = [["img0.png", "img1.png"], ["img1.png", "img0.png"], ["img2.png"]]
+  ref = {"answers": ["true"]} if task == "exact_match" else {"suffixes": ["true", "false"],
+                                                               "answer": 0}
+  lines = [{"images": p, "prompt": "answer en is the left one bigger?", **ref} for p in pairs]
+  lines[2] = {"image": "img2.png", **{k: v for k, v in lines[2].items() if k != "images"}}
+  lines.append({"images": [], "prompt": "x", **ref})
+  lines.append({"images": ["img0.png", "missing.png"], "prompt": "x", **ref})
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+  result = evaluator.run(str(path), task, str(tmp_path / "preds.jsonl"), max_new_tokens=MAX_NEW,
+                         image_dir=str(data_dir), progress=False)
+  assert result["evaluated"] == 3 and result["skipped"]["reasons"] == {
+      "invalid 'images'": 1, "image not found": 1}
+  preds = read_lines(tmp_path / "preds.jsonl")
+  assert [p.get("images") for p in preds] == pairs[:2] + [None] and preds[2]["image"] == "img2.png"
+  assert preds[0]["image_sizes"] == [list(SIZES[0]), list(SIZES[1])]
+  assert preds[0]["image_size"] == list(SIZES[0]) and "image_sizes" not in preds[2]
+  params, config, tokenizer = loaded
+  for pair, p in zip(pairs[:2], preds):
+    images = [str(data_dir / x) for x in pair]
+    if task == "score":
+      want, = scoring.Scorer(config, params, tokenizer).score(
+          [scoring.Candidates(images=images, prompt=lines[0]["prompt"], suffixes=ref["suffixes"])])
+      np.testing.assert_allclose(p["logprob"], want["logprob"], atol=1e-4)
+    else:
+      want, = inference.Predictor(config, params, tokenizer).predict(
+          [inference.Example(images=images, prompt=lines[0]["prompt"])], max_new_tokens=MAX_NEW)
+      assert p["text"] == want["text"]
+  # The same run again resumes: nothing left to do, the same metrics.
+  again = evaluator.run(str(path), task, str(tmp_path / "preds.jsonl"), max_new_tokens=MAX_NEW,
+                        image_dir=str(data_dir), progress=False)
+  assert again == result
+
+
 class FakePredictor:
   """Answers each image with a fixed text, as Predictor.predict would."""
 
@@ -295,6 +336,10 @@ def test_resume_skips_finished_lines_and_matches_an_uninterrupted_run(evaluator,
     ("vqa", "[1, 2]", "not a JSON object"),
     ("vqa", '{"prompt": "q", "answers": ["a"]}', "missing 'image'"),
     ("vqa", '{"image": 3, "prompt": "q", "answers": ["a"]}', "invalid 'image'"),
+    ("vqa", '{"images": [], "prompt": "q", "answers": ["a"]}', "invalid 'images'"),
+    ("vqa", '{"images": ["i.png", 3], "prompt": "q", "answers": ["a"]}', "invalid 'images'"),
+    ("vqa", '{"image": "i.png", "images": ["i.png"], "prompt": "q", "answers": ["a"]}',
+     "invalid 'images'"),
     ("vqa", '{"image": "i.png", "prompt": "q", "answers": []}', "invalid 'answers'"),
     ("caption", '{"image": "i.png", "prompt": "q", "captions": [1]}', "invalid 'captions'"),
     ("detect", '{"image": "i.png", "prompt": "q", "boxes": [[1, 2, 3]], "labels": ["a"]}', "invalid 'boxes'"),
@@ -310,7 +355,7 @@ def test_bad_lines_are_reported_with_reasons(tmp_path, task, line, reason):
                   '"labels": [], "mask": "m.png", "suffixes": "s", "answer": 0}\n\n' + line + "\n")
   (tmp_path / "m.png").write_bytes(b"")
   rows, skips = dataset.read_dataset(str(path), tasks.get(task))
-  assert [r.line for r in rows] == [1] and rows[0].image == str(tmp_path / "i.png")
+  assert [r.line for r in rows] == [1] and rows[0].images == [str(tmp_path / "i.png")]
   assert [(s.line, s.reason) for s in skips] == [(3, reason)]
   assert skips[0].message.startswith(f"{path}:3: ")
   if task in ("vqa", "score"):  # A lone string is one answer / one suffix.

@@ -153,7 +153,7 @@ def test_malformed_segmentation_groups_are_skipped(params):
       f"<loc0100><loc0100><loc0500><loc0500>{segs[:-8]} fifteen codes",
       f"<loc0100><loc0100><loc0500><loc0500>{segs[:-8]}<seg128> code out of range",
       f"<loc0500><loc0100><loc0500><loc0500>{segs} zero height",
-      f"<loc0100><loc0100><loc0500><loc0500> no codes",
+      "<loc0100><loc0100><loc0500><loc0500> no codes",
       f"<loc0100><loc0100><loc0102><loc0500>{segs} under a pixel tall",
   ]
   out = segmentation_format.decode_masks(" ; ".join(groups), 40, 10, params)
@@ -174,7 +174,7 @@ def test_draw_masks_tints_inside_only():
 
 def test_object_counts_share_compiles_and_padding_changes_no_mask(params):
   rng = np.random.RandomState(0)
-  groups = [f"<loc0100><loc0100><loc0900><loc0900>"
+  groups = ["<loc0100><loc0100><loc0900><loc0900>"
             + "".join(f"<seg{c:03d}>" for c in rng.randint(0, 128, 16)) + f" obj{i}" for i in range(4)]
   alone = [segmentation_format.decode_masks(g, 30, 20, params).masks[0] for g in groups]
   assert any(m.any() for m in alone) and not all(m.all() for m in alone)  # Masks worth comparing.

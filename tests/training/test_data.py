@@ -1,5 +1,6 @@
 """Training data: token layout and masks, bad lines reported and skipped, resumable shuffling."""
 
+import hashlib
 import json
 import logging
 
@@ -38,7 +39,7 @@ def test_layout_masks_and_padding(tmp_path, tok):
   prefix = [IMAGE_TOKEN_ID] * 4 + [tok.bos_id] + tok.encode("caption en\n")
   target = tok.encode("a red car") + [tok.eos_id]
   np.testing.assert_array_equal(record.tokens, prefix + target)
-  assert record.image == str(tmp_path / "img0.png")  # Relative to the JSONL file.
+  assert record.images == [str(tmp_path / "img0.png")]  # Relative to the JSONL file.
 
   example = data.load_example(record, LAYOUT)
   n = len(prefix) + len(target)
@@ -89,6 +90,38 @@ def test_bad_lines_are_reported_with_line_numbers_and_skipped(tmp_path, tok, cap
     assert batch["tokens"].shape == (2, LAYOUT.length) and batch["images"].shape == (2, 8, 8, 3)
     suffix_starts = {int(t[np.argmax(lm)]) for t, lm in zip(batch["tokens"], batch["loss_mask"])}
     assert suffix_starts <= {tok.encode("cat")[0], tok.encode("blue")[0]}
+
+
+def test_lines_with_several_images(tmp_path, tok, caplog):
+  _write_images(tmp_path, 3)
+  lines = [
+      {"images": ["img0.png", "img1.png"], "prefix": "answer en same?", "suffix": "no"},  # 1
+      {"image": "img2.png", "prefix": "caption en", "suffix": "cat"},  # 2
+      {"images": [], "prefix": "p", "suffix": "s"},  # 3: no image
+      {"image": "img0.png", "images": ["img1.png"], "prefix": "p", "suffix": "s"},  # 4: both
+      {"images": ["img0.png", 7], "prefix": "p", "suffix": "s"},  # 5: not a path
+      {"images": ["img0.png", "gone.png"], "prefix": "p", "suffix": "s"},  # 6
+      {"images": "img0.png", "prefix": "p", "suffix": "s"},  # 7: not a list
+  ]
+  path = _write_jsonl(tmp_path / "d.jsonl", lines)
+  with caplog.at_level(logging.WARNING):
+    records = data.read_jsonl(path, tok, LAYOUT)
+  assert [r.where.rsplit(":", 1)[1] for r in records] == ["1", "2"]
+  for number, reason in [(3, "non-empty list"), (4, "not both"), (5, "list of strings"),
+                         (6, "gone.png"), (7, "non-empty list")]:
+    assert any(f"d.jsonl:{number}: bad line" in m and reason in m for m in caplog.messages), number
+  pair, single = records
+  assert pair.images == [str(tmp_path / "img0.png"), str(tmp_path / "img1.png")]
+  prefix = [IMAGE_TOKEN_ID] * 8 + [tok.bos_id] + tok.encode("answer en same?\n")
+  np.testing.assert_array_equal(pair.tokens, prefix + tok.encode("no") + [tok.eos_id])
+  layout = LAYOUT.for_records(records)
+  assert layout.max_images == 2 and layout.length == 2 * 4 + LAYOUT.max_text_len
+  batch = data.stack([data.load_example(r, layout) for r in records])
+  assert batch["images"].shape == (2, 2, 8, 8, 3) and batch["tokens"].shape == (2, layout.length)
+  assert batch["images"][0].std(axis=(1, 2, 3)).min() > 0 and not batch["images"][1, 1].any()
+  # One image: the digest of earlier versions, so their runs still resume.
+  old = hashlib.sha256(single.images[0].encode() + b"\0" + single.tokens.tobytes()).hexdigest()
+  assert data.fingerprint([single]) == old[:16]
 
 
 def test_all_images_unreadable_raises(tmp_path, tok):

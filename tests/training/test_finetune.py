@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
-import optax
 import pytest
+import torch
 from PIL import Image
 
 from configs import finetune as finetune_config
@@ -224,7 +224,7 @@ class _ToyModel(nn.Module):
   """Stands in for PaliGemma in train_step: same call signature, fast to compile."""
 
   @nn.compact
-  def __call__(self, tokens, images, input_mask, prefix_mask):
+  def __call__(self, tokens, images, input_mask, prefix_mask, image_index=None):
     x = nn.Embed(16, 8)(tokens) + nn.Dense(8)(images.reshape(images.shape[0], 1, -1))
     return nn.Dense(16)(jnp.tanh(x))
 
@@ -353,6 +353,41 @@ def test_command_line_reports_expected_errors_on_one_line(base, compile_cache, t
   assert not [n for n in os.listdir(tmp_path) if n.startswith("export")]
 
 
+def test_loss_on_two_images_equals_transformers(converted_checkpoint, tmp_path):
+  """Rows of two and one images in one training batch ([B, K, S, S, 3], the second row's
+  unused image zero): each row's loss equals transformers' with the same labels."""
+  directory, reference = converted_checkpoint(1)
+  params, config, tokenizer = loading.load_model(directory)
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), np.uint8)).save(tmp_path / f"img{i}.png")
+  lines = [{"images": ["img0.png", "img1.png"], "prefix": "answer en same?", "suffix": "no"},
+           {"image": "img2.png", "prefix": "caption en", "suffix": "a red car"}]
+  (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+  layout = data.Layout(paligemma.num_image_tokens(config), config.image_token_id,
+                       config.vision.image_size, max_text_len=16)
+  records = data.read_jsonl(str(tmp_path / "d.jsonl"), tokenizer, layout)
+  layout = layout.for_records(records)
+  assert layout.max_images == 2
+  batch = data.stack([data.load_example(r, layout) for r in records])
+  assert batch["images"].shape[:2] == (2, 2) and not batch["images"][1, 1].any()
+  parametrization = objective.Parametrization.from_config(finetune_config.get_config("all"))
+  model = paligemma.PaliGemma(config)
+  for b, record in enumerate(records):
+    row = jax.tree.map(lambda x: x[b:b + 1], batch)
+    total, count = objective.batch_loss(params, {}, row, jax.random.PRNGKey(0), model=model,
+                                        parametrization=parametrization)
+    n, k = len(record.tokens), len(record.images)
+    labels = np.where(record.loss_mask, record.tokens, -100)
+    with torch.no_grad():
+      theirs = reference(input_ids=torch.tensor(record.tokens[None], dtype=torch.long),
+                         pixel_values=torch.tensor(batch["images"][b, :k].transpose(0, 3, 1, 2)),
+                         token_type_ids=torch.tensor(record.loss_mask[None], dtype=torch.long),
+                         labels=torch.tensor(labels[None], dtype=torch.long)).loss
+    assert count == record.loss_mask.sum() and n <= layout.length
+    np.testing.assert_allclose(total / count, theirs.item(), rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end.
 
@@ -397,6 +432,30 @@ def test_lora_overfits_and_exports_merged(base, compile_cache, tmp_path):
       assert not np.allclose(flat_exported[path], w)
     else:
       np.testing.assert_array_equal(flat_exported[path], w)  # Frozen: untouched.
+
+
+def test_lines_with_different_image_counts_train_and_answer(base, compile_cache, tmp_path):
+  """Pairs and a triple beside single images: the pair's answer depends on which image comes
+  first, and the fine-tuned model learns both orders."""
+  pairs = [(["img0.png", "img1.png"], "answer en which first?", "red car"),
+           (["img1.png", "img0.png"], "answer en which first?", "blue tree"),
+           (["img2.png", "img3.png", "img4.png"], "caption en", "two white cats"),
+           (["img3.png"], "caption en", "a dog")]
+  lines = [{"images": i, "prefix": p, "suffix": s} for i, p, s in pairs]
+  (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+  for i in range(5):
+    os.symlink(base / f"img{i}.png", tmp_path / f"img{i}.png")
+  config = _config("all", optimizer="adamw", lr=3e-3, checkpoint_every=100)
+  trainer.train(config, base=str(base / "base"), train_jsonl=str(tmp_path / "pairs.jsonl"),
+                workdir=str(tmp_path / "work"), export_dir=str(tmp_path / "export"))
+  metrics = workdir.read_metrics(str(tmp_path / "work" / "metrics.jsonl"))
+  assert metrics[0]["loss"] > 5 and metrics[-1]["loss"] < 0.5
+  params, model_config, tokenizer = loading.load_model(str(tmp_path / "export"))
+  predictor = inference.Predictor(model_config, params, tokenizer, batch_size=4)
+  examples = [inference.Example(prompt=p, images=[str(tmp_path / x) for x in i])
+              for i, p, _ in pairs]
+  assert [r["text"] for r in predictor.predict(examples, max_new_tokens=12)] == [
+      s for *_, s in pairs]
 
 
 def _command(config, checkpoint_dir, train_jsonl, work, export, *extra):
