@@ -133,8 +133,7 @@ def main(argv):
     files.remove_stale_temps_in(f.draw_dir)  # Drawings a killed run was writing.
 
   def load_predictor():  # Not for a finished --output_jsonl.
-    params, config, tokenizer = cli.load_model_from_flags(mesh)
-    return inference.Predictor(config, params, tokenizer, batch_size=f.batch_size)
+    return inference.Predictor(*cli.load_model_from_flags(mesh), batch_size=f.batch_size)
 
   results = result_lines.answer(load_predictor, items, output=f.output_jsonl, settings=run_settings,
                            outputs=result_lines.Outputs(task, f.draw_dir), progress=len(items) > 1,

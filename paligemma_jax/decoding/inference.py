@@ -34,17 +34,18 @@ class Example:
 
 
 class Predictor:
-  """A loaded model + tokenizer that answers batches of examples.
+  """A loaded model + tokenizer that answers batches of examples. Takes the model in
+  `loading.Model`'s order: `Predictor(*loading.load_model(path), batch_size=8)`.
 
   The generator never produces ids past the tokenizer's vocabulary or the image token.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, params, tokenizer: Tokenizer, *,
+  def __init__(self, params, config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
                batch_size: int = 1, bucket: int = batching.DEFAULT_BUCKET, num_threads: int = 8,
                mesh=None):
     self.config, self.tokenizer = config, tokenizer
     self.batch_size, self.bucket, self.num_threads = batch_size, bucket, num_threads
-    self.generator = autoregressive.Generator(config, params, eos_id=tokenizer.eos_id,
+    self.generator = autoregressive.Generator(params, config, eos_id=tokenizer.eos_id,
                                       pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size,
                                       mesh=mesh)
     self.beam_generator = beam_search.BeamGenerator(self.generator)  # Compiles on first use.

@@ -144,7 +144,7 @@ class HeldOutEvaluator:
     params = self.parametrization.full(trainable, frozen,
                                        dtype=jnp.dtype(self.model.config.param_dtype))
     if self.predictor is None:
-      self.predictor = inference.Predictor(self.model.config, params, self.tokenizer,
+      self.predictor = inference.Predictor(params, self.model.config, self.tokenizer,
                                            batch_size=self.config.eval_batch_size,
                                            num_threads=self.config.num_threads)
     self.predictor.generator.params = params  # Same shapes every time: compiled once.

@@ -370,7 +370,7 @@ from paligemma_jax.tasks import segmentation_format
 texts = json.loads(sys.argv[1])
 
 class Fake:
-  def __init__(self, config, params, tokenizer, **kw):
+  def __init__(self, params, config, tokenizer, **kw):
     pass
   def prompt_tokens(self, prompt):
     return [0], [True]

@@ -120,7 +120,7 @@ def _cli_overrides(config):
 def _generate(export_dir, image_dir, examples=EXAMPLES):
   """Greedy answers of an exported checkpoint, the way `python -m paligemma_jax.generate` runs."""
   params, config, tokenizer = loading.load_model(export_dir)
-  predictor = inference.Predictor(config, params, tokenizer, batch_size=4)
+  predictor = inference.Predictor(params, config, tokenizer, batch_size=4)
   inputs = [inference.Example(str(image_dir / f"img{i}.png"), p) for i, (p, _) in enumerate(examples)]
   return [r["text"] for r in predictor.predict(inputs, max_new_tokens=12)]
 
