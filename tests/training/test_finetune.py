@@ -311,7 +311,7 @@ def test_train_checks_flags_and_config_before_loading(base, tmp_path, monkeypatc
               workdir=str(tmp_path / "work"))
   for config, arguments, message in [
       (_config("lora", batch_size=0), {}, "--config.batch_size=0"),
-      (_config("lora"), dict(base=str(tmp_path / "nothing")), "no such checkpoint directory"),
+      (_config("lora"), dict(base=str(tmp_path / "nothing")), "no such checkpoint"),
       (_config("lora"), dict(train_jsonl=missing), f"--train_jsonl={missing}: no such file"),
       (_config("lora"), dict(eval_jsonl=missing), f"--eval_jsonl={missing}: no such file"),
       (_config("lora"), dict(export_dir=str(tmp_path / "taken")), "--export_dir="),
