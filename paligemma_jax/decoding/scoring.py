@@ -125,7 +125,7 @@ class Scorer:
     return tokens, prefix_mask, int(loss_mask.sum())
 
   def prepare(self, candidates: Candidates) -> batching.Prepared:
-    """Tokenizes every suffix and decodes the image; runs in the background threads."""
+    """Tokenizes every suffix and loads the image; runs in the background threads."""
     def rows():
       if not candidates.suffixes:
         raise errors.InputError("no suffixes to score")

@@ -6,8 +6,8 @@
                file, a prompt longer than max_text_len) is reported with its line number,
                counted and left out.
   TrainLoader  an endless, seeded stream over the examples, epoch after epoch, each epoch in its
-               own permutation. Images are decoded in background threads; one that cannot be
-               decoded is reported with its line number and skipped.
+               own permutation. Images are loaded in background threads; one that cannot be
+               read is reported with its line number and skipped.
   eval_batches one pass in file order, the last batch padded with zero-weight rows.
 
 Every batch has the same shapes: tokens, input_mask, prefix_mask, loss_mask [B, N + max_text_len]
@@ -32,7 +32,7 @@ from paligemma_jax.preprocess import processor
 
 @dataclasses.dataclass
 class Record:
-  """One usable line, tokenised; the image is decoded later."""
+  """One usable line, tokenised; the image is loaded later."""
   where: str  # "file:line", for messages.
   image: str  # Resolved path.
   prefix: str
