@@ -76,7 +76,7 @@ def define_flags():
                       "masks) drawn here, as NNNNN_<image name>.png.")
 
 
-def validate_flags(f) -> sampling.Sampler | beam_search.BeamSearch:
+def validate_flags(f) -> settings.AnySampler:
   """Everything that can be checked before the model loads; returns the sampler."""
   if bool(f.input_jsonl) == bool(f.image or f.prompt):
     raise errors.InputError("give either --image and --prompt, or --input_jsonl.")
@@ -103,7 +103,7 @@ def validate_flags(f) -> sampling.Sampler | beam_search.BeamSearch:
   return sampler
 
 
-def sampler_settings(sampler: sampling.Sampler | beam_search.BeamSearch, seed: int) -> dict:
+def sampler_settings(sampler: settings.AnySampler, seed: int) -> dict:
   """What decides the sampled tokens: a greedy run ignores temperature, k, p and the seed."""
   if isinstance(sampler, beam_search.BeamSearch):
     return {"sampler": sampler.method, **dataclasses.asdict(sampler)}
