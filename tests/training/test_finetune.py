@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
-import optax
 import pytest
 from PIL import Image
 
