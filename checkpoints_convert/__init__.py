@@ -1,1 +1,2 @@
-"""Converters from other PaliGemma checkpoint formats to ours (see paligemma_jax/checkpoints/checkpoint.py)."""
+"""Converters from other PaliGemma checkpoint formats to a converted checkpoint (see
+paligemma_jax/checkpoints/checkpoint.py)."""

@@ -1,4 +1,4 @@
-r"""Converts a Hugging Face PaliGemma / PaliGemma 2 directory into our Orbax checkpoint.
+r"""Converts a Hugging Face PaliGemma / PaliGemma 2 directory into a converted checkpoint.
 
   python -m checkpoints_convert.hf_to_orbax --hf_dir=paligemma2-3b-pt-448 --output_dir=pg2-3b-448
   python -m checkpoints_convert.hf_to_orbax --hf_dir=google/paligemma2-3b-pt-448 \
@@ -34,7 +34,8 @@ def define_flags():
   flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (config.json, *.safetensors), "
                       "or a Hub id ORG/NAME[@REVISION], e.g. google/paligemma2-3b-pt-224.",
                       required=True)
-  flags.DEFINE_string("output_dir", None, "New checkpoint directory to create.", required=True)
+  flags.DEFINE_string("output_dir", None, "The converted checkpoint to create (a new "
+                      "directory).", required=True)
   flags.DEFINE_enum("dtype", None, hf_config.DTYPES, "Parameter dtype; default: the checkpoint's.")
   flags.DEFINE_string("tokenizer", None, "SentencePiece tokenizer.model to include; default: the "
                       "one in --hf_dir.")

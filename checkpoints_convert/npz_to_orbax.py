@@ -1,5 +1,5 @@
-r"""Converts a big_vision PaliGemma / PaliGemma 2 `.npz` (Kaggle, the Hub's `-jax` repos) into our
-Orbax checkpoint.
+r"""Converts a big_vision PaliGemma / PaliGemma 2 `.npz` (Kaggle, the Hub's `-jax` repos) into a
+converted checkpoint.
 
   python -m checkpoints_convert.npz_to_orbax --npz=paligemma2-3b-pt-224.b16.npz \
       --tokenizer=paligemma_tokenizer.model --output_dir=pg2-3b-224
@@ -26,7 +26,8 @@ from paligemma_jax.preprocess.tokenizer import Tokenizer
 def define_flags():
   """The command-line flags; defined only when this module runs as a program."""
   flags.DEFINE_string("npz", None, "big_vision PaliGemma checkpoint (.npz).", required=True)
-  flags.DEFINE_string("output_dir", None, "New checkpoint directory to create.", required=True)
+  flags.DEFINE_string("output_dir", None, "The converted checkpoint to create (a new "
+                      "directory).", required=True)
   flags.DEFINE_string("tokenizer", None, "SentencePiece tokenizer.model to include; default: the "
                       "tokenizer.model beside --npz.")
   flags.DEFINE_string("variant", None, "Model, VARIANT[-RESOLUTION] of configs/paligemma.py "

@@ -94,7 +94,7 @@ def define_model_flags():
   """--checkpoint, --config, --dtype, --batch_size, --quantize, --mesh, --distributed: how to
   load and run a model, shared by generate and evaluate."""
   main = _listed_with_the_program()
-  flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory "
+  flags.DEFINE_string("checkpoint", None, "A converted checkpoint "
                       "(checkpoints_convert.hf_to_orbax), a Hugging Face PaliGemma directory, or "
                       "a Hub id ORG/NAME[@REVISION] (e.g. google/paligemma2-3b-pt-224).",
                       required=True, **main)

@@ -5,12 +5,13 @@ r"""Fine-tunes a PaliGemma checkpoint on JSONL data; resumable, exports a `gener
       --workdir=/runs/captions --export_dir=/ckpt/pg2-3b-224-captions
 
 Each data line is {"image": path, "prefix": str, "suffix": str}; the model learns to answer
-`prefix` with `suffix` (see paligemma_jax/training/data.py). `--workdir` holds Orbax checkpoints of the
-training state (trainable parameters, optimizer state, step, PRNG key, data position), the
-training config and metrics.jsonl (one line per step, plus evaluation lines). Running the same
-command again resumes from the last checkpoint and continues exactly where the run would have
-been. When the last step is done, the model (LoRA merged) is written to `--export_dir`: our
-checkpoint, or with `--export_format=hf` a Hugging Face directory (transformers, vLLM).
+`prefix` with `suffix` (see paligemma_jax/training/data.py). `--workdir` holds checkpoints of the
+training state, stored with Orbax (trainable parameters, optimizer state, step, PRNG key, data
+position), the training config and metrics.jsonl (one line per step, plus evaluation lines).
+Running the same command again resumes from the last checkpoint and continues exactly where the
+run would have been. When the last step is done, the model (LoRA merged) is written to
+`--export_dir`: a converted checkpoint, or with `--export_format=hf` a Hugging Face directory
+(transformers, vLLM).
 A bad flag or config value, a missing file or an existing `--export_dir` is reported on one
 line (exit status 1) before anything loads.
 
@@ -45,8 +46,8 @@ def define_flags():
   flags.DEFINE_string("eval_jsonl", None, "Held-out lines, same format: loss and exact match.")
   flags.DEFINE_string("workdir", None, "Training state and metrics; rerun to resume.", required=True)
   flags.DEFINE_string("export_dir", None, "Where the fine-tuned checkpoint goes at the end.")
-  flags.DEFINE_enum("export_format", "orbax", list(trainer.EXPORT_FORMATS), "orbax: our "
-                    "checkpoint (generate, evaluate); hf: a Hugging Face PaliGemma directory that "
+  flags.DEFINE_enum("export_format", "orbax", list(trainer.EXPORT_FORMATS), "orbax: a "
+                    "converted checkpoint (generate, evaluate); hf: a Hugging Face PaliGemma directory that "
                     "transformers and vLLM load (LoRA merged).")
   flags.DEFINE_integer("max_steps_this_run", None, "Stop (with a checkpoint) after this many "
                        "steps; rerun to go on.")

@@ -82,7 +82,7 @@ def define_flags():
                       "masks) drawn here, as NNNNN_<image name>.png.")
 
 
-def validate_flags(f) -> sampling.Sampler | beam_search.BeamSearch:
+def validate_flags(f) -> settings.AnySampler:
   """Everything that can be checked before the model loads; returns the sampler."""
   if bool(f.input_jsonl) == bool(f.image or f.prompt):
     raise errors.InputError("give either --image and --prompt, or --input_jsonl.")
@@ -109,7 +109,7 @@ def validate_flags(f) -> sampling.Sampler | beam_search.BeamSearch:
   return sampler
 
 
-def sampler_settings(sampler: sampling.Sampler | beam_search.BeamSearch, seed: int) -> dict:
+def sampler_settings(sampler: settings.AnySampler, seed: int) -> dict:
   """What decides the sampled tokens: a greedy run ignores temperature, k, p and the seed."""
   if isinstance(sampler, beam_search.BeamSearch):
     return {"sampler": sampler.method, **dataclasses.asdict(sampler)}
@@ -141,8 +141,7 @@ def main(argv):
     files.remove_stale_temps_in(f.draw_dir)  # Drawings a killed run was writing.
 
   def load_predictor():  # Not for a finished --output_jsonl.
-    params, config, tokenizer = cli.load_model_from_flags(mesh)
-    return inference.Predictor(config, params, tokenizer, batch_size=f.batch_size)
+    return inference.Predictor(*cli.load_model_from_flags(mesh), batch_size=f.batch_size)
 
   results = result_lines.answer(load_predictor, items, output=f.output_jsonl, settings=run_settings,
                            outputs=result_lines.Outputs(task, f.draw_dir), progress=len(items) > 1,

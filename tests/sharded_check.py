@@ -71,7 +71,7 @@ def prompt_inputs(config, batch):
 
 def generate(config, params, batch, sampler, mesh=None, scan_layers=None, generator=None):
   """(Generation, the generator): a new one unless `generator` is given."""
-  generator = generator or autoregressive.Generator(config, params, mesh=mesh, scan_layers=scan_layers)
+  generator = generator or autoregressive.Generator(params, config, mesh=mesh, scan_layers=scan_layers)
   out = generator.generate(*prompt_inputs(config, batch), max_new_tokens=NEW_TOKENS,
                            sampler=sampler, rng=jax.random.PRNGKey(7))
   return out, generator
@@ -113,7 +113,7 @@ def score(config, params, batch, mesh=None):
     prefix_mask = batch["prefix_mask"][i, :n]
     rows.append((batch["tokens"][i, :n], prefix_mask, int(n - prefix_mask.sum()),
                  batch["images"][i // 2], i // 2))
-  scorer = scoring.Scorer(config, params, None, batch_size=BATCH, mesh=mesh)
+  scorer = scoring.Scorer(params, config, None, batch_size=BATCH, mesh=mesh)
   specs = [str(x.sharding.spec) for x in scorer.batch(rows)] if scorer.mesh else None
   return scorer.logprobs(rows), specs, scorer.mesh
 

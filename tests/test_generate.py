@@ -60,13 +60,13 @@ def test_jsonl_batch_with_bad_lines_keeps_order_and_matches_the_library(converte
 
   # Each answer equals a direct library run of that example alone.
   params, config, tokenizer = loading.load_model(directory)
-  predictor = inference.Predictor(config, params, tokenizer)
+  predictor = inference.Predictor(params, config, tokenizer)
   for r in (results[0], results[3], results[6]):
     assert set(r) >= {"image", "prompt", "text", "tokens", "logprobs", "stop_reason"}
     tokens, prefix_mask = predictor.prompt_tokens(r["prompt"])
     pixels = processor.preprocess_image(processor.load_image(r["image"]), config.vision.image_size)
     ones = np.ones((1, len(tokens)), bool)
-    want = autoregressive.Generator(config, params, vocab_size=tokenizer.vocab_size).generate(
+    want = autoregressive.Generator(params, config, vocab_size=tokenizer.vocab_size).generate(
         tokens[None], pixels[None], ones, prefix_mask[None], max_new_tokens=6).row(0)
     assert r["tokens"] == want[0] and r["stop_reason"] == want[2]
     np.testing.assert_allclose(r["logprobs"], want[1], atol=1e-5)
@@ -101,7 +101,7 @@ def test_several_images_by_flag_and_by_line_match_the_library(converted_checkpoi
              "--prompt=answer en which is wider?", "--max_new_tokens=5", "--task=detect")
   assert proc.returncode == 0, proc.stderr[-3000:]
   params, config, tokenizer = loading.load_model(directory)
-  predictor = inference.Predictor(config, params, tokenizer, batch_size=2)
+  predictor = inference.Predictor(params, config, tokenizer, batch_size=2)
   example = inference.Example(images=paths, prompt="answer en which is wider?")
   want, = predictor.predict([example], max_new_tokens=5)
   assert proc.stdout == f"{paths[0]},{paths[1]}\t'answer en which is wider?'\t{want['text']}\n"

@@ -64,7 +64,7 @@ def build_reference(variant, vision_layers, text_layers, directory):
 
 def time_ours(config, params, inputs, batch, new_tokens, repeats):
   # -1: never stop early. As Predictor does, ids from the image token on are never sampled.
-  generator = autoregressive.Generator(config, params, eos_id=-1, vocab_size=config.image_token_id)
+  generator = autoregressive.Generator(params, config, eos_id=-1, vocab_size=config.image_token_id)
   params = generator.params  # The decoding layout (per-layer weights on CPU).
   prefill, loop = generator.compiled(new_tokens)
   args = [np.repeat(x, batch, axis=0) for x in inputs]
@@ -105,7 +105,7 @@ def time_transformers(model, inputs, batch, new_tokens, repeats, **generate_kwar
 def time_beams(config, params, inputs, batch, new_tokens, repeats, beam_size):
   """Seconds per generated token (per decode step, as `time_ours`) of our beam search; eos -1:
   no hypothesis finishes early, so every run takes all `new_tokens` steps."""
-  generator = autoregressive.Generator(config, params, eos_id=-1, vocab_size=config.image_token_id)
+  generator = autoregressive.Generator(params, config, eos_id=-1, vocab_size=config.image_token_id)
   prefill, search = beam_search.BeamGenerator(generator).compiled(beam_size, new_tokens)
   args = [np.repeat(x, batch, axis=0) for x in inputs]
   prompt = lambda: jax.block_until_ready(prefill(generator.params, *args))
@@ -161,7 +161,7 @@ def compile_seconds(variant, quantize=None):
   """Compile time of prefill + decode loop for the full-depth preset (no weights allocated)."""
   config = presets.get_config(variant)
   config.quantize = quantize
-  generator = autoregressive.Generator(config, None)
+  generator = autoregressive.Generator(None, config)
   shapes = jax.eval_shape(generator.decoding_layout, paligemma.param_shapes(config))
   prefill, loop = generator.compiled(32)
   n, s = paligemma.num_image_tokens(config), config.vision.image_size

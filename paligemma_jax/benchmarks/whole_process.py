@@ -9,7 +9,7 @@ round then runs, as separate processes and in alternating order:
   ours cold    python -m paligemma_jax.generate on the converted checkpoint, empty XLA cache
   ours warm    the same with a compilation cache filled by an earlier (untimed) run
   transformers a script that loads the HF directory, preprocesses (SiglipImageProcessor),
-               tokenizes (SentencePiece), generates greedily and decodes: the same work
+               tokenizes (SentencePiece), generates greedily and detokenizes: the same work
 
 Each answers --e2e_examples prompts in batches of --e2e_batch_size with --new_tokens greedy
 tokens (random weights never pick <eos>, so every row makes all of them). Prints the medians and

@@ -1,1 +1,2 @@
-"""Weights in and out: our checkpoints (Orbax), Hugging Face, the Hub, big_vision .npz."""
+"""Weights in and out: converted checkpoints (stored with Orbax), Hugging Face, the Hub,
+big_vision .npz."""

@@ -1,4 +1,5 @@
-"""Our checkpoint format: a directory with the parameters (Orbax), model config and tokenizer.
+"""The converted checkpoint: a directory with the parameters (stored with Orbax), model config
+and tokenizer.
 
   DIR/params/          Orbax StandardCheckpointer tree: the model's `params` (stacked layers)
   DIR/config.json      the model's structure: variant, vision, text, image_token_id and param_dtype
@@ -98,7 +99,7 @@ def _writer() -> ocp.Checkpointer:
 
 def save(directory: str, params, config: ml_collections.ConfigDict,
          tokenizer_path: str | None = None):
-  """Writes a new checkpoint directory; refuses to touch an existing one."""
+  """Writes a new converted checkpoint at `directory`; refuses to touch an existing one."""
   directory = os.path.abspath(directory)  # Orbax wants absolute paths.
   writer, shared = jax.process_index() == 0, jax.process_count() > 1
   check_new(directory)
@@ -123,10 +124,11 @@ def save(directory: str, params, config: ml_collections.ConfigDict,
 def _part(directory: str, name: str) -> str:
   """The path of part `name` of the checkpoint `directory`, which must exist."""
   if not os.path.isdir(directory):
-    raise errors.InputError(f"{directory}: no such checkpoint directory.")
+    raise errors.InputError(f"{directory}: no such converted checkpoint.")
   path = os.path.join(os.path.abspath(directory), name)
   if not os.path.exists(path):
-    raise errors.InputError(f"{directory} is not a complete checkpoint: {name} is missing.")
+    raise errors.InputError(f"{directory} is not a complete converted checkpoint: {name} is "
+                            "missing.")
   return path
 
 

@@ -177,7 +177,7 @@ def export(params, config: ml_collections.ConfigDict, tokenizer_path: str, outpu
 
 
 def export_checkpoint(checkpoint_dir: str, output_dir: str, **kw):
-  """`export` of one of our checkpoints (or anything `loading.load_model` takes), in its own
+  """`export` of a converted checkpoint (or anything `loading.load_model` takes), in its own
   parameter dtype unless `dtype` is given."""
   check_arguments(output_dir, kw.get("dtype"), kw.get("max_shard_size", DEFAULT_MAX_SHARD_SIZE))
   with jax.default_device(jax.devices("cpu")[0]):

@@ -53,7 +53,7 @@ def checkpoint_kind(path: str) -> str:
   if os.path.isfile(os.path.join(path, "config.json")):
     return "hf"
   if not os.path.exists(path):
-    raise errors.InputError(f"{path}: no such checkpoint directory.")
+    raise errors.InputError(f"{path}: no such checkpoint.")
   raise errors.InputError(f"{path} is neither a converted checkpoint (params/, config.json) nor a "
                           "Hugging Face PaliGemma directory (config.json, *.safetensors).")
 

@@ -95,7 +95,7 @@ class Generator:
   nothing new, and a new mesh they are sharded over is followed.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, params, *, eos_id: int = 1, pad_id: int = 0,
+  def __init__(self, params, config: ml_collections.ConfigDict, *, eos_id: int = 1, pad_id: int = 0,
                vocab_size: int | None = None, cache_dtype=None, mesh=None,
                scan_layers: bool | None = None):
     """eos_id, pad_id, vocab_size (ids from it on are never chosen), cache_dtype and scan_layers

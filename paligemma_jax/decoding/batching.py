@@ -85,7 +85,7 @@ def prepare(example, make_rows: Callable[[int], list], image_size: int) -> Prepa
   An `errors.InputError` from `make_rows` (text the tokenizer cannot take, a request longer than
   the model) or from an image (`processor.ImageLoadError`: missing, unreadable) becomes the
   example's `error`, so one bad example never stops a run. Rows come first: a refused example
-  costs no image decoding. `processor.load_pixels` bounds the memory of images in flight.
+  costs no image loading. `processor.load_pixels` bounds the memory of images in flight.
   """
   try:
     sources = example.sources()
@@ -153,7 +153,7 @@ def chunks(items: Iterable, size: int) -> Iterator[list]:
 
 def prefetch(fn, batches: Iterable[list], num_threads: int) -> Iterator[list]:
   """Yields [fn(x) for x in batch] per batch, computed in `num_threads` threads that live as long
-  as the iteration; batch k + 1 is submitted before batch k is handed over, so its images decode
+  as the iteration; batch k + 1 is submitted before batch k is handed over, so its images load
   while the caller runs the model on batch k. At most two batches are in flight."""
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
     ahead = None

@@ -21,6 +21,7 @@ from paligemma_jax.decoding import batching
 from paligemma_jax.decoding import beam_search
 from paligemma_jax.decoding import core
 from paligemma_jax.decoding import sampling
+from paligemma_jax.decoding import settings
 from paligemma_jax.model import paligemma
 from paligemma_jax.preprocess import image_fields
 from paligemma_jax.preprocess import processor
@@ -47,17 +48,18 @@ class Example:
 
 
 class Predictor:
-  """A loaded model + tokenizer that answers batches of examples.
+  """A loaded model + tokenizer that answers batches of examples. Takes the model in
+  `loading.Model`'s order: `Predictor(*loading.load_model(path), batch_size=8)`.
 
   The generator never produces ids past the tokenizer's vocabulary or the image token.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, params, tokenizer: Tokenizer, *,
+  def __init__(self, params, config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
                batch_size: int = 1, bucket: int = batching.DEFAULT_BUCKET, num_threads: int = 8,
                mesh=None):
     self.config, self.tokenizer = config, tokenizer
     self.batch_size, self.bucket, self.num_threads = batch_size, bucket, num_threads
-    self.generator = autoregressive.Generator(config, params, eos_id=tokenizer.eos_id,
+    self.generator = autoregressive.Generator(params, config, eos_id=tokenizer.eos_id,
                                       pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size,
                                       mesh=mesh)
     self.beam_generator = beam_search.BeamGenerator(self.generator)  # Compiles on first use.
@@ -86,7 +88,7 @@ class Predictor:
       return [(tokens, prefix_mask)]
     return batching.prepare(example, rows, self.config.vision.image_size)
 
-  def check_sampler(self, sampler: sampling.Sampler | beam_search.BeamSearch):
+  def check_sampler(self, sampler: settings.AnySampler):
     """InputError for a sampler this model cannot run; the sampler checked its own values. Beam
     search keeps 2K candidates of distinct ids each step: 2 * beam_size ids must be choosable."""
     if isinstance(sampler, beam_search.BeamSearch):
@@ -97,7 +99,7 @@ class Predictor:
                                 f"has {ids}; give at most {ids // 2}.")
 
   def predict(self, examples: Iterable[Example], *, max_new_tokens: int,
-              sampler: sampling.Sampler | beam_search.BeamSearch = sampling.Sampler(),
+              sampler: settings.AnySampler = sampling.Sampler(),
               seed: int = 0,
               first_index: int = 0, progress: bool = False,
               total: int | None = None) -> Iterator[dict]:
@@ -105,8 +107,10 @@ class Predictor:
 
     Example i samples with its own key, fold_in(seed_key(seed), first_index + i), whatever batch
     it lands in: a run resumed at example k (first_index=k) gives the answers of a whole run.
-    A `beam_search.BeamSearch` sampler answers with the best hypothesis and adds its `score`;
-    one this model cannot run is an InputError (`check_sampler`) before any example runs.
+    sampler: a sampling.Sampler or a beam_search.BeamSearch (`settings.decoder` makes one from
+    flags or a request's values); default greedy. A BeamSearch answers with the best hypothesis
+    and adds its `score`; one this model cannot run is an InputError (`check_sampler`) before any
+    example runs.
     """
     self.check_sampler(sampler)
     beams = isinstance(sampler, beam_search.BeamSearch)

@@ -110,13 +110,14 @@ def collate(rows: list, batch_size: int, bucket: int, target_bucket: int):
 
 
 class Scorer:
-  """Log-likelihoods of suffixes under a loaded model; reuses compiled shapes across calls.
+  """Log-likelihoods of suffixes under a loaded model; reuses compiled shapes across calls. Takes
+  the model in `loading.Model`'s order: `Scorer(*loading.load_model(path), batch_size=8)`.
 
   mesh (default: the one `params` are sharded over, if any): batches are split over it like the
   generator's (sharding.shard_batch) and results fetched on every host (multihost.fetch).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, params, tokenizer: Tokenizer, *,
+  def __init__(self, params, config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
                batch_size: int = 1, bucket: int = batching.DEFAULT_BUCKET,
                target_bucket: int = DEFAULT_TARGET_BUCKET, num_threads: int = 8, mesh=None):
     self.config, self.params, self.tokenizer = config, params, tokenizer
@@ -136,7 +137,7 @@ class Scorer:
     return tokens, prefix_mask, int(loss_mask.sum())
 
   def prepare(self, candidates: Candidates) -> batching.Prepared:
-    """Tokenizes every suffix and decodes the image; runs in the background threads."""
+    """Tokenizes every suffix and loads the images; runs in the background threads."""
     def rows(num_images):
       if not candidates.suffixes:
         raise errors.InputError("no suffixes to score")

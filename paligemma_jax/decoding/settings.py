@@ -1,4 +1,5 @@
-"""Decoding settings -> the sampler or beam search that decodes with them.
+"""Decoding settings -> the sampler that decodes with them: a sampling.Sampler or a
+beam_search.BeamSearch (`AnySampler`).
 
 One function for every caller (generate's and evaluate's flags, the server's request body,
 Python) and one set of defaults, so that a setting means the same everywhere:
@@ -24,13 +25,17 @@ from paligemma_jax.decoding import sampling
 
 DEFAULTS = dict(temperature=1.0, top_k=40, top_p=0.95)  # Of sampled decoding, once named.
 METHODS = (*sampling.METHODS, beam_search.BeamSearch.method)
+# What a `sampler=` takes: how the next tokens are chosen, sampled or by beam search (as --sampler
+# names both). autoregressive.Generator takes a sampling.Sampler, beam_search.BeamGenerator a
+# beam_search.BeamSearch, inference.Predictor either.
+AnySampler = sampling.Sampler | beam_search.BeamSearch
 
 
 def decoder(method: str | None = None, *, temperature: float | None = None,
             top_k: int | None = None, top_p: float | None = None, beam_size: int | None = None,
-            length_penalty: float | None = None, flag_names: bool = True
-            ) -> sampling.Sampler | beam_search.BeamSearch:
-  """The sampling.Sampler or beam_search.BeamSearch of these settings (see the module doc)."""
+            length_penalty: float | None = None, flag_names: bool = True) -> AnySampler:
+  """The sampler of these settings: a sampling.Sampler or a beam_search.BeamSearch (see the
+  module doc)."""
   name = (lambda n: f"--{n}") if flag_names else (lambda n: n)
   if method is None:
     return _inferred(temperature, top_k, top_p, name)

@@ -77,13 +77,11 @@ class Evaluator:
 
   @functools.cached_property
   def predictor(self) -> inference.Predictor:
-    params, config, tokenizer = self.model
-    return inference.Predictor(config, params, tokenizer, batch_size=self.batch_size)
+    return inference.Predictor(*self.model, batch_size=self.batch_size)
 
   @functools.cached_property
   def scorer(self) -> scoring.Scorer:
-    params, config, tokenizer = self.model
-    return scoring.Scorer(config, params, tokenizer, batch_size=self.batch_size)
+    return scoring.Scorer(*self.model, batch_size=self.batch_size)
 
   def _results(self, task: base.Task, rows: list, max_new_tokens: int):
     """Model outputs for `rows`, in order."""

@@ -185,8 +185,7 @@ async def _scrape(client) -> dict:
 def run_static(checkpoint: str, dtype: str, requests: dict, image_paths: list[str], image_of,
                slots: int) -> dict:
   """The request set through Predictor in static batches of `slots`, arrival order."""
-  params, config, tokenizer = loading.load_model(checkpoint, dtype=dtype)
-  predictor = inference.Predictor(config, params, tokenizer, batch_size=slots)
+  predictor = inference.Predictor(*loading.load_model(checkpoint, dtype=dtype), batch_size=slots)
   n = len(requests["prompt"])
   batches = [list(range(i, min(i + slots, n))) for i in range(0, n, slots)]
   examples = [inference.Example(image_paths[image_of(i)], requests["prompt"][i]) for i in range(n)]

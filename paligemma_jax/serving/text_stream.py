@@ -1,4 +1,4 @@
-"""A request's tokens -> the text its client may see so far (incremental detokenisation).
+"""A request's tokens -> the text its client may see so far (incremental detokenization).
 
 A streamed piece must never be taken back: text that may still turn into a stop string, or an
 incomplete UTF-8 character (SentencePiece shows it as U+FFFD), is held back until the next
@@ -11,7 +11,7 @@ import dataclasses
 @dataclasses.dataclass
 class TextStream:
   """One request's ids and the text already sent; `push` takes the device's new tokens."""
-  decode: callable  # ids -> text (the tokenizer's).
+  detokenize: callable  # ids -> text (the tokenizer's `decode`).
   eos_id: int
   max_tokens: int
   stop: tuple[str, ...] = ()
@@ -30,14 +30,14 @@ class TextStream:
         break
       self.ids.append(token)
       if self.stop:
-        cut = find_stop(self.decode(self.ids), self.stop, len(self.text))
+        cut = find_stop(self.detokenize(self.ids), self.stop, len(self.text))
         if cut is not None:
           finish = "stop"
           break
       if len(self.ids) >= self.max_tokens:
         finish = "length"
         break
-    text = self.decode(self.ids)
+    text = self.detokenize(self.ids)
     if cut is not None:
       text = text[:cut]
     elif finish is None:

@@ -103,7 +103,7 @@ def answer(predictor, items: list, *, output: str | None, settings: dict,
   same settings are yielded again without running the model; so are those of a finished OUTPUT
   (nothing is rewritten), while a finished OUTPUT of other settings is refused as a partial one
   is (files.Resumable), not replaced. `predict_args` go to `Predictor.predict` (max_new_tokens,
-  sampler, seed).
+  sampler: a sampling.Sampler or a beam_search.BeamSearch, seed).
   """
   partial = None
   if output is not None:  # Every host reads what is done (they must run the same batches).

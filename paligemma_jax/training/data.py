@@ -7,15 +7,16 @@ name several images instead, in prompt order: {"images": [path, ...], "prefix", 
                file, a prompt longer than max_text_len) is reported with its line number,
                counted and left out.
   TrainLoader  an endless, seeded stream over the examples, epoch after epoch, each epoch in its
-               own permutation. Images are decoded in background threads; one that cannot be
-               decoded is reported with its line number and skipped.
+               own permutation. Images are loaded in background threads; one that cannot be
+               read is reported with its line number and skipped.
   eval_batches one pass in file order, the last batch padded with zero-weight rows.
 
 Every batch has the same shapes: tokens, input_mask, prefix_mask, loss_mask [B, K * N +
 max_text_len] and images [B, S, S, 3], or [B, K, S, S, 3] where some line has several images (K:
-the most any line has; a row with fewer has zero images after its own, which no token reads). The stream is a pure function of (seed, position), where position counts
-the stream slots consumed (skipped ones included), so a run restored at a saved position sees
-exactly the batches an uninterrupted run would have seen.
+the most any line has; a row with fewer has zero images after its own, which no token reads).
+The stream is a pure function of (seed, position), where position counts the stream slots
+consumed (skipped ones included), so a run restored at a saved position sees exactly the batches
+an uninterrupted run would have seen.
 """
 
 import collections
@@ -35,7 +36,7 @@ from paligemma_jax.preprocess import processor
 
 @dataclasses.dataclass
 class Record:
-  """One usable line, tokenised; the images are decoded later."""
+  """One usable line, tokenised; the images are loaded later."""
   where: str  # "file:line", for messages.
   images: list[str]  # Resolved paths, in prompt order.
   prefix: str

@@ -51,7 +51,7 @@ _MINIMUM = {"total_steps": 1, "batch_size": 1, "accum_steps": 1, "max_text_len":
             "weight_decay": 0, "momentum": 0, "end_lr_factor": 0, "grad_clip": 0}
 _MAXIMUM_INT = 2**31 - 1  # Steps, sizes and counts become int32 on the device (the schedule's).
 _FRACTIONS = ("warmup_percent", "b1", "b2")
-EXPORT_FORMATS = ("orbax", "hf")  # Our checkpoint; a Hugging Face directory.
+EXPORT_FORMATS = ("orbax", "hf")  # A converted checkpoint; a Hugging Face directory.
 
 
 def _info(*args):
@@ -144,7 +144,7 @@ class HeldOutEvaluator:
     params = self.parametrization.full(trainable, frozen,
                                        dtype=jnp.dtype(self.model.config.param_dtype))
     if self.predictor is None:
-      self.predictor = inference.Predictor(self.model.config, params, self.tokenizer,
+      self.predictor = inference.Predictor(params, self.model.config, self.tokenizer,
                                            batch_size=self.config.eval_batch_size,
                                            num_threads=self.config.num_threads)
     self.predictor.generator.params = params  # Same shapes every time: compiled once.
@@ -321,7 +321,7 @@ def train(config: ml_collections.ConfigDict, *, base: str, train_jsonl: str, wor
 
   Returns dict(state, frozen, parametrization, step, eval: the last evaluation's metrics).
   mesh: shard the parameters, the training state and the batches over it.
-  export_format: "orbax" (our checkpoint) or "hf" (a Hugging Face directory, hf_export.py).
+  export_format: "orbax" (a converted checkpoint) or "hf" (a Hugging Face directory, hf_export.py).
   """
   validate(config, base=base, train_jsonl=train_jsonl, workdir=workdir, eval_jsonl=eval_jsonl,
            export_dir=export_dir, max_steps_this_run=max_steps_this_run,

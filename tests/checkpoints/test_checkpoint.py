@@ -162,8 +162,8 @@ _CORRUPT = {  # How a checkpoint is damaged, what the InputError (naming the dir
     "config a list": (_write_config("[]"), _NOT_A_CONFIG),
     "config lacks text": (_write_config('{"vision": {}}'), _NOT_A_CONFIG),
     "config of another model": (_edit_config(depth=3), r"config\.json does not describe the param"),
-    "no config": (_remove(checkpoint.CONFIG), r"not a complete checkpoint: config\.json is mis"),
-    "no params": (_remove(checkpoint.PARAMS), r"not a complete checkpoint: params is missing"),
+    "no config": (_remove(checkpoint.CONFIG), r"not a complete converted checkpoint: config\.json"),
+    "no params": (_remove(checkpoint.PARAMS), r"not a complete converted checkpoint: params is"),
     "no parameter tree": (_remove(checkpoint.PARAMS, "_METADATA"), r"no parameter metadata"),
     "no array data": (_remove_data, r"Incomplete or corrupt"),
     "truncated array data": (_truncate_data, r"Incomplete or corrupt .*params"),
@@ -185,7 +185,7 @@ def test_corrupt_checkpoint(saved, tmp_path, case):
 
 
 def test_missing_checkpoint_parts(saved, tmp_path):
-  with pytest.raises(errors.InputError, match="nothing: no such checkpoint directory"):
+  with pytest.raises(errors.InputError, match="nothing: no such converted checkpoint"):
     checkpoint.load(str(tmp_path / "nothing"))
   directory = str(tmp_path / "ckpt")
   shutil.copytree(saved, directory)

@@ -147,7 +147,7 @@ def check_generates_like_transformers(reference, params, config, check_scoring=F
   """Greedy generation on a padded batch against transformers; `check_scoring`: scoring what was
   generated gives the log-probs it was generated with (6 s of compiling: done once)."""
   batch = prompts(config, [paligemma.num_image_tokens(config) + n for n in (6, 3)])
-  generation = autoregressive.Generator(config, params, vocab_size=ROWS).generate(*batch,
+  generation = autoregressive.Generator(params, config, vocab_size=ROWS).generate(*batch,
                                                                           max_new_tokens=MAX_NEW)
   for b, length in enumerate(batch[2].sum(1)):
     theirs, their_logprobs = transformers_greedy(reference, batch[0][b, :length], batch[1][b])

@@ -92,7 +92,7 @@ def test_greedy_padded_batch_matches_transformers_row_by_row(model):
   n = paligemma.num_image_tokens(config)
   lengths = [n + 9, n + 3, n + 6]
   tokens, images, input_mask, prefix_mask = prompts(config, lengths)
-  generation = autoregressive.Generator(config, params).generate(tokens, images, input_mask, prefix_mask,
+  generation = autoregressive.Generator(params, config).generate(tokens, images, input_mask, prefix_mask,
                                                          max_new_tokens=MAX_NEW)
   for b, length in enumerate(lengths):
     ours, our_logprobs, our_reason = generation.row(b)
@@ -101,7 +101,7 @@ def test_greedy_padded_batch_matches_transformers_row_by_row(model):
     np.testing.assert_allclose(our_logprobs, their_logprobs, atol=1e-4)
     assert our_reason == their_reason
     # The row equals its unbatched run.
-    single = autoregressive.Generator(config, params).generate(
+    single = autoregressive.Generator(params, config).generate(
         tokens[b:b + 1, :length], images[b:b + 1], input_mask[b:b + 1, :length],
         prefix_mask[b:b + 1, :length], max_new_tokens=MAX_NEW)
     assert single.row(0)[0] == ours
@@ -113,24 +113,24 @@ def test_both_weight_layouts_decode_alike(model):
   _, params, config, _ = model
   n = paligemma.num_image_tokens(config)
   batch = prompts(config, [n + 9, n + 3], seed=3)
-  unstacked, stacked = (autoregressive.Generator(config, params, scan_layers=s) for s in (False, True))
+  unstacked, stacked = (autoregressive.Generator(params, config, scan_layers=s) for s in (False, True))
   assert "layers_0" in unstacked.params["llm"] and "layers" in stacked.params["llm"]
   a, b = (d.generate(*batch, max_new_tokens=MAX_NEW) for d in (unstacked, stacked))
   np.testing.assert_array_equal(a.tokens, b.tokens)
   np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
   with pytest.raises(ValueError, match="stacked layers"):
-    autoregressive.Generator(config, unstacked.params, scan_layers=True)
-  assert autoregressive.Generator(config, None).scan_layers == (jax.default_backend() != "cpu")
+    autoregressive.Generator(unstacked.params, config, scan_layers=True)
+  assert autoregressive.Generator(None, config).scan_layers == (jax.default_backend() != "cpu")
 
 
 def test_rows_stop_at_eos_like_transformers(model):
   reference, params, config, _ = model
   n = paligemma.num_image_tokens(config)
   tokens, images, input_mask, prefix_mask = prompts(config, [n + 5, n + 8], seed=3)
-  free = autoregressive.Generator(config, params).generate(tokens, images, input_mask, prefix_mask,
+  free = autoregressive.Generator(params, config).generate(tokens, images, input_mask, prefix_mask,
                                                    max_new_tokens=MAX_NEW)
   eos = int(free.tokens[0, 3])  # Make row 0's 4th token the end of sequence.
-  generation = autoregressive.Generator(config, params, eos_id=eos).generate(
+  generation = autoregressive.Generator(params, config, eos_id=eos).generate(
       tokens, images, input_mask, prefix_mask, max_new_tokens=MAX_NEW)
   first = list(free.tokens[0]).index(eos)
   assert generation.row(0)[0] == list(free.tokens[0, :first]) and generation.row(0)[2] == "eos"
@@ -144,7 +144,7 @@ def test_samplers_are_seeded_and_topk1_is_greedy(model):
   _, params, config, _ = model
   n = paligemma.num_image_tokens(config)
   batch = prompts(config, [n + 4, n + 7], seed=5)
-  generator = autoregressive.Generator(config, params)
+  generator = autoregressive.Generator(params, config)
   run = lambda sampler, seed: generator.generate(*batch, max_new_tokens=MAX_NEW, sampler=sampler,
                                                rng=jax.random.PRNGKey(seed)).tokens
   greedy = run(sampling.Sampler(), 0)
@@ -193,8 +193,8 @@ def test_generator_produces_only_tokenizer_ids_at_high_temperature(pg1):
   n = paligemma.num_image_tokens(config)
   batch = prompts(config, [n + 4, n + 7, n + 2, n + 5], seed=2)
   assert tokenizer.vocab_size <= config.image_token_id < config.text.vocab_size  # Padding rows.
-  unmasked = autoregressive.Generator(config, params, eos_id=-1)
-  masked = autoregressive.Generator(config, params, eos_id=-1, vocab_size=tokenizer.vocab_size)
+  unmasked = autoregressive.Generator(params, config, eos_id=-1)
+  masked = autoregressive.Generator(params, config, eos_id=-1, vocab_size=tokenizer.vocab_size)
   hot = sampling.Sampler("temperature", temperature=1e4)  # Near uniform over the table.
   run = lambda generator, sampler: generator.generate(
       *batch, max_new_tokens=MAX_NEW, sampler=sampler, rng=jax.random.PRNGKey(3))
@@ -219,7 +219,7 @@ def test_a_dropped_generator_and_its_weights_are_freed(pg1):
   """Nothing global (a method cache) keeps a generator or its decoding-layout weights alive."""
   params, config, _ = pg1
   n = paligemma.num_image_tokens(config)
-  generator = autoregressive.Generator(config, params, scan_layers=False)  # Makes its own weights.
+  generator = autoregressive.Generator(params, config, scan_layers=False)  # Makes its own weights.
   generator.generate(*prompts(config, [n + 3]), max_new_tokens=2)
   dropped = weakref.ref(generator)
   weights = weakref.ref(generator.params["llm"]["layers_0"]["attn"]["q"]["kernel"])
@@ -242,7 +242,7 @@ def test_top_k_and_top_p_keep_the_right_tokens():
 def test_equal_shapes_compile_once(model):
   _, params, config, _ = model
   n = paligemma.num_image_tokens(config)
-  generator = autoregressive.Generator(config, params)
+  generator = autoregressive.Generator(params, config)
   for lengths in ([n + 3, n + 9], [n + 7, n + 2], [n + 5, n + 5]):  # One padded length (n + 9).
     tokens, images, input_mask, prefix_mask = prompts(config, lengths)
     pad = n + 9 - tokens.shape[1]
@@ -270,7 +270,7 @@ def test_a_bad_example_becomes_its_error_and_the_rest_run(pg1, tmp_path):
   params, config, tokenizer = pg1
   Image.new("RGB", (20, 10), (0, 128, 255)).save(tmp_path / "blue.png")
   image = str(tmp_path / "blue.png")
-  predictor = inference.Predictor(config, params, tokenizer, batch_size=4)
+  predictor = inference.Predictor(params, config, tokenizer, batch_size=4)
   examples = [inference.Example(image, "caption en", {"i": 0}),
               inference.Example(image, "caption \ud83d en", {"i": 1}),
               inference.Example(str(tmp_path / "missing.png"), "caption en", {"i": 2}),
@@ -287,11 +287,11 @@ def test_a_bad_example_becomes_its_error_and_the_rest_run(pg1, tmp_path):
 
 def test_too_long_requests_are_refused(model):
   _, params, config, tokenizer = model
-  predictor = inference.Predictor(config, params, tokenizer)
+  predictor = inference.Predictor(params, config, tokenizer)
   assert predictor.length_error(100, 10) is None
   assert "exceeds" in predictor.length_error(predictor.max_positions - 5, 10)
   with pytest.raises(ValueError, match="max_new_tokens"):
-    autoregressive.Generator(config, params).generate(*prompts(config, [20]), max_new_tokens=0)
+    autoregressive.Generator(params, config).generate(*prompts(config, [20]), max_new_tokens=0)
 
 
 def test_a_sampled_row_depends_on_its_own_key_only(pg1, tmp_path):
@@ -300,7 +300,7 @@ def test_a_sampled_row_depends_on_its_own_key_only(pg1, tmp_path):
   params, config, tokenizer = pg1
   n = paligemma.num_image_tokens(config)
   tokens, images, input_mask, prefix_mask = prompts(config, [n + 4, n + 7, n + 5], seed=8)
-  generator = autoregressive.Generator(config, params, vocab_size=tokenizer.vocab_size)
+  generator = autoregressive.Generator(params, config, vocab_size=tokenizer.vocab_size)
   hot = sampling.Sampler("temperature", temperature=1e3)  # Near uniform: keys decide.
   keys = jax.random.split(jax.random.PRNGKey(5), 3)
   run = lambda rows: generator.generate(tokens[rows], images[rows], input_mask[rows],
@@ -313,7 +313,7 @@ def test_a_sampled_row_depends_on_its_own_key_only(pg1, tmp_path):
   for i, color in enumerate(colors * 2):
     Image.new("RGB", (16, 12), color).save(tmp_path / f"{i}.png")
     examples.append(inference.Example(str(tmp_path / f"{i}.png"), "caption en"))
-  predictor = inference.Predictor(config, params, tokenizer, batch_size=4)
+  predictor = inference.Predictor(params, config, tokenizer, batch_size=4)
   whole = [r["tokens"] for r in predictor.predict(examples, max_new_tokens=MAX_NEW, sampler=hot,
                                                   seed=3)]
   resumed = [r["tokens"] for r in predictor.predict(examples[3:], max_new_tokens=MAX_NEW,

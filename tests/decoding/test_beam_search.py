@@ -81,7 +81,7 @@ def test_best_hypothesis_and_score_match_transformers(version, soft, converted_c
   _, first = reference_generate(reference, tokens[0, :lengths[0]], images[0],
                                 config.image_token_id, max_new_tokens=1)
   eos = int(torch.topk(first.scores[0][0], 2).indices[1])
-  searcher = beam_search.BeamGenerator(autoregressive.Generator(config, params, eos_id=eos))
+  searcher = beam_search.BeamGenerator(autoregressive.Generator(params, config, eos_id=eos))
   stops = set()
   penalties = PENALTIES if version == 1 else PENALTIES[:2]  # Test time: 2.0 once is enough.
   for beam_size, penalty in [(3, p) for p in penalties] + [(1, 0.0)] * (version == 1):
@@ -114,7 +114,7 @@ def test_predictor_answers_with_the_best_hypothesis_and_its_score(soft, converte
   for i, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
     Image.new("RGB", (16, 12), color).save(tmp_path / f"{i}.png")
     examples.append(inference.Example(str(tmp_path / f"{i}.png"), "caption en", {"i": i}))
-  predictor = inference.Predictor(config, params, tokenizer, batch_size=3)
+  predictor = inference.Predictor(params, config, tokenizer, batch_size=3)
   beams = beam_search.BeamSearch(beam_size=3, length_penalty=0.0)
   out = tmp_path / "out.jsonl"
   settings = {"max_new_tokens": MAX_NEW, **generate.sampler_settings(beams, seed=0)}
@@ -153,7 +153,7 @@ def test_bad_settings_are_one_line_errors(soft, converted_checkpoint):
         dataset=__file__, predictions=None, metrics=None, task="score", vae_npz=None,
         image_dir=None, checkpoint=None, sampler="beam", beam_size=2, length_penalty=None))
   _, params, config, _ = soft(converted_checkpoint(1))
-  searcher = beam_search.BeamGenerator(autoregressive.Generator(config, params, vocab_size=5))
+  searcher = beam_search.BeamGenerator(autoregressive.Generator(params, config, vocab_size=5))
   batch = prompts(config, [paligemma.num_image_tokens(config) + 2])
   with pytest.raises(ValueError, match="needs at least 6 token ids"):
     searcher.generate(*batch, max_new_tokens=2, sampler=beam_search.BeamSearch(3))
@@ -166,7 +166,7 @@ def test_more_beams_than_the_vocabulary_holds_is_one_line_before_any_example_run
   """2K candidates a step need 2K token ids: more beams than the loaded model's vocabulary allows
   (1536 ids here) are an InputError (one line from the command lines), not a ValueError."""
   _, params, config, tokenizer = soft(converted_checkpoint(1))
-  predictor = inference.Predictor(config, params, tokenizer)
+  predictor = inference.Predictor(params, config, tokenizer)
   Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
   beams = beam_search.BeamSearch(beam_size=800)
   with pytest.raises(errors.InputError, match="beam_size 800 is too large .* at most 768"):

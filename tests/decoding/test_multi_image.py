@@ -62,7 +62,7 @@ def batch(examples):
 def test_rows_with_two_three_and_one_image_match_transformers(model):
   reference, params, config, _ = model
   examples = rows(config, [2, 3, 1])
-  generation = autoregressive.Generator(config, params, eos_id=-1).generate(
+  generation = autoregressive.Generator(params, config, eos_id=-1).generate(
       *batch(examples), max_new_tokens=MAX_NEW)
   for b, (tokens, images) in enumerate(examples):
     theirs, their_logprobs = reference_generate(reference, tokens, images)
@@ -74,7 +74,7 @@ def test_rows_with_two_three_and_one_image_match_transformers(model):
 def test_image_order_matters_and_beam_search_takes_several_images(model):
   _, params, config, _ = model
   (tokens, images), = rows(config, [2], seed=1)
-  generator = autoregressive.Generator(config, params, eos_id=-1)
+  generator = autoregressive.Generator(params, config, eos_id=-1)
   model = paligemma.PaliGemma(config)
   logits = lambda imgs: model.apply({"params": params}, *batch([(tokens, imgs)]))
   assert np.abs(logits(images) - logits(images[::-1])).max() > 1e-2
@@ -110,7 +110,7 @@ def image_files(tmp_path, config, count, seed=0):
 def test_predictor_takes_examples_with_several_images(model, tmp_path):
   _, params, config, tokenizer = model
   paths = image_files(tmp_path, config, 3)
-  predictor = inference.Predictor(config, params, tokenizer, batch_size=2)
+  predictor = inference.Predictor(params, config, tokenizer, batch_size=2)
   examples = [inference.Example(images=paths[:2], prompt="answer en which"),
               inference.Example(paths[2], "caption en"),
               inference.Example(images=paths[::-1], prompt="caption en", extra={"id": 7})]
@@ -120,7 +120,7 @@ def test_predictor_takes_examples_with_several_images(model, tmp_path):
   assert results[1]["image"] == paths[2] and "image_sizes" not in results[1]
   assert results[2]["id"] == 7
   for example, result in zip(examples, results):  # Each equals its run alone.
-    alone, = inference.Predictor(config, params, tokenizer).predict([example], max_new_tokens=4)
+    alone, = inference.Predictor(params, config, tokenizer).predict([example], max_new_tokens=4)
     assert alone["tokens"] == result["tokens"]
     np.testing.assert_allclose(alone["logprobs"], result["logprobs"], atol=1e-5)
 
@@ -128,7 +128,7 @@ def test_predictor_takes_examples_with_several_images(model, tmp_path):
 def test_missing_or_too_many_images_fail_only_their_example(model, tmp_path):
   _, params, config, tokenizer = model
   paths = image_files(tmp_path, config, 2)
-  predictor = inference.Predictor(config, params, tokenizer, batch_size=4, bucket=8)
+  predictor = inference.Predictor(params, config, tokenizer, batch_size=4, bucket=8)
   n = paligemma.num_image_tokens(config)
   predictor.max_positions = 4 * n  # Room for two images and a short prompt, not for four.
   examples = [inference.Example(images=paths * 2, prompt="caption en"),
@@ -145,7 +145,7 @@ def test_missing_or_too_many_images_fail_only_their_example(model, tmp_path):
 def test_scores_with_several_images_match_transformers(model, tmp_path):
   reference, params, config, tokenizer = model
   paths = image_files(tmp_path, config, 2, seed=3)
-  scorer = scoring.Scorer(config, params, tokenizer, batch_size=2)
+  scorer = scoring.Scorer(params, config, tokenizer, batch_size=2)
   suffixes = ["left", "right one"]
   result, single = scorer.score([scoring.Candidates(images=paths, prompt="answer en which",
                                                     suffixes=suffixes),

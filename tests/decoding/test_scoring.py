@@ -45,7 +45,7 @@ def test_sum_logprobs_match_transformers(converted_checkpoint, images, version):
   path, model = converted_checkpoint(version)
   params, config, tokenizer = loading.load_model(path)
   # One bucket for every row (T = 64, K = 32): a single compile.
-  scorer = scoring.Scorer(config, params, tokenizer, batch_size=2, bucket=64, target_bucket=32)
+  scorer = scoring.Scorer(params, config, tokenizer, batch_size=2, bucket=64, target_bucket=32)
   examples = [scoring.Candidates(images[0], "answer en what is this?", SUFFIXES, {"id": 7}),
               scoring.Candidates(images[1], "caption en", SUFFIXES[1:])]
   results = list(scorer.score(examples))  # 5 rows in batches of 2: the last is padded.
@@ -68,7 +68,7 @@ def test_sum_logprobs_match_transformers(converted_checkpoint, images, version):
 def test_batches_pad_and_keep_order_and_shapes(converted_checkpoint, images):
   path, _ = converted_checkpoint(1)
   params, config, tokenizer = loading.load_model(path)
-  scorer = scoring.Scorer(config, params, tokenizer, batch_size=3)
+  scorer = scoring.Scorer(params, config, tokenizer, batch_size=3)
   short = ["cat", "dog man", "red car"]  # Rows of at most 32 tokens with the caption prompt.
   # Examples i and i + 6 are the same, but sit at other places in their batches, beside other
   # rows, and the last one in a batch padded with dummy rows.

@@ -1,4 +1,5 @@
-"""Settings -> sampler or beam search: the same rules for flags, request bodies and Python."""
+"""Settings -> sampler (sampled or beam search): the same rules for flags, request bodies and
+Python."""
 
 import pytest
 

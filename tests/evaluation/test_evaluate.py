@@ -192,11 +192,11 @@ def test_lines_with_several_images(loaded, data_dir, tmp_path, task):
   for pair, p in zip(pairs[:2], preds):
     images = [str(data_dir / x) for x in pair]
     if task == "score":
-      want, = scoring.Scorer(config, params, tokenizer).score(
+      want, = scoring.Scorer(params, config, tokenizer).score(
           [scoring.Candidates(images=images, prompt=lines[0]["prompt"], suffixes=ref["suffixes"])])
       np.testing.assert_allclose(p["logprob"], want["logprob"], atol=1e-4)
     else:
-      want, = inference.Predictor(config, params, tokenizer).predict(
+      want, = inference.Predictor(params, config, tokenizer).predict(
           [inference.Example(images=images, prompt=lines[0]["prompt"])], max_new_tokens=MAX_NEW)
       assert p["text"] == want["text"]
   # The same run again resumes: nothing left to do, the same metrics.
@@ -415,7 +415,7 @@ from paligemma_jax.tasks import segmentation_format
 texts = json.loads(sys.argv[1])
 
 class Fake:
-  def __init__(self, config, params, tokenizer, **kw):
+  def __init__(self, params, config, tokenizer, **kw):
     pass
   def prompt_tokens(self, prompt):
     return [0], [True]

@@ -39,7 +39,7 @@ def model(converted_checkpoint):
 
 @pytest.fixture(scope="module")
 def predictor(model):
-  return inference.Predictor(model.config, model.params, model.tokenizer, batch_size=2)
+  return inference.Predictor(*model, batch_size=2)
 
 
 @pytest.fixture(scope="module")

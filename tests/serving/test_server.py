@@ -544,7 +544,7 @@ def test_soak_mixed_good_and_hostile_clients(converted_checkpoint):
   images = [png((40, 30), (200, 30, 30)), png((17, 50), (10, 200, 90)), png((64, 64), (9, 9, 9))]
   prompts = ["caption en", "answer en what is this?"]
   pairs = [(i, p) for i in range(len(images)) for p in prompts]
-  predictor = inference.Predictor(model.config, model.params, model.tokenizer, batch_size=8)
+  predictor = inference.Predictor(*model, batch_size=8)
   want = [r["text"] for r in predictor.predict(
       [inference.Example(images[i], p) for i, p in pairs], max_new_tokens=6)]
   engine = engine_lib.Engine(model, rows=4, max_queue=64, steps_per_call=2, max_prompt_tokens=16,
@@ -627,7 +627,7 @@ def test_served_answers_equal_generate_and_sigterm_finishes_running_requests(con
     for image, path in zip(images, ("a.png", "b.png")):
       (tmp_path / path).write_bytes(image)
     params, config, tokenizer = loading.load_model(directory)
-    predictor = inference.Predictor(config, params, tokenizer, batch_size=2)
+    predictor = inference.Predictor(params, config, tokenizer, batch_size=2)
     prompts = ["caption en", "answer en what is this?"]
     want = list(predictor.predict([inference.Example(str(tmp_path / p), q) for p, q in
                                    zip(("a.png", "b.png"), prompts)], max_new_tokens=6))

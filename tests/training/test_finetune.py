@@ -120,7 +120,7 @@ def _cli_overrides(config):
 def _generate(export_dir, image_dir, examples=EXAMPLES):
   """Greedy answers of an exported checkpoint, the way `python -m paligemma_jax.generate` runs."""
   params, config, tokenizer = loading.load_model(export_dir)
-  predictor = inference.Predictor(config, params, tokenizer, batch_size=4)
+  predictor = inference.Predictor(params, config, tokenizer, batch_size=4)
   inputs = [inference.Example(str(image_dir / f"img{i}.png"), p) for i, (p, _) in enumerate(examples)]
   return [r["text"] for r in predictor.predict(inputs, max_new_tokens=12)]
 
@@ -311,7 +311,7 @@ def test_train_checks_flags_and_config_before_loading(base, tmp_path, monkeypatc
               workdir=str(tmp_path / "work"))
   for config, arguments, message in [
       (_config("lora", batch_size=0), {}, "--config.batch_size=0"),
-      (_config("lora"), dict(base=str(tmp_path / "nothing")), "no such checkpoint directory"),
+      (_config("lora"), dict(base=str(tmp_path / "nothing")), "no such checkpoint"),
       (_config("lora"), dict(train_jsonl=missing), f"--train_jsonl={missing}: no such file"),
       (_config("lora"), dict(eval_jsonl=missing), f"--eval_jsonl={missing}: no such file"),
       (_config("lora"), dict(export_dir=str(tmp_path / "taken")), "--export_dir="),
@@ -451,7 +451,7 @@ def test_lines_with_different_image_counts_train_and_answer(base, compile_cache,
   metrics = workdir.read_metrics(str(tmp_path / "work" / "metrics.jsonl"))
   assert metrics[0]["loss"] > 5 and metrics[-1]["loss"] < 0.5
   params, model_config, tokenizer = loading.load_model(str(tmp_path / "export"))
-  predictor = inference.Predictor(model_config, params, tokenizer, batch_size=4)
+  predictor = inference.Predictor(params, model_config, tokenizer, batch_size=4)
   examples = [inference.Example(prompt=p, images=[str(tmp_path / x) for x in i])
               for i, p, _ in pairs]
   assert [r["text"] for r in predictor.predict(examples, max_new_tokens=12)] == [
