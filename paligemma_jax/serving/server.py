@@ -45,6 +45,7 @@ from paligemma_jax.serving import schema
 
 DISCONNECT_POLL_S = 0.5  # How often a non-streaming request checks that its client is still there.
 INTERNAL = "The server failed while handling this request."  # A 500's message; details logged.
+MIN_LOGPROB = -9999.0  # The least log-prob written: OpenAI's "very unlikely"; JSON has no -inf.
 
 
 def _error(status: int, message: str, *, type: str = "invalid_request_error", code=None,
@@ -98,9 +99,6 @@ def _finish_reason(reason: str | None) -> str | None:
   return {"eos": "stop"}.get(reason, reason)
 
 
-MIN_LOGPROB = -9999.0  # OpenAI's value for "very unlikely"; JSON has no -inf.
-
-
 class _Logprobs:
   """OpenAI's `logprobs.content` entries of an event's tokens: {"token", "logprob", "bytes",
   "top_logprobs": [{"token", "logprob", "bytes"}, ...]}; a token's text and bytes are
@@ -111,8 +109,9 @@ class _Logprobs:
 
   def _entry(self, token_id: int, logprob: float) -> dict:
     text, raw = self._piece(token_id)
-    return {"token": text, "logprob": logprob if logprob >= MIN_LOGPROB else MIN_LOGPROB,
-            "bytes": list(raw)}  # (NaN, never expected, reads as MIN_LOGPROB too.)
+    if not logprob >= MIN_LOGPROB:  # Also NaN (never expected), which JSON lacks too.
+      logprob = MIN_LOGPROB
+    return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
   def content(self, event, top_logprobs: int) -> list[dict]:
     alternatives = event.top_logprobs or [[]] * len(event.token_ids)
