@@ -457,7 +457,9 @@ def test_logprobs_and_n_choices_in_openai_shape():
 
 
 def test_streamed_choices_and_logprobs_add_up_to_the_reply():
-  engine = FakeEngine({"caption en": "a| blue| sky"})
+  """Also the log-probs of a token whose text is held back (the empty piece): a chunk with empty
+  content carries them."""
+  engine = FakeEngine({"caption en": "a| blue|| sky"})
   fields = dict(n=2, logprobs=True, top_logprobs=1, stream_options={"include_usage": True})
   with client(engine) as c:
     reply = c.post("/v1/chat/completions", json=body(**fields)).json()
@@ -471,6 +473,8 @@ def test_streamed_choices_and_logprobs_add_up_to_the_reply():
     assert sum((m["logprobs"]["content"] for m in mine if m["logprobs"]), []) == \
         want["logprobs"]["content"]
     assert [m["finish_reason"] for m in mine] == [None] * (len(mine) - 1) + ["stop"]
+    assert len(want["logprobs"]["content"]) == 4
+    assert {"content": ""} in [m["delta"] for m in mine[1:]]  # The held-back token's chunk.
 
 
 def test_the_openai_client_reads_logprobs_and_choices():
@@ -532,13 +536,13 @@ def asgi_call(app, payload: dict, leave_after_chunks: int):
   return messages
 
 
-@pytest.mark.parametrize("stream", [True, False])
-def test_a_client_that_leaves_cancels_its_request(stream, monkeypatch):
+@pytest.mark.parametrize("stream,n", [(True, 1), (False, 1), (True, 2), (False, 2)])
+def test_a_client_that_leaves_cancels_its_request(stream, n, monkeypatch):
   monkeypatch.setattr(server, "DISCONNECT_POLL_S", 0.05)
   engine = FakeEngine({"caption en": "a|b|c|d"}, hold=True)
   app = server.create_app(engine, model_name="tiny-pg")
   start = time.monotonic()
-  messages = asgi_call(app, body(stream=stream), leave_after_chunks=2 if stream else 0)
+  messages = asgi_call(app, body(stream=stream, n=n), leave_after_chunks=n + 1 if stream else 0)
   assert time.monotonic() - start < 5  # Not the fake's 10 s wait: cancel() released it.
   assert engine.handles[0].cancelled.is_set()
   bodies = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
