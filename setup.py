@@ -33,7 +33,8 @@ setuptools.setup(
     ],
     extras_require={
         # transformers + torch (CPU) are the numerical reference in the tests.
+        # openai: the server is checked with the client OpenAI users run.
         "test": ["pytest", "pytest-xdist", "transformers==5.23.0", "torch==2.13.0", "nbclient", "nbformat", "ipykernel",
-                 "selenium"],
+                 "selenium", "openai"],
     },
 )

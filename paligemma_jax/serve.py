@@ -49,6 +49,8 @@ def define_flags():
                        lower_bound=1, upper_bound=MAX_POSITIONS)
   flags.DEFINE_integer("default_max_tokens", 32, "max_tokens of a request that gives none.",
                        lower_bound=1, upper_bound=MAX_POSITIONS)
+  flags.DEFINE_integer("max_n", 8, "Most choices (`n`) one request may ask for; each takes a "
+                       "slot, so at most --slots apply.", lower_bound=1, upper_bound=1024)
   flags.DEFINE_integer("image_cache_size", 64, "Images whose encoding is kept for reuse.",
                        lower_bound=0, upper_bound=1_000_000)
   flags.DEFINE_string("api_key", None, f"Require 'Authorization: Bearer KEY'; default "
@@ -111,6 +113,7 @@ def main(argv):
     logging.info("Compiling the engine's programs ...")
     engine.warmup()
   limits = schema.Limits(max_body_bytes=f.max_body_mib << 20, max_image_pixels=f.max_image_pixels,
+                         max_n=f.max_n,
                          allow_image_urls=f.allow_image_urls,
                          allow_local_images=f.allow_local_images)
   name = f.model_name or os.path.basename(os.path.normpath(f.checkpoint))

@@ -75,7 +75,7 @@ def _compile(setup: core.Setup, max_new_tokens: int):
       return (s.column < max_new_tokens) & ~jnp.all(s.rows.done)
 
     def body(s):
-      rows, token, logprob, running = core.step(setup, params, s.rows)
+      rows, token, logprob, running, _ = core.step(setup, params, s.rows)
       write = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None], (0, s.column))
       return s.replace(rows=rows, column=s.column + 1,
                        tokens=setup.replicate(write(s.tokens, jnp.where(running, token,

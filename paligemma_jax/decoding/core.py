@@ -8,7 +8,8 @@
            image cache), and right-padded prompts -> a cache of `cache_len` slots and each
            row's last logits.
   start    the first token of each row from the prefill's logits -> State.
-  step     one token for every active, unfinished row (`forward` + `choose`).
+  step     one token for every active, unfinished row (`forward` + `choose`), and on demand
+           each row's most likely ids with their log-probs (`top_logprobs`).
 
 The loops keep only what is their own: `autoregressive.Generator` is a while_loop over `step` writing
 its output buffers; the serving engine a fori_loop over `step` with an active mask, taking new
@@ -145,6 +146,12 @@ def choose(setup: Setup, logits, rng, step, sampler):
   return token, sampling.chosen_logprobs(logits, token)
 
 
+def top_logprobs(setup: Setup, logits, k: int):
+  """The k ids most likely to be chosen of each row and their log-probs as `choose` reports them
+  -> (ids [B, k] int32, logprobs [B, k]); never an invalid id (k is cut to their number)."""
+  return sampling.top_logprobs(logits, min(k, int(setup.valid.sum())), jnp.asarray(setup.valid))
+
+
 def start(setup: Setup, logits, cache: kv_cache.KVCache, rng, sampler, limit):
   """The prefill's logits -> (State after each row's first token, that token's log-prob)."""
   batch = logits.shape[0]
@@ -155,18 +162,20 @@ def start(setup: Setup, logits, cache: kv_cache.KVCache, rng, sampler, limit):
   return state, logprob
 
 
-def step(setup: Setup, params, state: State, active=None):
+def step(setup: Setup, params, state: State, active=None, top: int = 0):
   """One token for every active row that is not done -> (state, token [B], log-prob [B],
-  running [B]: the rows that chose one). Other rows keep their token, step and cache end."""
+  running [B]: the rows that chose one, top: `top_logprobs(setup, logits, top)` for a static
+  top > 0, else None). Other rows keep their token, step and cache end."""
   running = ~state.done if active is None else active & ~state.done
   logits, cache = forward(setup, params, state.token, state.cache)
   token, logprob = choose(setup, logits, state.rng, state.step, state.sampler)
+  best = top_logprobs(setup, logits, top) if top else None
   token = jnp.where(running, token, state.token)
   count = state.step + running
   cache = cache.replace(end=jnp.where(running, cache.end, state.cache.end))
   done = state.done | (running & ((token == setup.eos_id) | (count >= state.limit)))
   state = state.replace(cache=setup.split_cache(cache), token=token, step=count, done=done)
-  return state, token, logprob, running
+  return state, token, logprob, running, best
 
 
 def insert(state: State, rows, new: State) -> State:

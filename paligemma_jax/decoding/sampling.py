@@ -18,6 +18,7 @@ import numpy as np
 
 METHODS = ("greedy", "temperature", "top_k", "top_p")
 MAX_TOP_K = 2**31 - 1  # top_k is an int32 on the device.
+MAX_TOP_LOGPROBS = 20  # The most alternatives `top_logprobs` reports per token (OpenAI's limit).
 SEED_RANGE = (-2**63, 2**63 - 1)  # A seed is an int64 (OpenAI's range); all 64 bits count.
 TEMPERATURE_RANGE = (1e-30, 1e30)  # Any positive temperature acts as its clip to this range.
 
@@ -150,3 +151,18 @@ def chosen_logprobs(logits, tokens):
   """log_softmax of the unmodified logits at the chosen tokens: [B, V], [B] -> [B]."""
   logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+
+
+def top_logprobs(logits, k: int, valid=None):
+  """The k most likely ids and their log-probabilities: logits [B, V] -> (ids [B, k] int32,
+  logprobs [B, k]), most likely first.
+
+  Only `valid` ids [V] bool (optional) compete, ranked by their raw logits as greedy ranks them
+  (of tied logits the lower id first), so a greedy row's token is its first id. The values are
+  `chosen_logprobs`' (log_softmax of the raw logits over the whole table): a chosen token among
+  them has the same log-probability in both. k: a static int, at most the number of valid ids.
+  """
+  ranked = logits if valid is None else jnp.where(valid, logits, -jnp.inf)
+  _, ids = jax.lax.top_k(ranked, k)
+  logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return ids.astype(jnp.int32), jnp.take_along_axis(logprobs, ids, axis=-1)

@@ -125,3 +125,19 @@ class Tokenizer:
         continue
       run.append(i)
     return "".join(out) + self._sp.decode(run)
+
+  def piece(self, i: int) -> tuple[str, bytes]:
+    """One id alone, as log-probs show it -> (text, bytes).
+
+    text: what decoding the id alone gives, special pieces by name (`<eos>`); a byte-fallback
+    piece of a multi-byte character alone is U+FFFD. bytes: the text's UTF-8, except for a
+    byte-fallback piece (`<0xE2>`): its one raw byte, so the bytes of the tokens a text decodes
+    from (special ones aside) joined are that text's UTF-8 exactly (OpenAI's `bytes`). An id
+    outside the vocabulary: ("", b"").
+    """
+    if not 0 <= i < self.vocab_size:
+      return "", b""
+    text = self.decode([i], skip_special=False)
+    if self._sp.is_byte(i):
+      return text, bytes([int(self._sp.id_to_piece(i)[3:5], 16)])  # "<0xE2>"
+    return text, text.encode("utf-8")

@@ -3,11 +3,13 @@
 Event.finish_reason speaks generate's words: "eos" (<eos>, OpenAI's "stop", as server.py
 answers it), "stop" (a stop string), "length", "cancelled" (after Handle.cancel or
 shutdown(drain=False)) and "error" (the engine thread failed; Event.error says why). Also:
-Event.logprobs (one per token id), exception Closed (submit after shutdown),
-Handle.result(timeout), Engine.stats() keys requests_finished, finish_<reason>,
-image_cache_entries, prefill_calls, decode_calls, error. Sampler(...) itself raises ValueError
-for bad values (the server builds it and maps that to a 400). max_prompt_tokens counts the text
-tokens (<bos> + prompt + "\n"), not the image tokens; Event.prompt_tokens counts both.
+Event.logprobs (one per token id) and top_logprobs (Request.top_logprobs alternatives per token
+id), Event.index (the choice, for Request.n > 1), exception Closed (submit after shutdown),
+Handle.result(timeout) / results(timeout), Engine.stats() keys requests_finished,
+finish_<reason> (per choice), image_cache_entries, prefill_calls, prefilled_prompts,
+decode_calls, error. Sampler(...) itself raises ValueError for bad values (the server builds it
+and maps that to a 400). max_prompt_tokens counts the text tokens (<bos> + prompt + "\n"), not
+the image tokens; Event.prompt_tokens counts both.
 
   submit   validates a Request at once (InputError, QueueFull) and queues it;
   thread   the engine thread owns the device: it prefills queued requests in batches (grouped
@@ -16,18 +18,25 @@ tokens (<bos> + prompt + "\n"), not the image tokens; Event.prompt_tokens counts
            tokens to each request's Handle and frees its row as soon as its request ends
            (<eos>, a stop string, max_tokens or cancel), to refill it at the next step.
 
+A request of n choices is prefilled once; its prompt's cache row and last logits are copied into
+n rows, each with its own key: choice i's is fold_in(sampling.seed_key(seed), i), the key
+`inference.Predictor` gives example i of a run, so choice 0 is the answer of n=1. It starts when
+n rows are free at once (first come, first served: the requests behind it wait too).
+
 One preallocated KV cache holds every row ([L, rows, image + prompt + max_tokens_limit, ...]);
 each row keeps its own end, so rows advance independently. A request's result depends on
 nothing else that runs: rows never see each other, and its sampler settings, max_tokens and PRNG
-key (fold_in(sampling.seed_key(seed), 0), then folded with the step index, as `autoregressive.Generator`
-keys row 0) are per-row arrays. Greedy answers equal `generate`'s; sampled ones equal `generate`'s for a
-single example with the same seed.
+key (fold_in(sampling.seed_key(seed), choice), then folded with the step index, as
+`autoregressive.Generator` keys its rows) are per-row arrays. Greedy answers equal `generate`'s;
+sampled ones equal `generate`'s for a single example with the same seed (choice i: for example i).
 
 Beside it: requests.py (what a caller holds), image_cache.py (identical images run the image
 tower once), text_stream.py (tokens -> the text a client may see, stop strings).
 
 Shapes, hence compiles: prefill batches of 1, 2, 4 .. `rows` rows, prompt text padded to 16, 32,
-64 .. max_prompt_tokens tokens; one decode chunk. `warmup` compiles the common ones (or all).
+64 .. max_prompt_tokens tokens (and for requests with n > 1, each count of choices: 1, 2, 4 ..
+`rows`); two decode chunks, without and with the top log-probs (the latter runs only while some
+row asked for top_logprobs). `warmup` compiles the common ones (or all).
 Multi-host meshes are not supported (one process drives the device).
 """
 
@@ -50,6 +59,7 @@ from paligemma_jax.checkpoints import loading
 from paligemma_jax.decoding import batching
 from paligemma_jax.decoding import core
 from paligemma_jax.decoding import sampling
+from paligemma_jax.model import kv_cache
 from paligemma_jax.model import paligemma
 from paligemma_jax.preprocess import processor
 from paligemma_jax.serving.image_cache import ImageCache, image_key
@@ -63,58 +73,79 @@ _DROP = -1  # Placeholder row index of a prefill batch's dummy rows; never writt
 
 @dataclasses.dataclass
 class _Live:
-  """One request from submit to its finishing event (host side)."""
+  """One request from submit to its last choice's finishing event (host side)."""
   request: Request
   handle: Handle
   tokens: np.ndarray  # [T] int32 prompt tokens (image tokens included).
   prefix_mask: np.ndarray  # [T] bool.
   length_bucket: int  # Padded prompt length of its prefill.
-  key: np.ndarray  # [2] uint32: fold_in(sampling.seed_key(seed), 0).
   image_key: tuple
-  stream: TextStream
+  choices: list["_Choice"] = dataclasses.field(default_factory=list)  # Request.n of them.
   pixels: np.ndarray | None = None  # Only when its image features were not cached at submit.
   features: jax.Array | None = None  # [N, D] once known.
+
+
+@dataclasses.dataclass
+class _Choice:
+  """One of a request's n samples: its key, its text so far and its row (host side)."""
+  live: _Live
+  index: int
+  key: np.ndarray  # [2] uint32: fold_in(sampling.seed_key(seed), index).
+  stream: TextStream
   row: int | None = None  # Its row of the decode batch, once admitted.
+  finished: bool = False  # Its finishing event was sent.
 
 
 def _compile(setup: core.Setup, *, steps: int):
   """The jitted (embed_images, prefill_insert, decode_chunk); they hold no engine or params."""
+  top_k = min(sampling.MAX_TOP_LOGPROBS, int(setup.valid.sum()))  # Alternatives computed.
 
   def embed_images(params, pixels):
     return setup.model.apply({"params": params}, pixels, method=setup.model.embed_image)
 
-  def prefill_insert(params, state: core.State, tokens, features, input_mask, prefix_mask, rows,
-                     rng, sampler, limit):
-    """Prefills B prompts from their image features and writes them into rows `rows` [B] of
-    the running batch (rows marked _DROP are padding and are not written); returns (state,
-    first tokens, their logprobs)."""
+  def prefill_insert(params, state: core.State, tokens, features, input_mask, prefix_mask, source,
+                     rows, rng, sampler, limit):
+    """Prefills B prompts from their image features, gives choice c [C] a copy of prompt
+    source[c]'s cache row and logits (source None: C = B, choice b is prompt b), and writes the
+    choices into rows `rows` [C] of the running batch (rows marked _DROP are padding and are
+    not written); returns (state, first tokens [C], their logprobs, top (ids, logprobs) [C, K])."""
     logits, cache = core.prefill(setup, params, tokens, input_mask, prefix_mask,
                                  features=features, cache_len=tokens.shape[1])
+    if source is not None:  # A prompt with n choices is prefilled once, copied into n rows.
+      logits, cache = logits[source], kv_cache.take_rows(cache, source)
     new, logprob = core.start(setup, logits, cache, rng, sampler, limit)
+    top = core.top_logprobs(setup, logits, top_k)  # Once per prefill: a small cost beside it.
     rows = jnp.where(rows == _DROP, state.token.shape[0], rows)  # Out of range: dropped.
     state = core.insert(state, rows, new)
     return (state.replace(cache=setup.split_cache(state.cache)), setup.replicate(new.token),
-            setup.replicate(logprob))
+            setup.replicate(logprob), setup.replicate(top))
 
-  def decode_chunk(params, state: core.State, active):
+  def decode_chunk(params, state: core.State, active, top: bool):
     """`steps` decode steps of every active, unfinished row -> (state, tokens [S, steps] with
-    -1 where a row chose nothing, their logprobs)."""
+    -1 where a row chose nothing, their logprobs, and with the static `top` each step's top
+    (ids, logprobs) [S, steps, K], else None). Without `top` nothing more is computed."""
     num_rows = state.token.shape[0]
 
     def body(i, carry):
-      s, out, out_logprobs = carry
-      s, token, logprob, running = core.step(setup, params, s, active)
+      s, out, out_logprobs, *best = carry
+      s, token, logprob, running, chosen_best = core.step(setup, params, s, active,
+                                                          top_k if top else 0)
       out = out.at[:, i].set(jnp.where(running, token, -1))
       out_logprobs = out_logprobs.at[:, i].set(jnp.where(running, logprob, 0.0))
-      return s, out, out_logprobs
+      best = [buffer.at[:, i].set(x) for buffer, x in zip(best, chosen_best or ())]
+      return (s, out, out_logprobs, *best)
 
     init = (state, jnp.full((num_rows, steps), -1, jnp.int32),
             jnp.zeros((num_rows, steps), jnp.float32))
-    state, out, out_logprobs = jax.lax.fori_loop(0, steps, body, init)
-    return state, setup.replicate(out), setup.replicate(out_logprobs)
+    if top:
+      init += (jnp.zeros((num_rows, steps, top_k), jnp.int32),
+               jnp.zeros((num_rows, steps, top_k), jnp.float32))
+    state, out, out_logprobs, *best = jax.lax.fori_loop(0, steps, body, init)
+    return (state, setup.replicate(out), setup.replicate(out_logprobs),
+            setup.replicate(tuple(best)) if top else None)
 
   return (jax.jit(embed_images), jax.jit(prefill_insert, donate_argnums=1),
-          jax.jit(decode_chunk, donate_argnums=1))
+          jax.jit(decode_chunk, donate_argnums=1, static_argnames="top"))
 
 
 class Engine:
@@ -152,7 +183,7 @@ class Engine:
           "positions.")
     self._embed, self._prefill, self._decode = _compile(self.setup, steps=steps_per_call)
     self._state = self._empty_state()
-    self._rows: list[_Live | None] = [None] * rows  # The request in each row, if any.
+    self._rows: list[_Choice | None] = [None] * rows  # The choice in each row, if any.
     self._pending: collections.deque[_Live] = collections.deque()
     self._images = ImageCache(image_cache_size)
     self._wake = threading.Condition()
@@ -183,16 +214,19 @@ class Engine:
 
   def submit(self, request: Request) -> Handle:
     """Validates synchronously: errors.InputError (one line) for an undecodable image, a prompt
-    too long, max_tokens < 1 or > max_tokens_limit, a bad sampler, seed or stop; QueueFull when
-    max_queue requests wait; Closed after shutdown() or a failure."""
+    too long, max_tokens < 1 or > max_tokens_limit, n < 1 or > rows, top_logprobs outside
+    [0, MAX_TOP_LOGPROBS], a bad sampler, seed or stop; QueueFull when the waiting requests
+    would need more than max_queue rows beyond the free ones (n each); Closed after shutdown()
+    or a failure."""
     live = self._validate(request)
     with self._wake:
       if self._closing or self._error:
         raise Closed("the engine is shutting down" if self._closing else f"the engine failed: "
                      f"{self._error}")
-      waiting = len(self._pending) - self._rows.count(None)  # The rest start at the next step.
-      if waiting >= self.max_queue:
-        raise QueueFull(f"{waiting} requests are already waiting")
+      # Rows wanted beyond the free ones (these start at the next step).
+      waiting = sum(len(l.choices) for l in self._pending) - self._rows.count(None)
+      if waiting + request.n > self.max_queue:
+        raise QueueFull(f"requests needing {max(waiting, 0)} rows are already waiting")
       self._pending.append(live)
       self._counts["requests_total"] += 1
       self._wake.notify_all()
@@ -214,8 +248,15 @@ class Engine:
     if request.sampler.method == "top_k" and request.sampler.top_k > self.vocab_size:
       raise errors.InputError(f"top_k must be at most the vocabulary ({self.vocab_size}), got "
                               f"{request.sampler.top_k}")
+    if not _is_int(request.n) or not 1 <= request.n <= self.num_rows:
+      raise errors.InputError(f"n must be an integer in [1, {self.num_rows}] (the engine's rows), "
+                              f"got {request.n!r}")
+    if not _is_int(request.top_logprobs) or not (
+        0 <= request.top_logprobs <= sampling.MAX_TOP_LOGPROBS):
+      raise errors.InputError(f"top_logprobs must be an integer in [0, "
+                              f"{sampling.MAX_TOP_LOGPROBS}], got {request.top_logprobs!r}")
     try:
-      key = np.asarray(core.row_keys(sampling.seed_key(request.seed), [0])[0])
+      keys = np.asarray(core.row_keys(sampling.seed_key(request.seed), np.arange(request.n)))
     except ValueError as e:
       raise errors.InputError(str(e)) from None
     tokens, prefix_mask, _ = processor.build_prompt(
@@ -225,10 +266,11 @@ class Engine:
       raise errors.InputError(f"the prompt has {text_length} tokens (with <bos> and the final "
                               f"newline); the limit is {self.max_prompt_tokens}")
     bucket = self._text_bucket(text_length) + self.num_image_tokens
-    stream = TextStream(self.tokenizer.decode, self.tokenizer.eos_id, request.max_tokens,
-                        tuple(request.stop))
-    live = _Live(request, Handle(self, len(tokens)), tokens, prefix_mask, bucket, key,
-                 image_key(request.image, self.image_size), stream)
+    live = _Live(request, Handle(self, len(tokens), request.n), tokens, prefix_mask, bucket,
+                 image_key(request.image, self.image_size))
+    live.choices = [_Choice(live, i, key, TextStream(self.tokenizer.decode, self.tokenizer.eos_id,
+                                                     request.max_tokens, tuple(request.stop)))
+                    for i, key in enumerate(keys)]
     with self._wake:
       live.features = self._images.get(live.image_key)
     if live.features is None:  # Decoded here, in the caller's thread, within the decode budget.
@@ -242,7 +284,8 @@ class Engine:
                   slots=self.num_rows, image_cache_entries=len(self._images),
                   **{k: self._counts[k] for k in (
                       "requests_total", "requests_finished", "tokens_total", "image_cache_hits",
-                      "image_cache_misses", "prefill_calls", "decode_calls")},
+                      "image_cache_misses", "prefill_calls", "prefilled_prompts",
+                      "decode_calls")},
                   error=self._error)
 
   # Lifecycle.
@@ -270,8 +313,9 @@ class Engine:
     with self._device:
       feature = self._embed(self._params, pixels(1))[0]
       jobs = [functools.partial(self._embed.lower, self._params, pixels(b)) for b in sizes[1:]]
-      jobs.append(functools.partial(self._decode.lower, self._params, self._state,
-                                    np.zeros((self.num_rows,), bool)))
+      for top in (False, True):
+        jobs.append(functools.partial(self._decode.lower, self._params, self._state,
+                                      np.zeros((self.num_rows,), bool), top=top))
       for b in sizes:
         features = jnp.stack([feature] * b)
         for length in self.text_buckets if every_shape or b == 1 else self.text_buckets[:1]:
@@ -280,7 +324,7 @@ class Engine:
           tokens[:, :self.num_image_tokens] = self.config.image_token_id
           mask = np.ones((b, t), bool)
           jobs.append(functools.partial(
-              self._prefill.lower, self._params, self._state, tokens, features, mask, mask,
+              self._prefill.lower, self._params, self._state, tokens, features, mask, mask, None,
               np.full((b,), _DROP, np.int32), np.zeros((b, 2), np.uint32),
               sampling.per_row([sampling.Sampler()] * b), np.ones((b,), np.int32)))
       with futures.ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
@@ -297,7 +341,7 @@ class Engine:
     if thread is None:  # Never started: nothing will run what waits.
       with self._wake:
         for live in self._pending:
-          self._finish(live, "cancelled")
+          self._finish_all(live, "cancelled")
         self._pending.clear()
       return
     thread.join()
@@ -326,8 +370,8 @@ class Engine:
       logging.exception("serving engine failed")
       with self._wake:
         self._error = f"{type(e).__name__}: {e}"
-        for live in [*self._pending, *filter(None, self._rows)]:
-          self._finish(live, "error", error=FAILED)
+        for live in self._requests():
+          self._finish_all(live, "error", error=FAILED)
         self._pending.clear()
         self._rows = [None] * self.num_rows
 
@@ -338,7 +382,7 @@ class Engine:
       if wait:
         self._wake.wait_for(lambda: self._pending or self._closing or any(self._rows))
       if not self._drain:
-        for live in [*self._pending, *filter(None, self._rows)]:
+        for live in self._requests():
           live.handle.cancelled = True
       self._drop_cancelled()
       if self._closing and not self._pending and not any(self._rows):
@@ -351,23 +395,30 @@ class Engine:
         self._decode_chunk()
     return True
 
+  def _requests(self) -> list[_Live]:
+    """Under the lock: every request waiting or running, once each."""
+    running = {id(c.live): c.live for c in self._rows if c is not None}
+    return [*self._pending, *running.values()]
+
   def _drop_cancelled(self):
-    """Under the lock: finishes cancelled requests, waiting or running (their row is free)."""
+    """Under the lock: finishes cancelled requests, waiting or running (their rows are free)."""
     for live in [l for l in self._pending if l.handle.cancelled]:
       self._pending.remove(live)
-      self._finish(live, "cancelled")
-    for live in filter(None, list(self._rows)):
-      if live.handle.cancelled:
-        self._finish(live, "cancelled")
+      self._finish_all(live, "cancelled")
+    for choice in filter(None, list(self._rows)):
+      if choice.live.handle.cancelled and not choice.finished:
+        self._finish(choice, "cancelled")
 
   def _admit(self) -> list[_Live]:
-    """Under the lock: moves waiting requests (first come, first served) into free rows."""
+    """Under the lock: moves waiting requests (first come, first served) into free rows, each
+    once it has a row for every choice."""
     free = [i for i, s in enumerate(self._rows) if s is None]
     admitted = []
-    while free and self._pending:
+    while self._pending and len(self._pending[0].choices) <= len(free):
       live = self._pending.popleft()
-      live.row = free.pop(0)
-      self._rows[live.row] = live
+      for choice in live.choices:
+        choice.row = free.pop(0)
+        self._rows[choice.row] = choice
       admitted.append(live)
     return admitted
 
@@ -421,51 +472,85 @@ class Engine:
       logging.exception("serving engine: %d request(s) failed", len(group))
       with self._wake:
         for live in group:
-          if live.row is not None and self._rows[live.row] is live:
-            self._finish(live, "error", error=FAILED)
+          self._finish_all(live, "error", error=FAILED)
 
   def _prefill_group(self, length: int, group: list[_Live]):
-    rows = group + group[:1] * (batching.bucketed(len(group)) - len(group))
-    tokens, input_mask = batching.right_pad([l.tokens for l in rows], length)
-    prefix_mask, _ = batching.right_pad([l.prefix_mask for l in rows], length, bool)
-    targets = np.array([l.row for l in group] + [_DROP] * (len(rows) - len(group)), np.int32)
-    self._state, token, logprob = self._prefill(
-        self._params, self._state, tokens, jnp.stack([l.features for l in rows]), input_mask,
-        prefix_mask, targets, np.stack([l.key for l in rows]),
-        sampling.per_row([l.request.sampler for l in rows]),
-        np.array([l.request.max_tokens for l in rows], np.int32))
+    """One prefill of the group's prompts; each request's n choices start from its one row."""
+    prompts = group + group[:1] * (batching.bucketed(len(group)) - len(group))
+    tokens, input_mask = batching.right_pad([l.tokens for l in prompts], length)
+    prefix_mask, _ = batching.right_pad([l.prefix_mask for l in prompts], length, bool)
+    choices = [c for l in group for c in l.choices]
+    padded = choices + choices[:1] * (batching.bucketed(len(choices)) - len(choices))
+    source = None  # Every request has one choice: choice i is prompt i (no copies compiled).
+    if len(choices) > len(group):
+      source = np.array([i for i, l in enumerate(group) for _ in l.choices] +
+                        [0] * (len(padded) - len(choices)), np.int32)
+    targets = np.array([c.row for c in choices] + [_DROP] * (len(padded) - len(choices)), np.int32)
+    self._state, token, logprob, top = self._prefill(
+        self._params, self._state, tokens, jnp.stack([l.features for l in prompts]), input_mask,
+        prefix_mask, source, targets, np.stack([c.key for c in padded]),
+        sampling.per_row([c.live.request.sampler for c in padded]),
+        np.array([c.live.request.max_tokens for c in padded], np.int32))
     self._counts["prefill_calls"] += 1
-    token, logprob = np.asarray(token), np.asarray(logprob)
+    self._counts["prefilled_prompts"] += len(group)
+    token, logprob, (top_ids, top_logprobs) = np.asarray(token), np.asarray(logprob), map(
+        np.asarray, top)
     with self._wake:
-      for i, live in enumerate(group):
-        with self._failing_alone([live]):
-          self._advance(live, token[i:i + 1], logprob[i:i + 1])
+      for i, choice in enumerate(choices):
+        if not choice.finished:
+          with self._failing_alone([choice.live]):
+            self._advance(choice, token[i:i + 1], logprob[i:i + 1], top_ids[i:i + 1],
+                          top_logprobs[i:i + 1])
 
   def _decode_chunk(self):
-    active = np.array([s is not None for s in self._rows])
-    self._state, out, logprobs = self._decode(self._params, self._state, active)
+    active = np.array([c is not None for c in self._rows])
+    top = any(c is not None and c.live.request.top_logprobs > 0 for c in self._rows)
+    self._state, out, logprobs, best = self._decode(self._params, self._state, active, top=top)
     out, logprobs = np.asarray(out), np.asarray(logprobs)
+    top_ids, top_logprobs = (None, None) if best is None else map(np.asarray, best)
     self._counts["decode_calls"] += 1
     with self._wake:
-      for row, live in enumerate(self._rows):
-        if live is not None and active[row]:
+      for row, choice in enumerate(self._rows):  # A row freed meanwhile reads None.
+        if choice is not None and active[row]:
           chosen = out[row] >= 0
-          with self._failing_alone([live]):
-            self._advance(live, out[row][chosen], logprobs[row][chosen])
+          with self._failing_alone([choice.live]):
+            self._advance(choice, out[row][chosen], logprobs[row][chosen],
+                          *((None, None) if best is None else
+                            (top_ids[row][chosen], top_logprobs[row][chosen])))
 
-  def _advance(self, live: _Live, tokens, logprobs):
-    """Under the lock: takes a request's new tokens; sends an event; finishes it if it ended."""
-    new, delta, finish = live.stream.push(tokens.tolist())
+  def _advance(self, choice: _Choice, tokens, logprobs, top_ids=None, top_logprobs=None):
+    """Under the lock: takes a choice's new tokens (with their top ids and logprobs [T, K] when
+    computed); sends an event; finishes the choice if it ended."""
+    new, delta, finish = choice.stream.push(tokens.tolist())
     self._counts["tokens_total"] += len(new)
-    self._finish(live, finish, delta=delta, ids=new, logprobs=logprobs[:len(new)].tolist())
+    k = choice.live.request.top_logprobs
+    top = [] if not k or top_ids is None else [
+        list(zip(ids[:k].tolist(), values[:k].tolist()))
+        for ids, values in zip(top_ids[:len(new)], top_logprobs[:len(new)])]
+    self._finish(choice, finish, delta=delta, ids=new, logprobs=logprobs[:len(new)].tolist(),
+                 top=top)
 
-  def _finish(self, live: _Live, finish: str | None, *, delta: str = "", ids=(), logprobs=(),
-              error: str | None = None):
-    """Under the lock: sends one event; a finishing one also frees the request's row."""
+  def _finish(self, choice: _Choice, finish: str | None, *, delta: str = "", ids=(),
+              logprobs=(), top=(), error: str | None = None):
+    """Under the lock: sends one event of a choice; a finishing one also frees its row, and the
+    request's last one finishes the request."""
+    live = choice.live
     if finish is not None:
-      if live.row is not None and self._rows[live.row] is live:
-        self._rows[live.row] = None
-      self._counts["requests_finished"] += 1
+      if choice.row is not None and self._rows[choice.row] is choice:
+        self._rows[choice.row] = None
+      choice.finished = True
       self._counts[f"finish_{finish}"] += 1
+      if all(c.finished for c in live.choices):
+        self._counts["requests_finished"] += 1
     live.handle._put(Event(delta, list(ids), finish, live.handle.prompt_tokens,
-                           len(live.stream.ids), error, list(logprobs)))
+                           len(choice.stream.ids), error, list(logprobs), choice.index, list(top)))
+
+  def _finish_all(self, live: _Live, finish: str, *, error: str | None = None):
+    """Under the lock: finishes every choice of a request not finished yet."""
+    for choice in live.choices:
+      if not choice.finished:
+        self._finish(choice, finish, error=error)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)

@@ -11,7 +11,9 @@ Every failure is an `APIError` carrying the HTTP status (400, or 413 for a body 
 limit) and OpenAI's error body {"error": {"message", "type", "param", "code"}}, so a bad request
 is answered alone and never reaches the engine. Sampling follows OpenAI's fields: temperature 0
 (the default here, PaliGemma's own decoding) is greedy; otherwise top_k (an extension) or top_p
-below 1 truncates, else plain temperature sampling.
+below 1 truncates, else plain temperature sampling. `n` asks for that many choices (at most
+Limits.max_n), `logprobs: true` for each token's log-probability and `top_logprobs` (0..20, only
+with logprobs: true, as OpenAI rules) for that many alternatives per token.
 """
 
 import base64
@@ -62,6 +64,7 @@ class Limits:
   url_timeout_s: float = 10.0
   segment: bool = False  # The server has the mask decoder (--vae_npz), so task "segment" runs.
   max_top_k: int = sampling.MAX_TOP_K  # The server sets its vocabulary size.
+  max_n: int = 8  # Choices per request (`n`); the server also bounds it by the engine's rows.
 
 
 @dataclasses.dataclass
@@ -76,6 +79,9 @@ class ChatRequest:
   stop: tuple[str, ...]
   stream: bool
   include_usage: bool  # stream_options.include_usage: a last chunk with the usage.
+  n: int  # Choices.
+  logprobs: bool  # Each token's log-probability in choices[i].logprobs.
+  top_logprobs: int  # With logprobs: alternatives per token (0..MAX_TOP_LOGPROBS).
   task: str | None  # "detect" | "segment": add boxes, labels (and masks) to the reply.
   model: str | None
 
@@ -108,11 +114,16 @@ def parse_chat_request(body: dict, limits: Limits, default_max_tokens: int = 32)
     raise bad("max_completion_tokens and max_tokens differ: give one of them.",
               "max_completion_tokens")
   max_tokens = next(iter(given.values()), default_max_tokens)
-  if _integer(body, "n", 1, default=1) != 1:
-    raise bad("Only n=1 is supported.", "n", "unsupported")
-  if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
-    raise bad("logprobs are not supported yet: leave logprobs and top_logprobs out (or false).",
-              "logprobs", "unsupported")
+  n = _integer(body, "n", 1, default=1)
+  if n > limits.max_n:
+    raise bad(f"n must be at most {limits.max_n} on this server (its --max_n, and no more than "
+              f"its --slots), got {_shown(n)}.", "n")
+  logprobs = body.get("logprobs")
+  if logprobs is not None and not isinstance(logprobs, bool):
+    raise bad(f"logprobs must be true or false, got {_shown(logprobs)}.", "logprobs")
+  top_logprobs = _integer(body, "top_logprobs", 0, default=0, maximum=sampling.MAX_TOP_LOGPROBS)
+  if body.get("top_logprobs") is not None and not logprobs:
+    raise bad("top_logprobs needs logprobs: true.", "top_logprobs")
   task = body.get("task")
   if task is not None and task not in tasks.OBJECT_TASKS:
     raise bad(f"task must be one of {', '.join(tasks.OBJECT_TASKS)}, got {task!r}.", "task")
@@ -132,7 +143,8 @@ def parse_chat_request(body: dict, limits: Limits, default_max_tokens: int = 32)
   return ChatRequest(prompt=prompt, image=image, image_size=size, max_tokens=max_tokens,
                      sampler=_sampler(body, limits.max_top_k), seed=_seed(body),
                      stop=_stop(body.get("stop")), stream=stream,
-                     include_usage=bool(options.get("include_usage")), task=task, model=model)
+                     include_usage=bool(options.get("include_usage")), n=n,
+                     logprobs=bool(logprobs), top_logprobs=top_logprobs, task=task, model=model)
 
 
 def _message(messages) -> tuple[str, str]:

@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP server (FastAPI) over an `engine.Engine`.
 
-  POST /v1/chat/completions  schema.parse_chat_request -> engine.submit -> the reply, or with
-                             "stream": true server-sent events in OpenAI's chunk format, then
-                             `data: [DONE]`
+  POST /v1/chat/completions  schema.parse_chat_request -> engine.submit -> the reply (its n
+                             choices, each with its log-probs if asked), or with "stream": true
+                             server-sent events in OpenAI's chunk format, then `data: [DONE]`
   GET  /v1/models            the one model this server runs
   GET  /health               {"status": "ok"}, or 503 {"status": "error", "reason"} once the
                              engine cannot serve; never behind the API key (load balancers)
@@ -19,8 +19,10 @@ has stopped accepting connections and let the running requests finish.
 """
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import functools
 import hmac
 import importlib.resources
 import json
@@ -43,6 +45,7 @@ from paligemma_jax.serving import schema
 
 DISCONNECT_POLL_S = 0.5  # How often a non-streaming request checks that its client is still there.
 INTERNAL = "The server failed while handling this request."  # A 500's message; details logged.
+MIN_LOGPROB = -9999.0  # The least log-prob written: OpenAI's "very unlikely"; JSON has no -inf.
 
 
 def _error(status: int, message: str, *, type: str = "invalid_request_error", code=None,
@@ -96,6 +99,32 @@ def _finish_reason(reason: str | None) -> str | None:
   return {"eos": "stop"}.get(reason, reason)
 
 
+class _Logprobs:
+  """OpenAI's `logprobs.content` entries of an event's tokens: {"token", "logprob", "bytes",
+  "top_logprobs": [{"token", "logprob", "bytes"}, ...]}; a token's text and bytes are
+  `Tokenizer.piece`'s (decoded alone; a byte-fallback piece's bytes are its raw byte)."""
+
+  def __init__(self, engine):
+    self._piece = functools.lru_cache(maxsize=1 << 16)(lambda i: engine.tokenizer.piece(i))
+
+  def _entry(self, token_id: int, logprob: float) -> dict:
+    text, raw = self._piece(token_id)
+    if not logprob >= MIN_LOGPROB:  # Also NaN (never expected), which JSON lacks too.
+      logprob = MIN_LOGPROB
+    return {"token": text, "logprob": logprob, "bytes": list(raw)}
+
+  def content(self, event, top_logprobs: int) -> list[dict]:
+    alternatives = event.top_logprobs or [[]] * len(event.token_ids)
+    return [{**self._entry(i, logprob), "top_logprobs": [
+        self._entry(j, value) for j, value in top[:top_logprobs]]}
+            for i, logprob, top in zip(event.token_ids, event.logprobs, alternatives)]
+
+
+def _choice_logprobs(content: list | None) -> dict | None:
+  """A choice's (or a chunk's) `logprobs` field: None unless asked."""
+  return None if content is None else {"content": content, "refusal": None}
+
+
 def create_app(engine, *, model_name: str, api_key: str | None = None,
                limits: schema.Limits = schema.Limits(), vae_params=None,
                default_max_tokens: int = 32, on_ready=None) -> fastapi.FastAPI:
@@ -106,8 +135,10 @@ def create_app(engine, *, model_name: str, api_key: str | None = None,
   on_ready: called once the app has started (the CLI prints the URL).
   """
   limits = dataclasses.replace(limits, segment=vae_params is not None,
-                               max_top_k=engine.vocab_size)
+                               max_top_k=engine.vocab_size,
+                               max_n=min(limits.max_n, engine.num_rows))
   metrics = metrics_lib.Metrics(engine)
+  logprobs = _Logprobs(engine)
   object_tasks = {name: tasks.get(name, vae_params) for name in tasks.OBJECT_TASKS}
   page = importlib.resources.files("paligemma_jax.serving").joinpath("page.html").read_text()
   created = int(time.time())
@@ -191,7 +222,8 @@ def create_app(engine, *, model_name: str, api_key: str | None = None,
 
   async def submit(chat: schema.ChatRequest):
     request = engine_lib.Request(prompt=chat.prompt, image=chat.image, max_tokens=chat.max_tokens,
-                                 sampler=chat.sampler, seed=chat.seed, stop=chat.stop)
+                                 sampler=chat.sampler, seed=chat.seed, stop=chat.stop, n=chat.n,
+                                 top_logprobs=chat.top_logprobs if chat.logprobs else 0)
     try:
       return await run_in_threadpool(engine.submit, request)  # Decodes the image: not here.
     except errors.InputError as e:
@@ -220,16 +252,17 @@ def create_app(engine, *, model_name: str, api_key: str | None = None,
                             code="invalid_value")
     handle = await submit(chat)
     reply = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model_name)
-    timing = _Timing(metrics, arrival)
+    timing = _Timing(metrics, arrival, chat.n)
     if chat.stream:
       metrics.requests.labels("200").inc()
-      return _ClosingStream(_stream(chat, handle, reply, timing, task_fields),
+      return _ClosingStream(_stream(chat, handle, reply, timing, task_fields, logprobs),
                             media_type="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    events, text, final = _Events(handle), [], None
+    events, finals, failed = _Events(handle), {}, None
+    texts, contents = collections.defaultdict(list), collections.defaultdict(list)
     checked = time.monotonic()
     try:
-      while final is None:
+      while len(finals) < chat.n and failed is None:
         try:
           event = await events.get(DISCONNECT_POLL_S)
         except asyncio.TimeoutError:
@@ -238,35 +271,43 @@ def create_app(engine, *, model_name: str, api_key: str | None = None,
           checked = time.monotonic()
           if await request.is_disconnected():
             metrics.requests.labels("499").inc()  # Client closed the request (nginx's code).
-            return responses.Response(status_code=499)  # Nobody reads it; the slot is freed.
+            return responses.Response(status_code=499)  # Nobody reads it; the rows are freed.
         if event is None:
           continue
         timing.event(event)
-        text.append(event.text)
-        if event.finish_reason is not None:
-          final = event
+        texts[event.index].append(event.text)
+        if chat.logprobs:
+          contents[event.index] += logprobs.content(event, chat.top_logprobs)
+        if event.finish_reason == "error":
+          failed = event
+        elif event.finish_reason is not None:
+          finals[event.index] = event
     finally:
-      if final is None:
+      if len(finals) < chat.n:  # Left early (a disconnect, an error): the other choices stop.
         handle.cancel()
-    if final.finish_reason == "error":
+    if failed is not None:
       metrics.requests.labels("500").inc()
-      return _error(500, final.error or "The request failed.", type="server_error")
-    content = "".join(text)
-    message = {"role": "assistant", "content": content, **await task_fields(chat, content)}
+      return _error(500, failed.error or "The request failed.", type="server_error")
+    choices = []
+    for i in range(chat.n):
+      content = "".join(texts[i])
+      message = {"role": "assistant", "content": content, **await task_fields(chat, content)}
+      choices.append({"index": i, "message": message,
+                      "logprobs": _choice_logprobs(contents[i] if chat.logprobs else None),
+                      "finish_reason": _finish_reason(finals[i].finish_reason)})
     metrics.requests.labels("200").inc()
-    return {**reply, "object": "chat.completion",
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": _finish_reason(final.finish_reason)}],
-            "usage": _usage(final)}
+    return {**reply, "object": "chat.completion", "choices": choices,
+            "usage": _usage(list(finals.values()))}
 
   return app
 
 
 class _Timing:
-  """One request's token times, reported to the metrics when it ends."""
+  """One request's token times, reported to the metrics when its n choices have ended."""
 
-  def __init__(self, metrics, arrival):
-    self.metrics, self.arrival, self.first = metrics, arrival, None
+  def __init__(self, metrics, arrival, n: int = 1):
+    self.metrics, self.arrival, self.first, self.n = metrics, arrival, None, n
+    self.finals = []
 
   def event(self, event):
     now = time.monotonic()
@@ -274,49 +315,59 @@ class _Timing:
       self.first = now
     self.metrics.tokens(len(event.token_ids))
     if event.finish_reason is not None:
-      self.metrics.finished(self.arrival, self.first, now, event.completion_tokens,
-                            event.prompt_tokens)
+      self.finals.append(event)
+      if len(self.finals) == self.n:  # Choices decode side by side: the longest one's pace.
+        self.metrics.finished(self.arrival, self.first, now,
+                              max(e.completion_tokens for e in self.finals), event.prompt_tokens)
 
 
-def _usage(event) -> dict:
-  return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-          "total_tokens": event.prompt_tokens + event.completion_tokens}
+def _usage(finals: list) -> dict:
+  """OpenAI's usage of a request: its prompt once, the tokens of every choice."""
+  prompt, completion = finals[0].prompt_tokens, sum(e.completion_tokens for e in finals)
+  return {"prompt_tokens": prompt, "completion_tokens": completion,
+          "total_tokens": prompt + completion}
 
 
 def _sse(data) -> str:
   return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _stream(chat, handle, reply, timing, task_fields):
-  """OpenAI's chunks: the role, then content deltas, then the finish_reason (with the task's
-  fields), then usage if asked, then [DONE]. Cancels the request if the client leaves."""
+async def _stream(chat, handle, reply, timing, task_fields, logprobs):
+  """OpenAI's chunks: the role of each choice, then content deltas (with their tokens'
+  log-probs if asked), each choice's finish_reason (with the task's fields) as it ends, then
+  usage if asked, then [DONE]. Each chunk holds one choice, by its index. Cancels the request if
+  the client leaves."""
   chunk = {**reply, "object": "chat.completion.chunk"}
 
-  def choice(delta, finish_reason=None):
-    return _sse({**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+  def choice(index, delta, finish_reason=None, content=None):
+    return _sse({**chunk, "choices": [{"index": index, "delta": delta,
+                                       "logprobs": _choice_logprobs(content),
                                        "finish_reason": finish_reason}]})
 
-  finished = False
+  finals = {}
   try:
-    yield choice({"role": "assistant", "content": ""})
-    events, text = _Events(handle), []
-    while True:
+    for i in range(chat.n):
+      yield choice(i, {"role": "assistant", "content": ""})
+    events, texts = _Events(handle), collections.defaultdict(list)
+    while len(finals) < chat.n:
       event = await events.get()
       timing.event(event)
-      if event.text:
-        text.append(event.text)
-        yield choice({"content": event.text})
-      if event.finish_reason is not None:
+      content = logprobs.content(event, chat.top_logprobs) if chat.logprobs else None
+      if event.text or content:  # Tokens whose text is held back still bring their log-probs.
+        texts[event.index].append(event.text)
+        yield choice(event.index, {"content": event.text}, content=content)
+      if event.finish_reason == "error":
+        yield _sse(schema.APIError(500, event.error or "The request failed.",
+                                   type="server_error").body())
         break
-    finished = True
-    if event.finish_reason == "error":
-      yield _sse(schema.APIError(500, event.error or "The request failed.",
-                                 type="server_error").body())
+      if event.finish_reason is not None:
+        finals[event.index] = event
+        yield choice(event.index, await task_fields(chat, "".join(texts[event.index])),
+                     _finish_reason(event.finish_reason))
     else:
-      yield choice(await task_fields(chat, "".join(text)), _finish_reason(event.finish_reason))
       if chat.include_usage:
-        yield _sse({**chunk, "choices": [], "usage": _usage(event)})
+        yield _sse({**chunk, "choices": [], "usage": _usage(list(finals.values()))})
     yield "data: [DONE]\n\n"
   finally:
-    if not finished:
+    if len(finals) < chat.n:
       handle.cancel()

@@ -176,6 +176,28 @@ def test_top_k_draws_among_exactly_k_tied_tokens():
   assert draw(uniform, sampling.Sampler("top_p", top_p=0.3)) == {0, 1, 2}
 
 
+def test_top_logprobs_are_the_most_likely_valid_ids_with_chosen_logprobs_values():
+  """Against numpy: the k largest logits among the valid ids (ties: the lower id first, as
+  greedy's argmax), valued as log_softmax over the whole table; the greedy choice comes first."""
+  logits = np.array(jax.random.normal(jax.random.PRNGKey(4), (3, 50)) * 4, np.float32)
+  logits[0, [7, 9, 11]] = 20.0  # Tied first: ids 7, 9, 11 in that order.
+  logits[1, 3] = 50.0  # Most likely, but not valid.
+  valid = np.ones((50,), bool)
+  valid[[3, 40, 41]] = False
+  ids, values = sampling.top_logprobs(jnp.asarray(logits), 6, jnp.asarray(valid))
+  shifted = logits - logits.max(1, keepdims=True)
+  want_logprobs = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+  for row in range(3):
+    order = [i for i in np.argsort(-logits[row], kind="stable") if valid[i]][:6]
+    assert list(np.asarray(ids[row])) == order
+    np.testing.assert_allclose(values[row], want_logprobs[row, order], rtol=1e-6, atol=1e-6)
+  assert list(np.asarray(ids[0, :3])) == [7, 9, 11]
+  greedy = sampling.sample(jnp.asarray(logits), row_keys(logits), sampling.Sampler().as_arrays(),
+                           jnp.asarray(valid))
+  np.testing.assert_array_equal(ids[:, 0], greedy)
+  np.testing.assert_array_equal(values[:, 0], sampling.chosen_logprobs(jnp.asarray(logits), greedy))
+
+
 def test_invalid_ids_are_never_chosen_by_any_sampler():
   logits = jnp.array([[0.0, 1.0, 2.0, 9.0, 8.0]] * 500, jnp.float32)  # The best two are invalid.
   valid = jnp.array([True, True, True, False, False])

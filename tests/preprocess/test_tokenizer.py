@@ -118,3 +118,19 @@ def test_text_that_is_not_unicode_is_an_input_error_naming_the_character(tok, te
   # a RuntimeError that stopped whole runs; it is now the example's own error.
   with pytest.raises(errors.InputError, match="not valid Unicode.*surrogate"):
     tok.encode(text)
+
+
+def test_a_piece_alone_as_log_probs_show_it(tok):
+  """Its text decoded alone (specials by name); its bytes that text's UTF-8, but a byte-fallback
+  piece's raw byte: the bytes of a text's tokens join into the text's UTF-8."""
+  text = "détecté ☃ 😀 on the bench\n<loc0012>"
+  ids = tok.encode(text)
+  pieces = [tok.piece(i) for i in ids]
+  assert b"".join(raw for _, raw in pieces) == text.encode("utf-8")
+  raw_bytes = {i: int(tok._sp.id_to_piece(i)[3:5], 16) for i in ids if tok._sp.is_byte(i)}
+  assert len(raw_bytes) > 4 and all(tok.piece(i) == ("\ufffd", bytes([b]))
+                                    for i, b in raw_bytes.items())  # "<0xC3>": b"\xc3".
+  assert tok.piece(tok.token_to_id("<loc0012>")) == ("<loc0012>", b"<loc0012>")
+  assert tok.piece(tok.eos_id) == ("<eos>", b"<eos>") and tok.piece(tok.pad_id)[0] == "<pad>"
+  assert tok.piece(tok.vocab_size) == ("", b"") and tok.piece(-1) == ("", b"")
+  assert all(text == tok.decode([i]) for i, (text, _) in zip(ids, pieces))

@@ -240,6 +240,115 @@ def test_a_failure_preparing_one_request_fails_it_alone(engine, predictor, monke
   assert answer(later) == reference(predictor, png(3), "caption en")
 
 
+def assert_top_logprobs(result, k, vocab, greedy):
+  """k alternatives per token, most likely first, distinct ids that may be chosen; the chosen
+  token's log-prob is its entry's when it is among them (greedy: always the first)."""
+  assert len(result.top_logprobs) == len(result.token_ids) > 0
+  for token, logprob, top in zip(result.token_ids, result.logprobs, result.top_logprobs):
+    ids, values = [i for i, _ in top], [v for _, v in top]
+    assert len(top) == k and len(set(ids)) == k and all(0 <= i < vocab for i in ids)
+    assert values == sorted(values, reverse=True) and values[0] <= 0
+    if greedy:
+      assert (ids[0], values[0]) == (token, logprob)
+    if token in ids:
+      assert values[ids.index(token)] == logprob
+    else:
+      assert logprob <= values[-1]
+
+
+def test_logprobs_and_top_logprobs_as_generate(engine, predictor):
+  """The log-probs are generate's (to float32 rounding: the two batch rows differently);
+  top_logprobs the most likely ids, the greedy choice first."""
+  vocab = engine.tokenizer.vocab_size
+  greedy = engine.submit(engine_lib.Request("caption en", png(1), MAX_NEW, top_logprobs=5))
+  sampled = engine.submit(engine_lib.Request("caption en", png(1), MAX_NEW, TEMPERATURE, seed=3,
+                                             top_logprobs=20))
+  run_until_idle(engine)
+  [want] = predictor.predict([inference.Example(png(1), "caption en")], max_new_tokens=MAX_NEW)
+  result = greedy.result(timeout=0)
+  assert result.token_ids == want["tokens"]
+  np.testing.assert_allclose(result.logprobs, want["logprobs"], rtol=1e-5, atol=1e-5)
+  assert_top_logprobs(result, 5, vocab, greedy=True)
+  [want] = predictor.predict([inference.Example(png(1), "caption en")], max_new_tokens=MAX_NEW,
+                             sampler=TEMPERATURE, seed=3)
+  result = sampled.result(timeout=0)
+  assert result.token_ids == want["tokens"]
+  np.testing.assert_allclose(result.logprobs, want["logprobs"], rtol=1e-5, atol=1e-5)
+  assert_top_logprobs(result, 20, vocab, greedy=False)
+  plain = engine.submit(engine_lib.Request("caption en", png(1), MAX_NEW))
+  run_until_idle(engine)
+  assert plain.result(timeout=0).top_logprobs == []  # Only asked for.
+
+
+def test_n_choices_share_one_prefill_each_with_its_key(engine, predictor):
+  """Choice i of a request answers as example i of a generate run with its seed: choice 0 is the
+  n=1 answer; the prompt is prefilled once for all of them."""
+  example = inference.Example(png(2), "answer en what is it")
+  want = list(predictor.predict([example] * 2, max_new_tokens=MAX_NEW, sampler=TOP_K, seed=7))
+  before = engine.stats()
+  handle = engine.submit(engine_lib.Request(example.prompt, example.image, MAX_NEW, TOP_K,
+                                            seed=7, n=2, top_logprobs=2))
+  run_until_idle(engine)
+  after = engine.stats()
+  assert after["prefilled_prompts"] - before["prefilled_prompts"] == 1
+  assert after["prefill_calls"] - before["prefill_calls"] == 1
+  results = handle.results(timeout=0)
+  assert [r.index for r in results] == [0, 1]
+  for result, w in zip(results, want):
+    assert (result.token_ids, result.text, result.finish_reason) == (
+        w["tokens"], w["text"], w["stop_reason"])
+    np.testing.assert_allclose(result.logprobs, w["logprobs"], rtol=1e-5, atol=1e-5)
+    assert_top_logprobs(result, 2, engine.tokenizer.vocab_size, greedy=False)
+  assert results[0].token_ids != results[1].token_ids  # Distinct keys.
+  one = engine.submit(engine_lib.Request(example.prompt, example.image, MAX_NEW, TOP_K, seed=7))
+  greedy = engine.submit(engine_lib.Request(example.prompt, example.image, MAX_NEW, n=2))
+  run_until_idle(engine)
+  assert one.result(timeout=0).token_ids == results[0].token_ids
+  with pytest.raises(ValueError, match="results"):
+    greedy.result(timeout=0)
+  first, second = greedy.results(timeout=0)  # Greedy: n identical choices.
+  assert first.token_ids == second.token_ids and first.text == second.text
+
+
+def test_a_request_with_n_choices_waits_for_its_rows_and_cancel_frees_them(engine):
+  """First come, first served: a request waits until it has a row for every choice, and the
+  ones behind it wait too; max_queue counts the rows the waiting requests need."""
+  request = engine_lib.Request("caption en", png(0), max_tokens=12)
+  running = engine.submit(request)
+  engine._step(wait=False)
+  pair = engine.submit(engine_lib.Request("caption en", png(0), max_tokens=12, n=2))
+  behind = engine.submit(request)  # 3 rows wanted, 1 free: 2 beyond it, max_queue 2.
+  with pytest.raises(engine_lib.QueueFull):
+    engine.submit(request)
+  engine._step(wait=False)  # One row is free; the pair needs two: both wait.
+  assert engine.stats()["running_slots"] == 1 and engine.stats()["queue_depth"] == 2
+  running.cancel()
+  engine._step(wait=False)
+  assert engine.stats()["running_slots"] == 2 and engine.stats()["queue_depth"] == 1
+  pair.cancel()
+  engine._step(wait=False)  # Both of its rows are freed; the one behind takes one.
+  assert engine.stats()["running_slots"] == 1 and engine.stats()["queue_depth"] == 0
+  results = pair.results(timeout=0)
+  assert [(r.index, r.finish_reason) for r in results] == [(0, "cancelled"), (1, "cancelled")]
+  run_until_idle(engine)
+  assert running.result(timeout=0).finish_reason == "cancelled"
+  assert behind.result(timeout=0).finish_reason == "length"
+
+
+def test_bad_n_and_top_logprobs_are_refused_at_submit(engine, predictor):
+  running = engine.submit(engine_lib.Request("caption en", png(1), max_tokens=MAX_NEW))
+  engine._step(wait=False)
+  for change in [dict(n=0), dict(n=3), dict(n=10**30), dict(n="2"), dict(n=True), dict(n=1.0),
+                 dict(top_logprobs=21), dict(top_logprobs=-1), dict(top_logprobs=True),
+                 dict(top_logprobs="2")]:
+    with pytest.raises(errors.InputError, match=f"^{next(iter(change))} must be"):
+      engine.submit(engine_lib.Request(**{"prompt": "ocr", "image": png(2), "max_tokens": 4,
+                                          **change}))
+  assert engine.stats()["queue_depth"] == 0
+  run_until_idle(engine)
+  assert answer(running) == reference(predictor, png(1), "caption en")
+
+
 def test_threaded_streaming_and_draining_shutdown(engine, predictor):
   engine.warmup()  # Shapes of one prompt bucket only here (2 rows): nothing new to compile.
   engine.start()
@@ -279,3 +388,4 @@ def test_per_row_sampler_settings_choose_as_one_sampler_per_batch():
   for i, sampler in enumerate(samplers):
     assert per_row[i] == np.asarray(sample(logits, keys, sampler.as_arrays()))[i]
   assert len(set(per_row)) > 1
+

@@ -40,24 +40,41 @@ from helpers import ROOT, assert_expected_failure
 
 
 class FakeHandle:
-  def __init__(self, pieces, prompt_tokens, finish, hold):
+  """Each of n choices sends the pieces in turn: piece k is token 100 + k with logprob
+  -k - choice / 10, its top_logprobs that token then ids 200 + j with logprob -k - 1 - j."""
+
+  def __init__(self, pieces, prompt_tokens, finish, hold, n=1, top_logprobs=0):
     self.pieces, self.prompt_tokens, self.finish, self.hold = pieces, prompt_tokens, finish, hold
+    self.n, self.top_logprobs = n, top_logprobs
     self.cancelled = threading.Event()
 
   def events(self, timeout=None):
     count = 0
     for i, piece in enumerate(self.pieces):
       count += 1
-      yield engine_lib.Event(piece, [100 + count], None, self.prompt_tokens, count)
+      for index in range(self.n):
+        logprob = -count - index / 10
+        top = [[(100 + count, logprob)] + [(200 + j, -count - 1 - j) for j in range(
+            self.top_logprobs - 1)]] if self.top_logprobs else []
+        yield engine_lib.Event(piece, [100 + count], None, self.prompt_tokens, count,
+                               logprobs=[logprob], index=index, top_logprobs=top)
       if self.hold and i == 0:  # Waits for the client to leave.
         self.cancelled.wait(10)
       if self.cancelled.is_set():
-        yield engine_lib.Event("", [], "cancelled", self.prompt_tokens, count)
+        for index in range(self.n):
+          yield engine_lib.Event("", [], "cancelled", self.prompt_tokens, count, index=index)
         return
-    yield engine_lib.Event("", [], self.finish, self.prompt_tokens, count)
+    for index in range(self.n):
+      yield engine_lib.Event("", [], self.finish, self.prompt_tokens, count, index=index)
 
   def cancel(self):
     self.cancelled.set()
+
+
+class FakeTokenizer:
+  @staticmethod
+  def piece(i):
+    return f"<{i}>", f"<{i}>".encode() if i < 200 else bytes([i - 200 + 0xE0])
 
 
 class FakeEngine:
@@ -70,6 +87,8 @@ class FakeEngine:
     self.shut_down = None
     self.max_tokens_limit = 100
     self.vocab_size = 1000
+    self.num_rows = 8
+    self.tokenizer = FakeTokenizer()
     self.failed = None  # What health() says.
 
   def submit(self, request):
@@ -84,7 +103,8 @@ class FakeEngine:
     pieces = text.split("|") if "|" in text else [w + " " for w in text.split()]
     pieces = pieces[:request.max_tokens]
     finish = "length" if len(pieces) == request.max_tokens else "stop"
-    self.handles.append(FakeHandle(pieces, 260, finish, self.hold))
+    self.handles.append(FakeHandle(pieces, 260, finish, self.hold, request.n,
+                                   request.top_logprobs))
     return self.handles[-1]
 
   def stats(self):
@@ -227,7 +247,7 @@ def test_every_bad_request_class_is_refused_alone(tmp_path):
       (body(stream="yes"), 400, None, "stream"),
       (body(task="ocr"), 400, None, "task"),
       (body(task="segment"), 400, "unsupported", "task"),  # No mask decoder given.
-      (body(n=2), 400, None, "n"),
+      (body(n=9), 400, None, "n"),  # Over Limits.max_n.
       (body("x" * 51), 400, "prompt_too_long", "messages"),
       (body("tokens too long"), 400, "invalid_value", "messages"),  # The engine's InputError.
       (body(image=png((400, 300))), 413, "request_too_large", "messages"),  # 120,000 pixels.
@@ -269,8 +289,17 @@ def test_hostile_values_are_400s_with_openai_bodies(tmp_path):
       (body(seed=1e20), 400, None, "seed"),
       (body(n=True), 400, None, "n"),
       (body(n=1.0), 400, None, "n"),
-      (body(logprobs=True), 400, "unsupported", "logprobs"),
-      (body(top_logprobs=2), 400, "unsupported", "logprobs"),
+      (body(n=0), 400, None, "n"),
+      (body(n=10**30), 400, None, "n"),
+      (body(n="2"), 400, None, "n"),
+      (body(logprobs="yes"), 400, None, "logprobs"),
+      (body(logprobs=1), 400, None, "logprobs"),
+      (body(logprobs=True, top_logprobs=21), 400, None, "top_logprobs"),
+      (body(logprobs=True, top_logprobs=-1), 400, None, "top_logprobs"),
+      (body(logprobs=True, top_logprobs=2.0), 400, None, "top_logprobs"),
+      (body(logprobs=True, top_logprobs=True), 400, None, "top_logprobs"),
+      (body(top_logprobs=2), 400, None, "top_logprobs"),  # Only with logprobs: true.
+      (body(logprobs=False, top_logprobs=0), 400, None, "top_logprobs"),
       (body(max_tokens=5, max_completion_tokens=0), 400, None, "max_completion_tokens"),
       (body(max_tokens=5, max_completion_tokens="x"), 400, None, "max_completion_tokens"),
       (body(max_tokens=5, max_completion_tokens=6), 400, None, "max_completion_tokens"),
@@ -299,6 +328,8 @@ def test_hostile_values_are_400s_with_openai_bodies(tmp_path):
     # What is accepted: the values' whole ranges, any case of a data URL's scheme and type.
     for fields in [dict(temperature=1, top_k=1000, seed=2**63 - 1), dict(seed=-2**63, n=1),
                    dict(temperature=1e-45), dict(temperature=1e308), dict(logprobs=False),
+                   dict(n=8), dict(logprobs=True, top_logprobs=20),
+                   dict(logprobs=True, top_logprobs=None),
                    dict(max_tokens=5, max_completion_tokens=5)]:
       assert c.post("/v1/chat/completions", json=body(**fields)).status_code == 200, fields
     upper = "DATA:IMAGE/PNG;BASE64," + data_url(png()).partition(",")[2]
@@ -388,6 +419,91 @@ def test_streaming_chunks():
     assert last["delta"]["boxes"] == [[0.0, 0.0, 100.0, 50.0]] and last["delta"]["labels"] == ["cat"]
 
 
+def entry(token_id, logprob):
+  """One `logprobs.content` or `top_logprobs` entry as the fake's tokenizer writes it."""
+  return {"token": f"<{token_id}>", "logprob": logprob,
+          "bytes": list(FakeTokenizer.piece(token_id)[1])}
+
+
+def test_logprobs_and_n_choices_in_openai_shape():
+  """n choices by index, each with OpenAI's logprobs.content (and refusal null); usage counts the
+  prompt once and every choice's tokens; without logprobs the field is null."""
+  engine = FakeEngine({"caption en": "a| blue| sky"})
+  with client(engine) as c:
+    r = c.post("/v1/chat/completions", json=body(n=2, logprobs=True, top_logprobs=2, seed=4,
+                                                 temperature=1))
+    assert r.status_code == 200, r.text
+    reply = r.json()
+    request = engine.requests[-1]
+    assert (request.n, request.top_logprobs, request.seed) == (2, 2, 4)
+    assert [c["index"] for c in reply["choices"]] == [0, 1]
+    for index, choice in enumerate(reply["choices"]):
+      assert choice["message"] == {"role": "assistant", "content": "a blue sky"}
+      assert choice["finish_reason"] == "stop"
+      assert choice["logprobs"] == {"refusal": None, "content": [
+          {**entry(100 + k, -k - index / 10),
+           "top_logprobs": [entry(100 + k, -k - index / 10), entry(200, -k - 1)]}
+          for k in (1, 2, 3)]}
+    assert reply["usage"] == {"prompt_tokens": 260, "completion_tokens": 6, "total_tokens": 266}
+    assert entry(200, -2)["bytes"] == [0xE0]  # A byte-fallback piece: its raw byte.
+
+    r = c.post("/v1/chat/completions", json=body(logprobs=True))  # No alternatives asked.
+    assert engine.requests[-1].top_logprobs == 0
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert [e["top_logprobs"] for e in content] == [[]] * 3 and content[0]["logprob"] == -1
+    r = c.post("/v1/chat/completions", json=body(n=3))
+    assert [c["logprobs"] for c in r.json()["choices"]] == [None] * 3
+    assert r.json()["usage"]["completion_tokens"] == 9
+
+
+def test_streamed_choices_and_logprobs_add_up_to_the_reply():
+  """Also the log-probs of a token whose text is held back (the empty piece): a chunk with empty
+  content carries them."""
+  engine = FakeEngine({"caption en": "a| blue|| sky"})
+  fields = dict(n=2, logprobs=True, top_logprobs=1, stream_options={"include_usage": True})
+  with client(engine) as c:
+    reply = c.post("/v1/chat/completions", json=body(**fields)).json()
+    chunks = sse_chunks(c.post("/v1/chat/completions", json=body(stream=True, **fields)).text)
+  assert all(len(chunk["choices"]) == 1 for chunk in chunks[:-1])
+  assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == reply["usage"]
+  for index, want in enumerate(reply["choices"]):
+    mine = [chunk["choices"][0] for chunk in chunks[:-1] if chunk["choices"][0]["index"] == index]
+    assert mine[0]["delta"] == {"role": "assistant", "content": ""} and mine[0]["logprobs"] is None
+    assert "".join(m["delta"].get("content") or "" for m in mine) == want["message"]["content"]
+    assert sum((m["logprobs"]["content"] for m in mine if m["logprobs"]), []) == \
+        want["logprobs"]["content"]
+    assert [m["finish_reason"] for m in mine] == [None] * (len(mine) - 1) + ["stop"]
+    assert len(want["logprobs"]["content"]) == 4
+    assert {"content": ""} in [m["delta"] for m in mine[1:]]  # The held-back token's chunk.
+
+
+def test_the_openai_client_reads_logprobs_and_choices():
+  """The `openai` package parses the reply and the stream of a request with n and logprobs."""
+  openai = pytest.importorskip("openai")
+  engine = FakeEngine({"caption en": "a| blue| sky"})
+  with serving(server.create_app(engine, model_name="tiny-pg")) as url:
+    api = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+    messages = body()["messages"]
+    reply = api.chat.completions.create(model="tiny-pg", messages=messages, logprobs=True,
+                                        top_logprobs=2, n=2, max_tokens=5, temperature=1)
+    assert [c.index for c in reply.choices] == [0, 1]
+    first = reply.choices[1].logprobs.content[0]
+    assert (first.token, first.logprob, first.bytes) == ("<101>", -1.1, list(b"<101>"))
+    assert [(t.token, t.logprob) for t in first.top_logprobs] == [("<101>", -1.1), ("<200>", -2)]
+    assert reply.usage.completion_tokens == 6 and reply.choices[0].message.content == "a blue sky"
+    stream = api.chat.completions.create(model="tiny-pg", messages=messages, logprobs=True,
+                                         top_logprobs=2, n=2, max_tokens=5, stream=True)
+    tokens = collections.defaultdict(list)
+    for chunk in stream:
+      for choice in chunk.choices:
+        tokens[choice.index] += [t.token for t in (choice.logprobs.content if choice.logprobs
+                                                   else [])]
+    assert tokens == {0: ["<101>", "<102>", "<103>"], 1: ["<101>", "<102>", "<103>"]}
+    with pytest.raises(openai.BadRequestError) as refused:
+      api.chat.completions.create(model="tiny-pg", messages=messages, top_logprobs=2)
+    assert refused.value.body["param"] == "top_logprobs"
+
+
 def asgi_call(app, payload: dict, leave_after_chunks: int):
   """Drives the ASGI app as uvicorn would; the client disconnects after some body chunks."""
   sent, chunk_seen = [], asyncio.Event()
@@ -420,13 +536,13 @@ def asgi_call(app, payload: dict, leave_after_chunks: int):
   return messages
 
 
-@pytest.mark.parametrize("stream", [True, False])
-def test_a_client_that_leaves_cancels_its_request(stream, monkeypatch):
+@pytest.mark.parametrize("stream,n", [(True, 1), (False, 1), (True, 2), (False, 2)])
+def test_a_client_that_leaves_cancels_its_request(stream, n, monkeypatch):
   monkeypatch.setattr(server, "DISCONNECT_POLL_S", 0.05)
   engine = FakeEngine({"caption en": "a|b|c|d"}, hold=True)
   app = server.create_app(engine, model_name="tiny-pg")
   start = time.monotonic()
-  messages = asgi_call(app, body(stream=stream), leave_after_chunks=2 if stream else 0)
+  messages = asgi_call(app, body(stream=stream, n=n), leave_after_chunks=n + 1 if stream else 0)
   assert time.monotonic() - start < 5  # Not the fake's 10 s wait: cancel() released it.
   assert engine.handles[0].cancelled.is_set()
   bodies = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
@@ -553,7 +669,7 @@ def test_soak_mixed_good_and_hostile_clients(converted_checkpoint):
   limits = schema.Limits(max_body_bytes=256 << 10)
   vocab = model.tokenizer.vocab_size
   hostile = [{"temperature": 1, "top_k": 2**31}, {"temperature": 1, "top_k": vocab + 1},
-             {"seed": 2**64}, {"temperature": "x"}, {"n": 2}, {"max_tokens": 9}]
+             {"seed": 2**64}, {"temperature": "x"}, {"n": 5}, {"max_tokens": 9}]  # 4 rows.
   counts = collections.Counter()
 
   async def one(c, k):
@@ -607,6 +723,63 @@ def test_soak_mixed_good_and_hostile_clients(converted_checkpoint):
   stats = engine.stats()  # The engine has drained (the app's end): every request finished.
   assert stats["requests_finished"] == 150 and stats["running_slots"] == 0
   assert stats["queue_depth"] == 0 and stats["finish_cancelled"] <= 30
+
+
+def test_served_logprobs_and_choices_equal_generate(converted_checkpoint):
+  """Through HTTP with the real engine: greedy log-probs are generate's and the greedy token
+  heads its top_logprobs; the stream's log-probs add up to the reply's; n=2 sampled choices are
+  generate's two examples with the seed; hostile n and top_logprobs are 400s, then it serves."""
+  import httpx
+  from paligemma_jax.decoding import inference
+  from paligemma_jax.checkpoints import loading
+  model = loading.load_model(converted_checkpoint(1)[0])
+  image, prompt = png((40, 30), (200, 30, 30)), "caption en"
+  predictor = inference.Predictor(model.config, model.params, model.tokenizer, batch_size=2)
+  example = inference.Example(image, prompt)
+  [greedy] = predictor.predict([example], max_new_tokens=6)
+  hot = sampling.Sampler("temperature", temperature=3.0)
+  sampled = list(predictor.predict([example] * 2, max_new_tokens=6, sampler=hot, seed=11))
+  engine = engine_lib.Engine(model, rows=2, max_queue=4, steps_per_call=2, max_prompt_tokens=16,
+                             max_tokens_limit=8)
+  engine.start()
+  with serving(server.create_app(engine, model_name="tiny-pg")) as url, \
+      httpx.Client(base_url=url, timeout=60) as c:
+    fields = dict(max_tokens=6, logprobs=True, top_logprobs=3)
+    reply = c.post("/v1/chat/completions", json=body(prompt, image, **fields)).json()
+    [choice] = reply["choices"]
+    content = choice["logprobs"]["content"]
+    assert choice["message"]["content"] == greedy["text"] and len(content) == 6
+    np.testing.assert_allclose([e["logprob"] for e in content], greedy["logprobs"], rtol=1e-5,
+                               atol=1e-5)
+    for e, token in zip(content, greedy["tokens"]):
+      text, raw = model.tokenizer.piece(token)
+      assert (e["token"], e["bytes"]) == (text, list(raw)) and len(e["top_logprobs"]) == 3
+      assert e["top_logprobs"][0] == {k: e[k] for k in ("token", "logprob", "bytes")}
+      values = [t["logprob"] for t in e["top_logprobs"]]
+      assert values == sorted(values, reverse=True)
+    chunks = sse_chunks(c.post("/v1/chat/completions",
+                               json=body(prompt, image, stream=True, **fields)).text)
+    assert sum((ch["choices"][0]["logprobs"]["content"] for ch in chunks
+                if ch["choices"][0]["logprobs"]), []) == content
+
+    before = engine.stats()["prefilled_prompts"]
+    reply = c.post("/v1/chat/completions", json=body(prompt, image, n=2, temperature=3.0,
+                                                     seed=11, **fields)).json()
+    assert engine.stats()["prefilled_prompts"] == before + 1
+    for choice, want in zip(reply["choices"], sampled):
+      assert choice["message"]["content"] == want["text"]
+      np.testing.assert_allclose([e["logprob"] for e in choice["logprobs"]["content"]],
+                                 want["logprobs"], rtol=1e-5, atol=1e-5)
+    assert reply["usage"]["completion_tokens"] == sum(len(w["tokens"]) for w in sampled)
+    assert [ch["index"] for ch in reply["choices"]] == [0, 1]
+
+    for hostile in [dict(n=0), dict(n=10**30), dict(n="2"), dict(n=3),  # 3: over the 2 rows.
+                    dict(logprobs=True, top_logprobs=21), dict(top_logprobs=2)]:
+      error_of(c.post("/v1/chat/completions", json=body(prompt, image, **hostile)), 400, None,
+               next(k for k in ("n", "top_logprobs") if k in hostile))
+    reply = c.post("/v1/chat/completions", json=body(prompt, image, max_tokens=6)).json()
+    assert reply["choices"][0]["message"]["content"] == greedy["text"]
+  assert engine.stats()["requests_finished"] == engine.stats()["requests_total"] == 4
 
 
 def test_served_answers_equal_generate_and_sigterm_finishes_running_requests(converted_checkpoint,
