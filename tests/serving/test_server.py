@@ -734,7 +734,7 @@ def test_served_logprobs_and_choices_equal_generate(converted_checkpoint):
   from paligemma_jax.checkpoints import loading
   model = loading.load_model(converted_checkpoint(1)[0])
   image, prompt = png((40, 30), (200, 30, 30)), "caption en"
-  predictor = inference.Predictor(model.config, model.params, model.tokenizer, batch_size=2)
+  predictor = inference.Predictor(*model, batch_size=2)
   example = inference.Example(image, prompt)
   [greedy] = predictor.predict([example], max_new_tokens=6)
   hot = sampling.Sampler("temperature", temperature=3.0)
