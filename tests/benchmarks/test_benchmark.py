@@ -1,13 +1,16 @@
-"""The benchmark: flags defined only when run, and the fine-tuning memory report."""
+"""The benchmark: flags defined only when run, the component tables, and the fine-tuning memory
+report."""
 
 import os
 import subprocess
 import sys
+import types
 
 from absl import flags
 
 from configs.paligemma import get_config
 from paligemma_jax import benchmark  # noqa: F401  Imported beside the converter below.
+from paligemma_jax.benchmarks import components
 from paligemma_jax.benchmarks import finetune_memory
 from helpers import ROOT, assert_expected_failure
 
@@ -39,3 +42,15 @@ def test_out_of_range_flag_values_are_one_line():
                         env=dict(os.environ, PYTHONPATH=ROOT))
   assert assert_expected_failure(proc) == [
       "benchmark.py: error: flag --e2e_rounds=0: 0 is not an integer in the range [1, 1000]"]
+
+
+def test_component_tables_run_end_to_end(capsys):
+  """Every timed path (decode, beam search, scoring, compile) called as the benchmark calls it,
+  on the tiny preset: a change to a jitted function's arguments breaks this, not a user's run."""
+  f = types.SimpleNamespace(variant="tiny-pg1", vision_layers=1, text_layers=1, text_tokens=4,
+                            new_tokens=3, batch_sizes=["1", "2"], repeats=1, beam_sizes=["2"],
+                            choices=2, skip_transformers=False, dtype=None, quantize=None)
+  components.run(f)
+  out = capsys.readouterr().out
+  assert out.count("| decode ms/token |") == 2 and out.count("| beam 2 |") == 2
+  assert "score ms" in out and "batch-1 decode at" in out and "compile time" in out
