@@ -26,15 +26,20 @@ TEMPERATURE = sampling.Sampler("temperature", temperature=1.5)
 TOP_K = sampling.Sampler("top_k", temperature=2.0, top_k=5)
 
 
+def louder(model: loading.Model) -> loading.Model:
+  """The model with its decoder layers' kernels x10, so that greedy answers vary with the prompt
+  and image (the plain random tiny one repeats its last input token)."""
+  params, config, tokenizer = model
+  scale = lambda path, x: np.asarray(x) * (10 if "layers" in jax.tree_util.keystr(path) and
+                                           x.ndim > 1 else 1)
+  params = {**params, "llm": jax.tree_util.tree_map_with_path(scale, params["llm"])}
+  return loading.Model(jax.device_put(params), config, tokenizer)
+
+
 @pytest.fixture(scope="module")
 def model(converted_checkpoint):
-  """The tiny PaliGemma 1 with its decoder layers' kernels x10, so that greedy answers vary with
-  the prompt and image (the plain random one repeats its last input token)."""
-  params, config, tokenizer = loading.load_model(converted_checkpoint(1)[0])
-  louder = lambda path, x: np.asarray(x) * (10 if "layers" in jax.tree_util.keystr(path) and
-                                            x.ndim > 1 else 1)
-  params = {**params, "llm": jax.tree_util.tree_map_with_path(louder, params["llm"])}
-  return loading.Model(jax.device_put(params), config, tokenizer)
+  """The tiny PaliGemma 1, `louder`."""
+  return louder(loading.load_model(converted_checkpoint(1)[0]))
 
 
 @pytest.fixture(scope="module")
