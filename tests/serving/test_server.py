@@ -172,7 +172,8 @@ def test_reply_models_health_metrics_and_shutdown():
     models = c.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["tiny-pg"] and models["object"] == "list"
     assert c.get("/health").json() == {"status": "ok"}
-    assert "<canvas" in c.get("/").text
+    page = c.get("/").text
+    assert "<canvas" in page and '<input id="image" type="file" accept="image/*" multiple>' in page
     text = c.get("/metrics").text
     assert 'paligemma_requests_total{status="200"} 2.0' in text
     assert "paligemma_engine_queue_depth 3.0" in text and "paligemma_engine_running_slots 2.0" in text
