@@ -1,9 +1,10 @@
 r"""Serves a PaliGemma checkpoint over an OpenAI-compatible HTTP API (see docs/serving.md).
 
   python -m paligemma_jax.serve --checkpoint=/ckpt/pg2-3b-224 --port=8000
-then POST /v1/chat/completions (OpenAI's chat schema, one image + a prompt), GET / for a page to
-try it, GET /metrics, GET /health. The engine (serving/engine.py) batches the requests
-continuously over --slots decode rows; the server (serving/server.py) is FastAPI on uvicorn.
+then POST /v1/chat/completions (OpenAI's chat schema, a prompt + one image or several, at most
+--max_images), GET / for a page to try it, GET /metrics, GET /health. The engine
+(serving/engine.py) batches the requests continuously over --slots decode rows; the server
+(serving/server.py) is FastAPI on uvicorn.
 SIGTERM (or Ctrl-C) stops accepting connections, finishes the running requests, then exits.
 
 Security defaults: listens on 127.0.0.1; --api_key (or $PALIGEMMA_API_KEY) makes every endpoint
@@ -51,6 +52,11 @@ def define_flags():
                        lower_bound=1, upper_bound=MAX_POSITIONS)
   flags.DEFINE_integer("max_n", 8, "Most choices (`n`) one request may ask for; each takes a "
                        "slot, so at most --slots apply.", lower_bound=1, upper_bound=1024)
+  flags.DEFINE_integer("max_images", engine_lib.DEFAULT_MAX_IMAGES, "Most images one request "
+                       "may hold. Every slot's cache holds this many images' tokens + "
+                       "--max_prompt_tokens + --max_tokens_limit (see docs/serving.md for the "
+                       "memory); when not given, lowered to what the model's positions hold (1 at "
+                       "896 px).", lower_bound=1, upper_bound=MAX_POSITIONS)
   flags.DEFINE_integer("image_cache_size", 64, "Images whose encoding is kept for reuse.",
                        lower_bound=0, upper_bound=1_000_000)
   flags.DEFINE_string("api_key", None, f"Require 'Authorization: Bearer KEY'; default "
@@ -107,7 +113,9 @@ def main(argv):
   engine = engine_lib.Engine(model, rows=f.slots, max_queue=f.max_queue,
                              steps_per_call=f.steps_per_call, max_prompt_tokens=f.max_prompt_tokens,
                              max_tokens_limit=f.max_tokens_limit,
-                             image_cache_size=f.image_cache_size, mesh=mesh)
+                             image_cache_size=f.image_cache_size,
+                             max_images=f.max_images if f["max_images"].present else None,
+                             mesh=mesh)
   engine.start()
   if f.warmup:
     logging.info("Compiling the engine's programs ...")

@@ -13,8 +13,8 @@ the image tokens; Event.prompt_tokens counts both.
 
   submit   validates a Request at once (InputError, QueueFull) and queues it;
   thread   the engine thread owns the device: it prefills queued requests in batches (grouped
-           by prompt-length bucket) and INSERTS them into free rows of the running
-           decode batch, runs `steps_per_call` decode steps per device call, streams the new
+           by image count and prompt-length bucket) and INSERTS them into free rows of the
+           running decode batch, runs `steps_per_call` decode steps per device call, streams the new
            tokens to each request's Handle and frees its row as soon as its request ends
            (<eos>, a stop string, max_tokens or cancel), to refill it at the next step.
 
@@ -23,20 +23,30 @@ n rows, each with its own key: choice i's is fold_in(sampling.seed_key(seed), i)
 `inference.Predictor` gives example i of a run, so choice 0 is the answer of n=1. It starts when
 n rows are free at once (first come, first served: the requests behind it wait too).
 
-One preallocated KV cache holds every row ([L, rows, image + prompt + max_tokens_limit, ...]);
-each row keeps its own end, so rows advance independently. A request's result depends on
-nothing else that runs: rows never see each other, and its sampler settings, max_tokens and PRNG
-key (fold_in(sampling.seed_key(seed), choice), then folded with the step index, as
-`autoregressive.Generator` keys its rows) are per-row arrays. Greedy answers equal `generate`'s;
-sampled ones equal `generate`'s for a single example with the same seed (choice i: for example i).
+A request holds 1 to max_images images (Request.image, or Request.images in prompt order): its
+prompt is K * N image tokens (each image's N in order), <bos>, the prompt, "\n", as generate's
+with `images`. Each image's features [N, D] come from the image cache (keyed by its bytes) or the
+image tower, on its own: a request whose images are all cached runs no image tower, and an image
+given twice runs once.
+
+One preallocated KV cache holds every row ([L, rows, max_images * N + max_prompt_tokens +
+max_tokens_limit, ...]: sized for the most images, whatever a request holds); each row keeps its
+own end, so rows advance independently and rows of different image counts decode together. A
+request's result depends on nothing else that runs: rows never see each other, and its sampler
+settings, max_tokens and PRNG key (fold_in(sampling.seed_key(seed), choice), then folded with the
+step index, as `autoregressive.Generator` keys its rows) are per-row arrays. Greedy answers equal
+`generate`'s; sampled ones equal `generate`'s for a single example with the same seed (choice i:
+for example i).
 
 Beside it: requests.py (what a caller holds), image_cache.py (identical images run the image
 tower once), text_stream.py (tokens -> the text a client may see, stop strings).
 
-Shapes, hence compiles: prefill batches of 1, 2, 4 .. `rows` rows, prompt text padded to 16, 32,
-64 .. max_prompt_tokens tokens (and for requests with n > 1, each count of choices: 1, 2, 4 ..
-`rows`); two decode chunks, without and with the top log-probs (the latter runs only while some
-row asked for top_logprobs). `warmup` compiles the common ones (or all).
+Shapes, hence compiles: prefill batches of 1, 2, 4 .. `rows` rows, for each image count K of
+1 .. max_images, prompt text padded to 16, 32, 64 .. max_prompt_tokens tokens after the K * N
+image tokens (and for requests with n > 1, each count of choices: 1, 2, 4 .. `rows`); image-tower
+batches of 1, 2, 4 .. `rows` images; two decode chunks, without and with the top log-probs (the
+latter runs only while some row asked for top_logprobs). `warmup` compiles the common ones of one
+image (or all of them); shapes of several images compile when first needed.
 Multi-host meshes are not supported (one process drives the device).
 """
 
@@ -67,6 +77,7 @@ from paligemma_jax.serving.requests import Closed, Event, Handle, QueueFull, Req
 from paligemma_jax.serving.text_stream import TextStream
 
 MIN_TEXT_BUCKET = 16  # Prompt text lengths are padded to powers of two from here: few compiles.
+DEFAULT_MAX_IMAGES = 4  # Images per request, unless fewer fit the model's positions.
 FAILED = "The server failed while running this request."  # Event.error (details in the log).
 _DROP = -1  # Placeholder row index of a prefill batch's dummy rows; never written.
 
@@ -78,11 +89,20 @@ class _Live:
   handle: Handle
   tokens: np.ndarray  # [T] int32 prompt tokens (image tokens included).
   prefix_mask: np.ndarray  # [T] bool.
-  length_bucket: int  # Padded prompt length of its prefill.
-  image_key: tuple
+  length_bucket: int  # Padded prompt length of its prefill: its K * N image tokens + text bucket.
+  image_keys: list[tuple]  # One per image, in prompt order (K of them).
   choices: list["_Choice"] = dataclasses.field(default_factory=list)  # Request.n of them.
-  pixels: np.ndarray | None = None  # Only when its image features were not cached at submit.
-  features: jax.Array | None = None  # [N, D] once known.
+  # Image key -> pixels [S, S, 3], for its images whose features were not cached at submit.
+  pixels: dict = dataclasses.field(default_factory=dict)
+  features: list = dataclasses.field(default_factory=list)  # Per image: [N, D] once known.
+
+  @property
+  def prefill_shape(self) -> tuple[int, int]:
+    """(images, padded prompt length): requests alike in both share a prefill."""
+    return len(self.image_keys), self.length_bucket
+
+  def ready(self) -> bool:
+    return all(f is not None for f in self.features)
 
 
 @dataclasses.dataclass
@@ -105,10 +125,13 @@ def _compile(setup: core.Setup, *, steps: int):
 
   def prefill_insert(params, state: core.State, tokens, features, input_mask, prefix_mask, source,
                      rows, rng, sampler, limit):
-    """Prefills B prompts from their image features, gives choice c [C] a copy of prompt
-    source[c]'s cache row and logits (source None: C = B, choice b is prompt b), and writes the
-    choices into rows `rows` [C] of the running batch (rows marked _DROP are padding and are
-    not written); returns (state, first tokens [C], their logprobs, top (ids, logprobs) [C, K])."""
+    """Prefills B prompts from the features of their K images each, [B * K, N, D] (prompt b's
+    are b * K .. b * K + K - 1 in order, which its K * N image tokens take one after the other),
+    gives choice c [C] a copy of prompt source[c]'s cache row and logits (source None: C = B,
+    choice b is prompt b), and writes the choices into rows `rows` [C] of the running batch
+    (rows marked _DROP are padding and are not written); returns (state, first tokens [C], their
+    logprobs, top (ids, logprobs) [C, K])."""
+    features = features.reshape(tokens.shape[0], -1, features.shape[-1])  # [B, K * N, D]
     logits, cache = core.prefill(setup, params, tokens, input_mask, prefix_mask,
                                  features=features, cache_len=tokens.shape[1])
     if source is not None:  # A prompt with n choices is prefilled once, copied into n rows.
@@ -153,14 +176,19 @@ class Engine:
 
   def __init__(self, model: loading.Model, *, rows: int = 8, max_queue: int = 64,
                steps_per_call: int = 4, max_prompt_tokens: int = 256, max_tokens_limit: int = 256,
-               image_cache_size: int = 64, mesh=None):
+               image_cache_size: int = 64, max_images: int | None = None, mesh=None):
     """max_prompt_tokens: text tokens of a prompt (<bos>, prompt, "\\n"; the image tokens are
-    not counted). mesh: default the one model.params are sharded over, if any; rows are split
-    over its `data` x `fsdp` axes, the weights stay as they are sharded."""
+    not counted). max_images: images per request; every row's cache holds max_images * N image
+    tokens + max_prompt_tokens + max_tokens_limit. Default DEFAULT_MAX_IMAGES, or as many as fit
+    the model's positions where fewer do (one at 896 px). mesh: default the one model.params are
+    sharded over, if any; rows are split over its `data` x `fsdp` axes, the weights stay as
+    they are sharded."""
     if rows < 1 or rows & (rows - 1):
       raise ValueError(f"rows must be a power of two, got {rows}.")
-    if steps_per_call < 1 or max_prompt_tokens < 1 or max_tokens_limit < 1 or max_queue < 0:
-      raise ValueError("steps_per_call, max_prompt_tokens and max_tokens_limit must be >= 1.")
+    if (steps_per_call < 1 or max_prompt_tokens < 1 or max_tokens_limit < 1 or max_queue < 0 or
+        (max_images is not None and max_images < 1)):
+      raise ValueError("steps_per_call, max_prompt_tokens, max_tokens_limit and max_images must "
+                       "be >= 1.")
     params, config, self.tokenizer = model
     self.vocab_size = self.tokenizer.vocab_size
     self.num_rows, self.max_queue, self.steps_per_call = rows, max_queue, steps_per_call
@@ -174,13 +202,17 @@ class Engine:
     self.image_size = config.vision.image_size
     self.num_image_tokens = paligemma.num_image_tokens(config)
     self.text_buckets = sorted({self._text_bucket(n) for n in range(1, max_prompt_tokens + 1)})
-    self.max_len = self.num_image_tokens + max_prompt_tokens + max_tokens_limit
     positions = batching.max_positions(config)
+    text = max_prompt_tokens + max_tokens_limit
+    if max_images is None:
+      max_images = max(1, min(DEFAULT_MAX_IMAGES, (positions - text) // self.num_image_tokens))
+    self.max_images = max_images
+    self.max_len = max_images * self.num_image_tokens + text
     if self.max_len > positions:
       raise errors.InputError(
-          f"{self.num_image_tokens} image + {max_prompt_tokens} prompt (max_prompt_tokens) + "
-          f"{max_tokens_limit} new tokens (max_tokens_limit) exceed the model's {positions} "
-          "positions.")
+          f"{max_images} x {self.num_image_tokens} image (max_images) + {max_prompt_tokens} "
+          f"prompt (max_prompt_tokens) + {max_tokens_limit} new tokens (max_tokens_limit) exceed "
+          f"the model's {positions} positions.")
     self._embed, self._prefill, self._decode = _compile(self.setup, steps=steps_per_call)
     self._state = self._empty_state()
     self._rows: list[_Choice | None] = [None] * rows  # The choice in each row, if any.
@@ -213,8 +245,9 @@ class Engine:
   # Caller side.
 
   def submit(self, request: Request) -> Handle:
-    """Validates synchronously: errors.InputError (one line) for an undecodable image, a prompt
-    too long, max_tokens < 1 or > max_tokens_limit, n < 1 or > rows, top_logprobs outside
+    """Validates synchronously: errors.InputError (one line) for no image, more than max_images,
+    an undecodable one (named by its position where there are several), a prompt too long,
+    max_tokens < 1 or > max_tokens_limit, n < 1 or > rows, top_logprobs outside
     [0, MAX_TOP_LOGPROBS], a bad sampler, seed or stop; QueueFull when the waiting requests
     would need more than max_queue rows beyond the free ones (n each); Closed after shutdown()
     or a failure."""
@@ -235,8 +268,12 @@ class Engine:
   def _validate(self, request: Request) -> _Live:
     if not isinstance(request.prompt, str):
       raise errors.InputError("the prompt must be a string")
-    if not isinstance(request.image, (bytes, bytearray)) or not request.image:
-      raise errors.InputError("the image must be non-empty encoded image bytes")
+    images = request.sources()
+    if not all(isinstance(x, (bytes, bytearray)) and x for x in images):
+      raise errors.InputError("each image must be non-empty encoded image bytes")
+    if len(images) > self.max_images:
+      raise errors.InputError(f"the request has {len(images)} images; the limit is "
+                              f"{self.max_images} (max_images)")
     if not isinstance(request.max_tokens, int) or not 1 <= request.max_tokens <= self.max_tokens_limit:
       raise errors.InputError(f"max_tokens must be an integer in [1, {self.max_tokens_limit}], got "
                               f"{request.max_tokens!r}")
@@ -259,22 +296,30 @@ class Engine:
       keys = np.asarray(core.row_keys(sampling.seed_key(request.seed), np.arange(request.n)))
     except ValueError as e:
       raise errors.InputError(str(e)) from None
+    image_tokens = len(images) * self.num_image_tokens
     tokens, prefix_mask, _ = processor.build_prompt(
-        self.tokenizer, request.prompt, self.num_image_tokens, self.config.image_token_id)
-    text_length = len(tokens) - self.num_image_tokens
+        self.tokenizer, request.prompt, image_tokens, self.config.image_token_id)
+    text_length = len(tokens) - image_tokens
     if text_length > self.max_prompt_tokens:
       raise errors.InputError(f"the prompt has {text_length} tokens (with <bos> and the final "
                               f"newline); the limit is {self.max_prompt_tokens}")
-    bucket = self._text_bucket(text_length) + self.num_image_tokens
+    bucket = self._text_bucket(text_length) + image_tokens
     live = _Live(request, Handle(self, len(tokens), request.n), tokens, prefix_mask, bucket,
-                 image_key(request.image, self.image_size))
+                 [image_key(bytes(x), self.image_size) for x in images])
     live.choices = [_Choice(live, i, key, TextStream(self.tokenizer.decode, self.tokenizer.eos_id,
                                                      request.max_tokens, tuple(request.stop)))
                     for i, key in enumerate(keys)]
     with self._wake:
-      live.features = self._images.get(live.image_key)
-    if live.features is None:  # Decoded here, in the caller's thread, within the decode budget.
-      live.pixels, _ = processor.load_pixels(bytes(request.image), self.image_size)
+      live.features = [self._images.get(key) for key in live.image_keys]
+    for i, (data, key, features) in enumerate(zip(images, live.image_keys, live.features)):
+      if features is None and key not in live.pixels:  # An image twice is decoded once.
+        try:  # Decoded here, in the caller's thread, within the decode budget.
+          live.pixels[key], _ = processor.load_pixels(bytes(data), self.image_size)
+        except errors.InputError as e:
+          if len(images) == 1:
+            raise
+          raise errors.InputError(f"image {i + 1} of {len(images)}: {e}",
+                                  reason=e.reason) from None
     return live
 
   def stats(self) -> dict:
@@ -299,9 +344,9 @@ class Engine:
 
   def warmup(self, every_shape: bool = False) -> None:
     """Compiles what most traffic needs: the image tower for every image batch size, the decode
-    chunk, prefill + insert for every batch size of the shortest prompt bucket and for one row of
-    every longer bucket (every_shape: every (batch size, bucket) pair; the others compile when
-    first needed). Changes no row.
+    chunk, prefill + insert of one-image prompts for every batch size of the shortest prompt
+    bucket and for one row of every longer bucket (every_shape: every (batch size, bucket) pair;
+    the others, and every prompt of several images, compile when first needed). Changes no row.
 
     Ahead of time (lower + compile fills jit's cache) and in threads, as XLA compiles without
     the GIL; nothing runs but one image-tower batch. The arguments are built as the engine thread
@@ -423,29 +468,33 @@ class Engine:
     return admitted
 
   def _image_features(self, admitted: list[_Live]):
-    """Features for every admitted request: from the cache, else from one image-tower batch."""
-    todo = {}
-    for live in admitted:
-      with self._wake:
-        if live.features is None:
-          live.features = self._images.get(live.image_key)
-        if live.features is None:
-          todo.setdefault(live.image_key, []).append(live)
-        else:
-          self._counts["image_cache_hits"] += 1
-    if not todo:
-      return
-    keys = list(todo)
-    pixels = [todo[k][0].pixels for k in keys]
-    pixels += pixels[:1] * (batching.bucketed(len(keys)) - len(keys))
-    features = self._embed(self._params, np.stack(pixels))
+    """The features of every admitted request's images: from the cache, else from image-tower
+    batches of at most `rows` images (the sizes warmup compiles), each distinct image once."""
+    todo = {}  # Image key -> [(request, position of the image in it)].
     with self._wake:
-      for i, key in enumerate(keys):
-        self._counts["image_cache_misses"] += 1
-        self._counts["image_cache_hits"] += len(todo[key]) - 1
-        for live in todo[key]:
-          live.features, live.pixels = features[i], None
-        self._images.put(key, features[i])
+      for live in admitted:
+        for i, key in enumerate(live.image_keys):
+          if live.features[i] is None:
+            live.features[i] = self._images.get(key)
+          if live.features[i] is None:
+            todo.setdefault(key, []).append((live, i))
+          else:
+            self._counts["image_cache_hits"] += 1
+            live.pixels.pop(key, None)
+    keys = list(todo)
+    for start in range(0, len(keys), self.num_rows):
+      batch = keys[start:start + self.num_rows]
+      pixels = [todo[key][0][0].pixels[key] for key in batch]
+      pixels += pixels[:1] * (batching.bucketed(len(batch)) - len(batch))
+      features = self._embed(self._params, np.stack(pixels))
+      with self._wake:
+        for i, key in enumerate(batch):
+          self._counts["image_cache_misses"] += 1
+          self._counts["image_cache_hits"] += len(todo[key]) - 1
+          for live, position in todo[key]:
+            live.features[position] = features[i]
+            live.pixels.pop(key, None)
+          self._images.put(key, features[i])
 
   def _prefill_batches(self, admitted: list[_Live]):
     """Prefills the admitted requests, one batch per prompt bucket, into their rows. A failure
@@ -454,9 +503,9 @@ class Engine:
       self._image_features(admitted)
     groups = collections.defaultdict(list)
     for live in admitted:
-      if live.features is not None:
-        groups[live.length_bucket].append(live)
-    for length, group in groups.items():
+      if live.ready():
+        groups[live.prefill_shape].append(live)
+    for (_, length), group in groups.items():
       with self._failing_alone(group):
         self._prefill_group(length, group)
 
@@ -475,7 +524,8 @@ class Engine:
           self._finish_all(live, "error", error=FAILED)
 
   def _prefill_group(self, length: int, group: list[_Live]):
-    """One prefill of the group's prompts; each request's n choices start from its one row."""
+    """One prefill of the group's prompts (as many images each, `length` tokens padded); each
+    request's n choices start from its one row."""
     prompts = group + group[:1] * (batching.bucketed(len(group)) - len(group))
     tokens, input_mask = batching.right_pad([l.tokens for l in prompts], length)
     prefix_mask, _ = batching.right_pad([l.prefix_mask for l in prompts], length, bool)
@@ -487,8 +537,8 @@ class Engine:
                         [0] * (len(padded) - len(choices)), np.int32)
     targets = np.array([c.row for c in choices] + [_DROP] * (len(padded) - len(choices)), np.int32)
     self._state, token, logprob, top = self._prefill(
-        self._params, self._state, tokens, jnp.stack([l.features for l in prompts]), input_mask,
-        prefix_mask, source, targets, np.stack([c.key for c in padded]),
+        self._params, self._state, tokens, jnp.stack([f for l in prompts for f in l.features]),
+        input_mask, prefix_mask, source, targets, np.stack([c.key for c in padded]),
         sampling.per_row([c.live.request.sampler for c in padded]),
         np.array([c.live.request.max_tokens for c in padded], np.int32))
     self._counts["prefill_calls"] += 1

@@ -7,18 +7,27 @@ import time
 from typing import Iterator
 
 from paligemma_jax.decoding import sampling
+from paligemma_jax.preprocess import image_fields
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
+  """One prompt about one image (`image`) or several (`images`, in the order the prompt reads
+  them), as `inference.Example` takes them: Request(prompt, image) or Request(prompt,
+  images=(a, b)); each is encoded image file bytes (PNG, JPEG, ...)."""
   prompt: str  # The text prompt as generate takes it ("caption en", "detect cat").
-  image: bytes  # Encoded image file bytes (PNG, JPEG, ...).
+  image: bytes | None = None
   max_tokens: int = 32
   sampler: sampling.Sampler = sampling.Sampler()  # Greedy by default.
   seed: int = 0
   stop: tuple[str, ...] = ()  # Stop strings; the returned text ends before the first one.
   n: int = 1  # Choices: samples of the prompt, one prefill, each in its own row with its own key.
   top_logprobs: int = 0  # Alternatives per token in Event.top_logprobs (0..MAX_TOP_LOGPROBS).
+  images: tuple[bytes, ...] | None = None  # In place of `image`: several, in prompt order.
+
+  def sources(self) -> list:
+    """The images in order; an errors.InputError where there is none, or both fields."""
+    return image_fields.sources(self.image, self.images)
 
 
 @dataclasses.dataclass

@@ -1,15 +1,18 @@
 """OpenAI chat-completions requests -> what the engine runs, with every check a client can fail.
 
   body (bytes, at most Limits.max_body_bytes) -> JSON -> one user message: text parts (the
-  PaliGemma prompt) + one image part (data: URL; http(s) or a local path only where allowed)
-  -> image bytes, header-checked (format, pixel count, upright size) -> ChatRequest
+  PaliGemma prompt) + 1 to Limits.max_images image parts, in the order the prompt reads them
+  (data: URLs; http(s) or a local path only where allowed) -> each image's bytes, header-checked
+  (format, pixel count, upright size), all of them together at most
+  Limits.max_request_image_bytes -> ChatRequest
 
 Every value is checked against the range the engine can hold (docs/serving.md lists them):
 integers are JSON integers (not 1.0 or true), top_k at most the vocabulary, seed an int64.
 
-Every failure is an `APIError` carrying the HTTP status (400, or 413 for a body or image over a
-limit) and OpenAI's error body {"error": {"message", "type", "param", "code"}}, so a bad request
-is answered alone and never reaches the engine. Sampling follows OpenAI's fields: temperature 0
+Every failure is an `APIError` carrying the HTTP status (400, or 413 for a body or images over a
+limit; an image's error names it by its position where there are several) and OpenAI's error
+body {"error": {"message", "type", "param", "code"}}, so a bad request is answered alone and
+never reaches the engine. Sampling follows OpenAI's fields: temperature 0
 (the default here, PaliGemma's own decoding) is greedy; otherwise top_k (an extension) or top_p
 below 1 truncates, else plain temperature sampling. `n` asks for that many choices (at most
 Limits.max_n), `logprobs: true` for each token's log-probability and `top_logprobs` (0..20, only
@@ -65,14 +68,17 @@ class Limits:
   segment: bool = False  # The server has the mask decoder (--vae_npz), so task "segment" runs.
   max_top_k: int = sampling.MAX_TOP_K  # The server sets its vocabulary size.
   max_n: int = 8  # Choices per request (`n`); the server also bounds it by the engine's rows.
+  max_images: int = 4  # Image parts per message; the server sets its engine's max_images.
+  # A request's image files together; None: max_images x max_image_bytes.
+  max_request_image_bytes: int | None = None
 
 
 @dataclasses.dataclass
 class ChatRequest:
   """One validated request."""
   prompt: str
-  image: bytes
-  image_size: tuple[int, int]  # Upright (width, height), to read boxes into pixels.
+  images: tuple[bytes, ...]  # Image files, in prompt order.
+  image_sizes: tuple[tuple[int, int], ...]  # Upright (width, height) of each.
   max_tokens: int
   sampler: sampling.Sampler
   seed: int
@@ -84,6 +90,11 @@ class ChatRequest:
   top_logprobs: int  # With logprobs: alternatives per token (0..MAX_TOP_LOGPROBS).
   task: str | None  # "detect" | "segment": add boxes, labels (and masks) to the reply.
   model: str | None
+
+  @property
+  def image_size(self) -> tuple[int, int]:
+    """The first image's size: the one boxes and masks refer to (as generate reads them)."""
+    return self.image_sizes[0]
 
 
 def bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
@@ -103,8 +114,8 @@ def parse_json(body: bytes) -> dict:
 
 
 def parse_chat_request(body: dict, limits: Limits, default_max_tokens: int = 32) -> ChatRequest:
-  """Validates a chat-completions body (already JSON) and loads its image; raises APIError."""
-  prompt, image_url = _message(body.get("messages"))
+  """Validates a chat-completions body (already JSON) and loads its images; raises APIError."""
+  prompt, image_urls = _message(body.get("messages"), limits.max_images)
   if len(prompt) > limits.max_prompt_chars:
     raise bad(f"The prompt has {len(prompt)} characters; at most {limits.max_prompt_chars} are "
               "accepted.", "messages", "prompt_too_long")
@@ -139,22 +150,22 @@ def parse_chat_request(body: dict, limits: Limits, default_max_tokens: int = 32)
   model = body.get("model")
   if model is not None and not isinstance(model, str):
     raise bad("model must be a string.", "model")
-  image, size = load_image(image_url, limits)
-  return ChatRequest(prompt=prompt, image=image, image_size=size, max_tokens=max_tokens,
+  images, sizes = load_images(image_urls, limits)
+  return ChatRequest(prompt=prompt, images=images, image_sizes=sizes, max_tokens=max_tokens,
                      sampler=_sampler(body, limits.max_top_k), seed=_seed(body),
                      stop=_stop(body.get("stop")), stream=stream,
                      include_usage=bool(options.get("include_usage")), n=n,
                      logprobs=bool(logprobs), top_logprobs=top_logprobs, task=task, model=model)
 
 
-def _message(messages) -> tuple[str, str]:
-  """(prompt, image URL) of the one user message."""
+def _message(messages, max_images: int) -> tuple[str, list[str]]:
+  """(prompt, image URLs in order) of the one user message."""
   if not isinstance(messages, list) or not messages:
     raise bad("messages must be a non-empty list.", "messages", "missing" if messages is None
               else "invalid_value")
   if len(messages) != 1 or not isinstance(messages[0], dict) or messages[0].get("role") != "user":
     raise bad("messages must hold exactly one user message (PaliGemma answers one prompt about "
-              "one image; it has no system prompt or chat history).", "messages")
+              "its images; it has no system prompt or chat history).", "messages")
   content = messages[0].get("content")
   if isinstance(content, str):
     raise bad("The message has no image: give content as a list of parts, one "
@@ -178,13 +189,14 @@ def _message(messages) -> tuple[str, str]:
                 '"image_url", "image_url": {"url": ...}}.', "messages")
   if not images:
     raise bad("The message has no image part.", "messages", "missing_image")
-  if len(images) > 1:
-    raise bad(f"The message has {len(images)} images; PaliGemma takes one.", "messages")
+  if len(images) > max_images:
+    raise bad(f"The message has {len(images)} images; this server takes at most {max_images} "
+              "(its --max_images).", "messages", "too_many_images")
   prompt = " ".join(t for t in texts if t)
   if not prompt:
     raise bad('The message has no text: give a prompt such as "caption en" or "detect cat".',
               "messages", "missing_prompt")
-  return prompt, images[0]
+  return prompt, images
 
 
 def _number(body: dict, name: str, default: float) -> float:
@@ -244,6 +256,28 @@ def _stop(stop) -> tuple[str, ...]:
       stops) > 4:
     raise bad("stop must be a non-empty string or a list of at most 4 of them.", "stop")
   return tuple(stops)
+
+
+def load_images(urls: list[str], limits: Limits) -> tuple[tuple[bytes, ...], tuple]:
+  """(image files, upright (width, height) of each) of a message's image_urls, in order, each
+  as `load_image` checks it; an error names the image where there are several, and images over
+  the request's total (max_request_image_bytes) are a 413 before the next one is read."""
+  total = limits.max_request_image_bytes
+  total = limits.max_images * limits.max_image_bytes if total is None else total
+  images, sizes = [], []
+  for i, url in enumerate(urls):
+    try:
+      data, size = load_image(url, limits)
+    except APIError as e:
+      if len(urls) == 1:
+        raise
+      raise APIError(e.status, f"Image {i + 1} of {len(urls)}: {e.message}", param=e.param,
+                     code=e.code, type=e.type) from None
+    images.append(data)
+    sizes.append(size)
+    if sum(map(len, images)) > total:
+      raise _too_large(f"The request's images are over {total} bytes together.")
+  return tuple(images), tuple(sizes)
 
 
 def load_image(url: str, limits: Limits) -> tuple[bytes, tuple[int, int]]:

@@ -136,7 +136,8 @@ def create_app(engine, *, model_name: str, api_key: str | None = None,
   """
   limits = dataclasses.replace(limits, segment=vae_params is not None,
                                max_top_k=engine.vocab_size,
-                               max_n=min(limits.max_n, engine.num_rows))
+                               max_n=min(limits.max_n, engine.num_rows),
+                               max_images=engine.max_images)
   metrics = metrics_lib.Metrics(engine)
   logprobs = _Logprobs(engine)
   object_tasks = {name: tasks.get(name, vae_params) for name in tasks.OBJECT_TASKS}
@@ -221,11 +222,12 @@ def create_app(engine, *, model_name: str, api_key: str | None = None,
     return b"".join(chunks)
 
   async def submit(chat: schema.ChatRequest):
-    request = engine_lib.Request(prompt=chat.prompt, image=chat.image, max_tokens=chat.max_tokens,
-                                 sampler=chat.sampler, seed=chat.seed, stop=chat.stop, n=chat.n,
+    request = engine_lib.Request(prompt=chat.prompt, images=chat.images,
+                                 max_tokens=chat.max_tokens, sampler=chat.sampler, seed=chat.seed,
+                                 stop=chat.stop, n=chat.n,
                                  top_logprobs=chat.top_logprobs if chat.logprobs else 0)
     try:
-      return await run_in_threadpool(engine.submit, request)  # Decodes the image: not here.
+      return await run_in_threadpool(engine.submit, request)  # Decodes the images: not here.
     except errors.InputError as e:
       raise schema.APIError(400, " ".join(str(e).split()), param="messages",
                             code="invalid_value") from None

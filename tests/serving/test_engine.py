@@ -26,15 +26,20 @@ TEMPERATURE = sampling.Sampler("temperature", temperature=1.5)
 TOP_K = sampling.Sampler("top_k", temperature=2.0, top_k=5)
 
 
+def louder(model: loading.Model) -> loading.Model:
+  """The model with its decoder layers' kernels x10, so that greedy answers vary with the prompt
+  and image (the plain random tiny one repeats its last input token)."""
+  params, config, tokenizer = model
+  scale = lambda path, x: np.asarray(x) * (10 if "layers" in jax.tree_util.keystr(path) and
+                                           x.ndim > 1 else 1)
+  params = {**params, "llm": jax.tree_util.tree_map_with_path(scale, params["llm"])}
+  return loading.Model(jax.device_put(params), config, tokenizer)
+
+
 @pytest.fixture(scope="module")
 def model(converted_checkpoint):
-  """The tiny PaliGemma 1 with its decoder layers' kernels x10, so that greedy answers vary with
-  the prompt and image (the plain random one repeats its last input token)."""
-  params, config, tokenizer = loading.load_model(converted_checkpoint(1)[0])
-  louder = lambda path, x: np.asarray(x) * (10 if "layers" in jax.tree_util.keystr(path) and
-                                            x.ndim > 1 else 1)
-  params = {**params, "llm": jax.tree_util.tree_map_with_path(louder, params["llm"])}
-  return loading.Model(jax.device_put(params), config, tokenizer)
+  """The tiny PaliGemma 1, `louder`."""
+  return louder(loading.load_model(converted_checkpoint(1)[0]))
 
 
 @pytest.fixture(scope="module")
@@ -347,6 +352,112 @@ def test_bad_n_and_top_logprobs_are_refused_at_submit(engine, predictor):
   assert engine.stats()["queue_depth"] == 0
   run_until_idle(engine)
   assert answer(running) == reference(predictor, png(1), "caption en")
+
+
+def test_several_images_answer_as_generate_beside_one_image_rows(engine, predictor):
+  """A request of 2 images is generate's example of those images (greedy tokens and log-probs),
+  its images in order, decoding in one batch with a 1-image request; n choices and top
+  log-probs with them too. A second identical request compiles nothing."""
+  pair, prompt = [png(4), png(5)], "answer en what is it"
+  one = engine.submit(engine_lib.Request("caption en", png(1), MAX_NEW))
+  two = engine.submit(engine_lib.Request(prompt, images=tuple(pair), max_tokens=MAX_NEW,
+                                         top_logprobs=3))
+  before = engine.stats()
+  engine._step(wait=False)  # One prefill per image count; both rows then decode together.
+  after = engine.stats()
+  assert after["running_slots"] == 2 and after["prefill_calls"] - before["prefill_calls"] == 2
+  swapped = engine.submit(engine_lib.Request(prompt, images=tuple(pair[::-1]), max_tokens=MAX_NEW))
+  run_until_idle(engine)
+  want = list(predictor.predict([inference.Example(images=pair, prompt=prompt),
+                                 inference.Example(images=pair[::-1], prompt=prompt)],
+                                max_new_tokens=MAX_NEW))
+  result = two.result(timeout=0)
+  assert (result.token_ids, result.text, result.finish_reason) == (
+      want[0]["tokens"], want[0]["text"], want[0]["stop_reason"])
+  # Float32 rounding: generate's own log-probs of this example differ by up to 1.7e-4 between
+  # its batch sizes 1 and 2 (the 10x louder layers amplify it).
+  np.testing.assert_allclose(result.logprobs, want[0]["logprobs"], rtol=1e-5, atol=5e-4)
+  assert_top_logprobs(result, 3, engine.tokenizer.vocab_size, greedy=True)
+  assert result.prompt_tokens == len(predictor.prompt_tokens(prompt, num_images=2)[0])
+  assert answer(swapped) == (want[1]["tokens"], want[1]["text"], want[1]["stop_reason"])
+  assert want[0]["tokens"] != want[1]["tokens"]  # The order of the images matters.
+  assert answer(one) == reference(predictor, png(1), "caption en")
+
+  sampled = list(predictor.predict([inference.Example(images=pair, prompt=prompt)] * 2,
+                                   max_new_tokens=MAX_NEW, sampler=TOP_K, seed=7))
+  with engine_compiles() as compiled:
+    again = engine.submit(engine_lib.Request(prompt, images=tuple(pair), max_tokens=MAX_NEW,
+                                             top_logprobs=3))
+    run_until_idle(engine)
+  assert compiled == [] and answer(again) == answer(two)
+  choices = engine.submit(engine_lib.Request(prompt, images=tuple(pair), max_tokens=MAX_NEW,
+                                             sampler=TOP_K, seed=7, n=2, top_logprobs=2))
+  run_until_idle(engine)
+  results = choices.results(timeout=0)
+  for result, w in zip(results, sampled):
+    assert (result.token_ids, result.text) == (w["tokens"], w["text"])
+    np.testing.assert_allclose(result.logprobs, w["logprobs"], rtol=1e-5, atol=5e-4)
+    assert_top_logprobs(result, 2, engine.tokenizer.vocab_size, greedy=False)
+  assert results[0].token_ids != results[1].token_ids
+
+
+def test_each_image_of_a_request_goes_through_the_image_cache(engine, monkeypatch):
+  """2 distinct images: 2 misses; the same request again: 2 hits and no image tower; an image
+  given twice in one request runs once."""
+  calls = []
+  embed = engine._embed
+  monkeypatch.setattr(engine, "_embed", lambda params, pixels: calls.append(len(pixels)) or
+                      embed(params, pixels))
+  request = engine_lib.Request("caption en", images=(png(8), png(9)), max_tokens=2)
+
+  def run(request):
+    before = engine.stats()
+    handle = engine.submit(request)
+    run_until_idle(engine)
+    assert handle.result(timeout=0).finish_reason == "length"
+    after = engine.stats()
+    return [after[k] - before[k] for k in ("image_cache_misses", "image_cache_hits")]
+
+  assert run(request) == [2, 0] and calls == [2]  # One tower batch for both.
+  assert run(request) == [0, 2] and calls == [2]  # Cached: no image tower.
+  assert run(engine_lib.Request("ocr", images=(png(10), png(10)), max_tokens=2)) == [1, 1]
+  assert calls == [2, 1]
+
+
+def test_bad_image_lists_are_refused_at_submit(engine, predictor):
+  """No image, both fields, an empty list, more than max_images, one undecodable image among
+  two (named): each an InputError at submit, and what runs is undisturbed."""
+  running = engine.submit(engine_lib.Request("caption en", png(1), max_tokens=MAX_NEW))
+  engine._step(wait=False)
+  for change, match in [
+      (dict(), "no image"), (dict(image=png(2), images=(png(3),)), "not both"),
+      (dict(images=()), "non-empty"), (dict(images=(png(2), b"")), "non-empty encoded"),
+      (dict(images=tuple(png(i) for i in range(5))), r"5 images; the limit is 4 \(max_images\)"),
+      (dict(images=(png(2), b"not an image")), "^image 2 of 2: ")]:
+    with pytest.raises(errors.InputError, match=match):
+      engine.submit(engine_lib.Request("ocr", max_tokens=4, **change))
+  assert engine.stats()["queue_depth"] == 0
+  four = engine.submit(engine_lib.Request("ocr", images=tuple(png(i) for i in range(4)),
+                                          max_tokens=2))
+  run_until_idle(engine)
+  assert answer(running) == reference(predictor, png(1), "caption en")
+  assert four.result(timeout=0).finish_reason == "length"
+
+
+def test_the_cache_is_sized_for_max_images(model):
+  """Each row holds max_images * N image tokens + the prompt and new tokens; the default is 4
+  images, or as many as fit the model's positions; too many is an error naming max_images."""
+  n = 16  # Image tokens of the tiny model.
+  engine = engine_lib.Engine(model, rows=1, max_prompt_tokens=16, max_tokens_limit=12)
+  assert (engine.max_images, engine.max_len) == (4, 4 * n + 28)
+  assert engine_lib.Engine(model, rows=1, max_prompt_tokens=16, max_tokens_limit=12,
+                           max_images=1).max_len == n + 28
+  config = model.config.copy_and_resolve_references()
+  config.text.max_position_embeddings = 2 * n + 28
+  short = loading.Model(model.params, config, model.tokenizer)
+  assert engine_lib.Engine(short, rows=1, max_prompt_tokens=16, max_tokens_limit=12).max_images == 2
+  with pytest.raises(errors.InputError, match=r"3 x 16 image \(max_images\)"):
+    engine_lib.Engine(short, rows=1, max_prompt_tokens=16, max_tokens_limit=12, max_images=3)
 
 
 def test_threaded_streaming_and_draining_shutdown(engine, predictor):

@@ -88,6 +88,7 @@ class FakeEngine:
     self.max_tokens_limit = 100
     self.vocab_size = 1000
     self.num_rows = 8
+    self.max_images = 4
     self.tokenizer = FakeTokenizer()
     self.failed = None  # What health() says.
 
@@ -129,10 +130,12 @@ def data_url(data: bytes) -> str:
 
 
 def body(prompt="caption en", image=None, **fields):
-  url = image if isinstance(image, str) else data_url(image or png())
+  """A chat body: image parts (one image, or a list of them: bytes or URLs), then the prompt."""
+  url = lambda image: image if isinstance(image, str) else data_url(image or png())
+  parts = [{"type": "image_url", "image_url": {"url": url(i)}}
+           for i in (image if isinstance(image, list) else [image])]
   return {"model": "anything", "messages": [{"role": "user", "content": [
-      {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]}],
-          **fields}
+      *parts, {"type": "text", "text": prompt}]}], **fields}
 
 
 def client(engine, **kwargs):
@@ -159,8 +162,8 @@ def test_reply_models_health_metrics_and_shutdown():
                                  "message": {"role": "assistant", "content": "a blue sky"}}]
     assert reply["usage"] == {"prompt_tokens": 260, "completion_tokens": 3, "total_tokens": 263}
     request = engine.requests[0]
-    assert (request.prompt, request.image, request.max_tokens, request.seed, request.stop) == (
-        "caption en", png(), 7, 3, ("\n",))
+    assert (request.prompt, request.sources(), request.max_tokens, request.seed, request.stop) == (
+        "caption en", [png()], 7, 3, ("\n",))
     assert request.sampler == sampling.Sampler()  # temperature defaults to 0: greedy.
     r = c.post("/v1/chat/completions", json=body("answer en why", max_tokens=2))
     assert r.json()["choices"][0]["finish_reason"] == "length"
@@ -169,7 +172,8 @@ def test_reply_models_health_metrics_and_shutdown():
     models = c.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["tiny-pg"] and models["object"] == "list"
     assert c.get("/health").json() == {"status": "ok"}
-    assert "<canvas" in c.get("/").text
+    page = c.get("/").text
+    assert "<canvas" in page and '<input id="image" type="file" accept="image/*" multiple>' in page
     text = c.get("/metrics").text
     assert 'paligemma_requests_total{status="200"} 2.0' in text
     assert "paligemma_engine_queue_depth 3.0" in text and "paligemma_engine_running_slots 2.0" in text
@@ -215,8 +219,7 @@ def test_every_bad_request_class_is_refused_alone(tmp_path):
   limits = schema.Limits(max_body_bytes=200_000, max_image_pixels=100_000, max_prompt_chars=50)
   good = body()
   text_only = {"messages": [{"role": "user", "content": "caption en"}]}
-  two_images = body()
-  two_images["messages"][0]["content"].append(good["messages"][0]["content"][0])
+  five_images = body("caption en", [png()] * 5)  # The fake engine's max_images is 4.
   no_text = body("")
   system = {"messages": [{"role": "system", "content": "be nice"}, good["messages"][0]]}
   cases = [  # (json or raw bytes, status, code, param)
@@ -228,7 +231,7 @@ def test_every_bad_request_class_is_refused_alone(tmp_path):
       (body("caption en", "data:image/png;base64,"), 400, "invalid_image", "messages"),
       ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}, 400,
        "missing_image", "messages"),
-      (two_images, 400, None, "messages"),
+      (five_images, 400, "too_many_images", "messages"),
       (no_text, 400, "missing_prompt", "messages"),
       (body(image="data:text/plain;base64,aGk="), 400, "invalid_image", "messages"),
       (body(image="data:image/png;base64,@@@@"), 400, "invalid_image", "messages"),
@@ -334,7 +337,7 @@ def test_hostile_values_are_400s_with_openai_bodies(tmp_path):
       assert c.post("/v1/chat/completions", json=body(**fields)).status_code == 200, fields
     upper = "DATA:IMAGE/PNG;BASE64," + data_url(png()).partition(",")[2]
     assert c.post("/v1/chat/completions", json=body(image=upper)).status_code == 200
-    assert engine.requests[-1].image == png()
+    assert engine.requests[-1].sources() == [png()]
     assert engine.requests[0].sampler.top_k == 1000 and engine.requests[0].seed == 2**63 - 1
 
 
@@ -363,11 +366,51 @@ def test_local_images_only_when_allowed_and_urls_only_to_public_hosts(tmp_path):
     message = r.json()["choices"][0]["message"]
     # Boxes in pixels of the 30x40 image, as generate --task=detect reads them.
     assert message["boxes"] == [[0.0, 0.0, 30.0, 20.02]] and message["labels"] == ["cat"]
-    assert engine.requests[0].image == png((30, 40))
+    assert engine.requests[0].sources() == [png((30, 40))]
     error_of(c.post("/v1/chat/completions", json=body(image=str(tmp_path / "none.png"))), 400,
              "invalid_image")
     error_of(c.post("/v1/chat/completions", json=body(image="http://127.0.0.1:9/x.png")), 400,
              "url_not_allowed")  # Never the server's own host or network.
+
+
+def test_several_image_parts_reach_the_engine_in_order():
+  """Image parts among text parts: the images in their order, the texts joined; boxes are in
+  pixels of the first image. No image, more than max_images, a bad image among two (named by its
+  position) and images over the request's total bytes are refused alone; it serves on after
+  each."""
+  engine = FakeEngine({"detect cat": "<loc0000><loc0000><loc0512><loc1023> cat"})
+  first, second = png((30, 40)), png((100, 50), (9, 9, 9))
+  assert len(second) > len(first)
+  limits = schema.Limits(max_request_image_bytes=2 * len(first) + 2 * len(second))
+  part = lambda image: {"type": "image_url", "image_url": {"url": data_url(image)}}
+  with client(engine, limits=limits) as c:
+    content = [{"type": "text", "text": "detect"}, part(first), {"type": "text", "text": "cat"},
+               part(second)]
+    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
+                                             "task": "detect"})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["boxes"] == [[0.0, 0.0, 30.0, 20.02]]  # 30 x 40.
+    assert engine.requests[-1].prompt == "detect cat"
+    assert engine.requests[-1].sources() == [first, second]
+    assert c.post("/v1/chat/completions", json=body("ocr", [second, first, first, second])
+                  ).status_code == 200
+    assert engine.requests[-1].sources() == [second, first, first, second]
+    cases = [  # (body, status, code, the message's start)
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "ocr"}]}]}, 400,
+         "missing_image", "The message has no image"),
+        (body("ocr", [first] * 5), 400, "too_many_images", "The message has 5 images; this "
+         "server takes at most 4"),
+        (body("ocr", [first, data_url(b"not an image")]), 400, "invalid_image", "Image 2 of 2: "),
+        (body("ocr", [first, "data:image/png;base64,@@@@", second]), 400, "invalid_image",
+         "Image 2 of 3: "),
+        (body("ocr", [second] * 4), 413, "request_too_large", "The request's images are over"),
+    ]
+    for payload, status, code, start in cases:
+      served = len(engine.requests)
+      error = error_of(c.post("/v1/chat/completions", json=payload), status, code, "messages")
+      assert error["message"].startswith(start), error
+      assert len(engine.requests) == served  # Refused before the engine ...
+      assert c.post("/v1/chat/completions", json=body()).status_code == 200  # ... which serves on.
 
 
 def test_api_key():
@@ -628,7 +671,7 @@ def test_loadgen_measures_a_streaming_server():
   with serving(server.create_app(engine, model_name="tiny-pg")) as url:
     result = asyncio.run(loadgen.run_phase(url, requests, images, lambda i: i % 2, 30, None))
   assert result["completed"] == 6 and result["refused"] == 0 and result["unfinished"] == 0
-  sent = sorted((r.max_tokens, r.image, r.prompt) for r in engine.requests)  # Any order.
+  sent = sorted((r.max_tokens, *r.sources(), r.prompt) for r in engine.requests)  # Any order.
   assert sent == sorted((int(m), images[i % 2], p) for i, (m, p) in enumerate(
       zip(requests["max_tokens"], requests["prompt"])))
   want = sum(min(len(p.split()) + 1, m) for p, m in zip(requests["prompt"], requests["max_tokens"]))
@@ -782,6 +825,67 @@ def test_served_logprobs_and_choices_equal_generate(converted_checkpoint):
   assert engine.stats()["requests_finished"] == engine.stats()["requests_total"] == 4
 
 
+def jpeg(size, seed: int) -> bytes:
+  out = io.BytesIO()
+  Image.fromarray(np.random.RandomState(seed).randint(0, 256, (*size[::-1], 3), np.uint8)).save(
+      out, format="JPEG")
+  return out.getvalue()
+
+
+def test_served_several_images_equal_generate_and_bad_image_lists_are_400s(converted_checkpoint):
+  """2 image_url parts through HTTP and the real engine: generate's answer to those images in that
+  order (greedy, with log-probs; sampled n=2 choices too). No image, 5 images (max_images 4), and
+  an image among two that the header check passes but the engine cannot decode (named) are
+  400s; the server serves on after each."""
+  import httpx
+  from paligemma_jax.decoding import inference
+  from paligemma_jax.checkpoints import loading
+  from test_engine import louder  # Answers that vary with the images.
+  model = louder(loading.load_model(converted_checkpoint(1)[0]))
+  images, prompt = [png((40, 30), (200, 30, 30)), png((17, 50), (10, 200, 90))], "caption en"
+  predictor = inference.Predictor(*model, batch_size=2)
+  examples = [inference.Example(images=images, prompt=prompt),
+              inference.Example(images=images[::-1], prompt=prompt)]
+  want = list(predictor.predict(examples, max_new_tokens=6))
+  hot = sampling.Sampler("temperature", temperature=3.0)
+  sampled = list(predictor.predict(examples[:1] * 2, max_new_tokens=6, sampler=hot, seed=11))
+  engine = engine_lib.Engine(model, rows=2, max_queue=4, steps_per_call=2, max_prompt_tokens=16,
+                             max_tokens_limit=8, max_images=4)
+  engine.start()
+  truncated = jpeg((40, 30), 0)[:-200]  # Its header reads; its pixels do not decode.
+  with serving(server.create_app(engine, model_name="tiny-pg")) as url, \
+      httpx.Client(base_url=url, timeout=60) as c:
+    post = lambda payload: c.post("/v1/chat/completions", json=payload)
+
+    def assert_serves():
+      reply = post(body(prompt, images, max_tokens=6, logprobs=True)).json()
+      [choice] = reply["choices"]
+      assert choice["message"]["content"] == want[0]["text"]
+      np.testing.assert_allclose([e["logprob"] for e in choice["logprobs"]["content"]],
+                                 want[0]["logprobs"], rtol=1e-5, atol=1e-4)
+      assert reply["usage"]["prompt_tokens"] == len(predictor.prompt_tokens(prompt, 2)[0])
+
+    assert_serves()
+    reply = post(body(prompt, images[::-1], max_tokens=6)).json()
+    assert reply["choices"][0]["message"]["content"] == want[1]["text"] != want[0]["text"]
+    reply = post(body(prompt, images, max_tokens=6, n=2, temperature=3.0, seed=11)).json()
+    assert [ch["message"]["content"] for ch in reply["choices"]] == [w["text"] for w in sampled]
+    assert engine.stats()["image_cache_misses"] == 2  # Each image once, whatever its order.
+    for payload, code, start in [
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": prompt}]}]},
+         "missing_image", "The message has no image"),
+        (body(prompt, images * 2 + images[:1], max_tokens=6), "too_many_images",
+         "The message has 5 images"),
+        (body(prompt, [images[0], truncated], max_tokens=6), "invalid_value",
+         "image 2 of 2: Cannot decode"),
+    ]:
+      error = error_of(post(payload), 400, code, "messages")
+      assert error["message"].startswith(start), error
+      assert_serves()
+  stats = engine.stats()
+  assert stats["requests_finished"] == stats["requests_total"] == 6 and not stats["error"]
+
+
 def test_served_answers_equal_generate_and_sigterm_finishes_running_requests(converted_checkpoint,
                                                                              tmp_path):
   import httpx
@@ -792,7 +896,7 @@ def test_served_answers_equal_generate_and_sigterm_finishes_running_requests(con
   proc = subprocess.Popen(
       [sys.executable, "-m", "paligemma_jax.serve", f"--checkpoint={directory}", f"--port={port}",
        "--slots=2", "--max_tokens_limit=16", "--default_max_tokens=8", "--max_prompt_tokens=32",
-       "--nowarmup"],
+       "--max_images=2", "--nowarmup"],
       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True)
   try:
@@ -803,7 +907,9 @@ def test_served_answers_equal_generate_and_sigterm_finishes_running_requests(con
     predictor = inference.Predictor(params, config, tokenizer, batch_size=2)
     prompts = ["caption en", "answer en what is this?"]
     want = list(predictor.predict([inference.Example(str(tmp_path / p), q) for p, q in
-                                   zip(("a.png", "b.png"), prompts)], max_new_tokens=6))
+                                   zip(("a.png", "b.png"), prompts)] + [inference.Example(
+                                       images=[str(tmp_path / "b.png"), str(tmp_path / "a.png")],
+                                       prompt=prompts[1])], max_new_tokens=6))
     deadline = time.monotonic() + 120
     url = f"http://127.0.0.1:{port}"
     output = [proc.stdout.readline()]
@@ -816,6 +922,10 @@ def test_served_answers_equal_generate_and_sigterm_finishes_running_requests(con
       got = c.post("/v1/chat/completions", json=body(prompts[0], images[0], max_tokens=6)).json()
       assert got["choices"][0]["message"]["content"] == want[0]["text"]
       assert got["usage"]["completion_tokens"] == len(want[0]["tokens"])
+      got = c.post("/v1/chat/completions", json=body(prompts[1], images[::-1], max_tokens=6)).json()
+      assert got["choices"][0]["message"]["content"] == want[2]["text"]
+      error_of(c.post("/v1/chat/completions", json=body(prompts[1], images * 2, max_tokens=6)),
+               400, "too_many_images", "messages")  # --max_images=2.
       with c.stream("POST", "/v1/chat/completions",
                     json=body(prompts[1], images[1], max_tokens=6, stream=True)) as r:
         lines = r.iter_lines()
