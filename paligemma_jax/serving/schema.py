@@ -71,6 +71,9 @@ class Limits:
   max_images: int = 4  # Image parts per message; the server sets its engine's max_images.
   # A request's image files together; None: max_images x max_image_bytes.
   max_request_image_bytes: int | None = None
+  # A request's pixels together (each image is decoded, then resized, in turn), so that several
+  # images cost at most twice the decoding of the largest one; None: 2 x max_image_pixels.
+  max_request_image_pixels: int | None = None
 
 
 @dataclasses.dataclass
@@ -261,9 +264,12 @@ def _stop(stop) -> tuple[str, ...]:
 def load_images(urls: list[str], limits: Limits) -> tuple[tuple[bytes, ...], tuple]:
   """(image files, upright (width, height) of each) of a message's image_urls, in order, each
   as `load_image` checks it; an error names the image where there are several, and images over
-  the request's total (max_request_image_bytes) are a 413 before the next one is read."""
+  the request's totals (max_request_image_bytes, max_request_image_pixels) are a 413 before the
+  next one is read."""
   total = limits.max_request_image_bytes
   total = limits.max_images * limits.max_image_bytes if total is None else total
+  pixels = limits.max_request_image_pixels
+  pixels = 2 * limits.max_image_pixels if pixels is None else pixels
   images, sizes = [], []
   for i, url in enumerate(urls):
     try:
@@ -277,6 +283,8 @@ def load_images(urls: list[str], limits: Limits) -> tuple[tuple[bytes, ...], tup
     sizes.append(size)
     if sum(map(len, images)) > total:
       raise _too_large(f"The request's images are over {total} bytes together.")
+    if sum(w * h for w, h in sizes) > pixels:
+      raise _too_large(f"The request's images are over {pixels} pixels together.")
   return tuple(images), tuple(sizes)
 
 

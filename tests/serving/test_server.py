@@ -376,8 +376,8 @@ def test_local_images_only_when_allowed_and_urls_only_to_public_hosts(tmp_path):
 def test_several_image_parts_reach_the_engine_in_order():
   """Image parts among text parts: the images in their order, the texts joined; boxes are in
   pixels of the first image. No image, more than max_images, a bad image among two (named by its
-  position) and images over the request's total bytes are refused alone; it serves on after
-  each."""
+  position) and images over the request's total bytes or pixels are refused alone; it serves on
+  after each."""
   engine = FakeEngine({"detect cat": "<loc0000><loc0000><loc0512><loc1023> cat"})
   first, second = png((30, 40)), png((100, 50), (9, 9, 9))
   assert len(second) > len(first)
@@ -411,6 +411,11 @@ def test_several_image_parts_reach_the_engine_in_order():
       assert error["message"].startswith(start), error
       assert len(engine.requests) == served  # Refused before the engine ...
       assert c.post("/v1/chat/completions", json=body()).status_code == 200  # ... which serves on.
+  with client(FakeEngine(), limits=schema.Limits(max_request_image_pixels=6000)) as c:
+    error = error_of(c.post("/v1/chat/completions", json=body("ocr", [first, second])), 413,
+                     "request_too_large", "messages")  # 30 x 40 + 100 x 50 pixels.
+    assert error["message"] == "The request's images are over 6000 pixels together.", error
+    assert c.post("/v1/chat/completions", json=body("ocr", [first, first])).status_code == 200
 
 
 def test_api_key():
