@@ -32,7 +32,9 @@ import numpy as np
 import safetensors.torch
 import torch
 import transformers
-import transformers.initialization
+# Bound by name: `transformers.initialization` is not always an attribute of the lazy package
+# (not when transformers loaded it before this import, e.g. for the benchmark's reference model).
+import transformers.initialization as transformers_initialization
 
 from paligemma_jax.model import paligemma
 
@@ -126,7 +128,7 @@ def perturb_(model, seed=0, reference_shapes=None):
 
 def _new_model(config):
   """A model with uninitialised weights (perturb_ overwrites them all) and the LM head tied."""
-  with transformers.initialization.no_init_weights():
+  with transformers_initialization.no_init_weights():
     model = transformers.PaliGemmaForConditionalGeneration(config)
   model.tie_weights()  # Skipped along with the initialisation.
   if model.lm_head.weight is not model.model.language_model.embed_tokens.weight:

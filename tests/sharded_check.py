@@ -112,9 +112,10 @@ def score(config, params, batch, mesh=None):
   for i, n in enumerate(batch["input_mask"].sum(1)):
     prefix_mask = batch["prefix_mask"][i, :n]
     rows.append((batch["tokens"][i, :n], prefix_mask, int(n - prefix_mask.sum()),
-                 batch["images"][i // 2], i // 2))
+                 [batch["images"][i // 2]], i // 2))
   scorer = scoring.Scorer(params, config, None, batch_size=BATCH, mesh=mesh)
-  specs = [str(x.sharding.spec) for x in scorer.batch(rows)] if scorer.mesh else None
+  placed = [x for x in scorer.batch(rows) if x is not None]  # image_index: None, one per row.
+  specs = [str(x.sharding.spec) for x in placed] if scorer.mesh else None
   return scorer.logprobs(rows), specs, scorer.mesh
 
 

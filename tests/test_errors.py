@@ -23,8 +23,9 @@ def test_reasons_come_from_where_the_error_is_raised(tmp_path):
   assert [errors.reason(line.error) for line in files.read_jsonl(str(path))] == [
       "invalid JSON", "invalid UTF-8", "invalid Unicode"]
   missing = batching.prepare(inference.Example(str(tmp_path / "none.png"), "caption en"),
-                             lambda: [], 16)
+                             lambda num_images: [], 16)
   assert errors.reason(missing.error) == "image not found"
   path.write_bytes(b"not an image")
-  unreadable = batching.prepare(inference.Example(str(path), "caption en"), lambda: [], 16)
+  unreadable = batching.prepare(inference.Example(str(path), "caption en"),
+                                lambda num_images: [], 16)
   assert errors.reason(unreadable.error) == "unreadable image"

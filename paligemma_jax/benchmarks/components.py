@@ -67,7 +67,7 @@ def time_ours(config, params, inputs, batch, new_tokens, repeats):
   generator = autoregressive.Generator(params, config, eos_id=-1, vocab_size=config.image_token_id)
   params = generator.params  # The decoding layout (per-layer weights on CPU).
   prefill, loop = generator.compiled(new_tokens)
-  args = [np.repeat(x, batch, axis=0) for x in inputs] + [None]  # One image per row.
+  args = [np.repeat(x, batch, axis=0) for x in inputs]
   rng = core.row_keys(jax.random.PRNGKey(0), range(batch))
   start = time.perf_counter()
   sampler = sampling.Sampler().as_arrays()
@@ -107,7 +107,7 @@ def time_beams(config, params, inputs, batch, new_tokens, repeats, beam_size):
   no hypothesis finishes early, so every run takes all `new_tokens` steps."""
   generator = autoregressive.Generator(params, config, eos_id=-1, vocab_size=config.image_token_id)
   prefill, search = beam_search.BeamGenerator(generator).compiled(beam_size, new_tokens)
-  args = [np.repeat(x, batch, axis=0) for x in inputs] + [None]  # One image per row.
+  args = [np.repeat(x, batch, axis=0) for x in inputs]
   prompt = lambda: jax.block_until_ready(prefill(generator.params, *args))
   run = lambda out: jax.block_until_ready(search(generator.params, *out, np.float32(1)))
   run(prompt())  # Compile.
@@ -167,7 +167,7 @@ def compile_seconds(variant, quantize=None):
   n, s = paligemma.num_image_tokens(config), config.vision.image_size
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
   args = (shapes, spec((1, n + 32), jnp.int32), spec((1, s, s, 3), jnp.float32),
-          spec((1, n + 32), bool), spec((1, n + 32), bool), None,
+          spec((1, n + 32), bool), spec((1, n + 32), bool),
           core.row_keys(jax.random.PRNGKey(0), [0]),
           sampling.Sampler().as_arrays())
   start = time.perf_counter()

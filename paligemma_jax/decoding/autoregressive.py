@@ -59,8 +59,8 @@ def _compile(setup: core.Setup, max_new_tokens: int):
   """The jitted (prefill, loop) pair; jax.jit caches their executables per input shape. Built
   from the setup only, so it keeps no generator or parameters alive."""
 
-  def prefill(params, tokens, images, input_mask, prefix_mask, image_index, rng,
-              sampler) -> DecodeState:
+  def prefill(params, tokens, images, input_mask, prefix_mask, rng, sampler,
+              image_index=None) -> DecodeState:
     batch, length = tokens.shape
     logits, cache = core.prefill(setup, params, tokens, input_mask, prefix_mask, images=images,
                                  image_index=image_index, cache_len=length + max_new_tokens)
@@ -165,8 +165,8 @@ class Generator:
       tokens, images, input_mask, prefix_mask, image_index = sharding.shard_batch(
           (tokens, images, input_mask, prefix_mask, image_index), mesh)
       rng, settings = jax.device_put((rng, settings), sharding.replicated(mesh))
-    state = loop(self.params, prefill(self.params, tokens, images, input_mask, prefix_mask,
-                                      image_index, rng, settings))
+    state = loop(self.params, prefill(self.params, tokens, images, input_mask, prefix_mask, rng,
+                                      settings, image_index=image_index))
     out_tokens, logprobs = multihost.fetch((state.tokens, state.logprobs))  # Any host.
     is_eos = out_tokens == self.eos_id
     lengths = np.where(is_eos.any(1), is_eos.argmax(1), max_new_tokens).astype(np.int32)

@@ -128,7 +128,7 @@ def search_step(state: BeamState, logprobs, *, beam_size: int, max_new_tokens: i
 def _compile_prefill(setup: core.Setup, max_new_tokens: int):
   """The jitted prefill: prompts [B, T] -> (last logits [B, V], cache of T + N slots). Every beam
   size shares it."""
-  def prefill(params, tokens, images, input_mask, prefix_mask, image_index):
+  def prefill(params, tokens, images, input_mask, prefix_mask, image_index=None):
     return core.prefill(setup, params, tokens, input_mask, prefix_mask, images=images,
                         image_index=image_index, cache_len=tokens.shape[1] + max_new_tokens)
   return jax.jit(prefill)
@@ -215,7 +215,7 @@ class BeamGenerator:
           (tokens, images, input_mask, prefix_mask, image_index), mesh)
       penalty = jax.device_put(penalty, sharding.replicated(mesh))
     best = search(g.params, *prefill(g.params, tokens, images, input_mask, prefix_mask,
-                                     image_index), penalty)
+                                     image_index=image_index), penalty)
     out_tokens, logprobs, scores = multihost.fetch(best)  # Replicated: any host.
     is_eos = out_tokens == g.eos_id
     lengths = np.where(is_eos.any(1), is_eos.argmax(1), max_new_tokens).astype(np.int32)
