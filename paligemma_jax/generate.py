@@ -134,7 +134,8 @@ def main(argv):
 
   def load_predictor():  # Not for a finished --output_jsonl.
     params, config, tokenizer = cli.load_model_from_flags(mesh)
-    return inference.Predictor(config, params, tokenizer, batch_size=f.batch_size)
+    return inference.Predictor(config, params, tokenizer, batch_size=f.batch_size,
+                               cache_dtype=cli.kv_cache_dtype_from_flags())
 
   results = result_lines.answer(load_predictor, items, output=f.output_jsonl, settings=run_settings,
                            outputs=result_lines.Outputs(task, f.draw_dir), progress=len(items) > 1,

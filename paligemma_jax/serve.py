@@ -105,7 +105,8 @@ def main(argv):
   engine = engine_lib.Engine(model, rows=f.slots, max_queue=f.max_queue,
                              steps_per_call=f.steps_per_call, max_prompt_tokens=f.max_prompt_tokens,
                              max_tokens_limit=f.max_tokens_limit,
-                             image_cache_size=f.image_cache_size, mesh=mesh)
+                             image_cache_size=f.image_cache_size, mesh=mesh,
+                             cache_dtype=cli.kv_cache_dtype_from_flags())
   engine.start()
   if f.warmup:
     logging.info("Compiling the engine's programs ...")
