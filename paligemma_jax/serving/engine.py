@@ -16,8 +16,8 @@ tokens (<bos> + prompt + "\n"), not the image tokens; Event.prompt_tokens counts
            tokens to each request's Handle and frees its row as soon as its request ends
            (<eos>, a stop string, max_tokens or cancel), to refill it at the next step.
 
-One preallocated KV cache holds every row ([L, rows, image + prompt + max_tokens_limit, ...]);
-each row keeps its own end, so rows advance independently. A request's result depends on
+One preallocated KV cache holds every row ([L, rows, image + prompt + max_tokens_limit, ...];
+int8 with cache_dtype="int8"); each row keeps its own end, so rows advance independently. A request's result depends on
 nothing else that runs: rows never see each other, and its sampler settings, max_tokens and PRNG
 key (fold_in(sampling.seed_key(seed), 0), then folded with the step index, as `autoregressive.Generator`
 keys row 0) are per-row arrays. Greedy answers equal `generate`'s; sampled ones equal `generate`'s for a
