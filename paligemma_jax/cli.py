@@ -91,8 +91,8 @@ def _parse_flags(argv):
 
 
 def define_model_flags():
-  """--checkpoint, --config, --dtype, --batch_size, --quantize, --mesh, --distributed: how to
-  load and run a model, shared by generate and evaluate."""
+  """--checkpoint, --config, --dtype, --batch_size, --quantize, --kv_cache_dtype, --mesh,
+  --distributed: how to load and run a model, shared by generate, evaluate and serve."""
   main = _listed_with_the_program()
   flags.DEFINE_string("checkpoint", None, "A converted checkpoint "
                       "(checkpoints_convert.hf_to_orbax), a Hugging Face PaliGemma directory, or "
@@ -111,6 +111,10 @@ def define_model_flags():
   flags.DEFINE_enum("quantize", None, ["int8"], "Compute with int8 weights (a float checkpoint "
                     "is quantized as it loads); default: as stored (a checkpoint converted with "
                     "--quantize=int8 is int8).", **main)
+  flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"], "The KV cache's keys and values: "
+                    "auto = the compute dtype (--dtype); int8 = int8 with a scale per token and kv "
+                    "head, about half the bytes of bfloat16 (a quarter of float32): more rows or "
+                    "longer prompts in the same memory.", **main)
   define_mesh_flags()
 
 
@@ -159,16 +163,23 @@ def mesh_from_flags():
 
 def model_settings() -> dict:
   """What names the model and how it runs, recorded beside results: the checkpoint's identity
-  (without loading it), the dtype, any --config override and --quantize."""
+  (without loading it), the dtype, any --config override, --quantize and --kv_cache_dtype."""
   f = flags.FLAGS
   override = None if f.config is None else f.config.to_dict()
-  quantized = {"quantize": f.quantize} if f.quantize else {}  # Older runs' settings still match.
+  # Only when given, so older runs' settings still match.
+  quantized = {"quantize": f.quantize} if f.quantize else {}
+  int8_cache = {"kv_cache_dtype": f.kv_cache_dtype} if kv_cache_dtype_from_flags() else {}
   return {**loading.checkpoint_identity(f.checkpoint), "dtype": dtype_from_flags(),
-          "config": override, **quantized}
+          "config": override, **quantized, **int8_cache}
 
 
 def dtype_from_flags() -> str:
   return loading.default_dtype() if flags.FLAGS.dtype == "auto" else flags.FLAGS.dtype
+
+
+def kv_cache_dtype_from_flags() -> str | None:
+  """The `cache_dtype` of Predictor, Scorer and Engine: None (the compute dtype) or "int8"."""
+  return None if flags.FLAGS.kv_cache_dtype == "auto" else flags.FLAGS.kv_cache_dtype
 
 
 def load_model_from_flags(mesh):

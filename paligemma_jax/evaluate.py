@@ -78,8 +78,8 @@ def main(argv):
   mesh = cli.mesh_from_flags()  # Before anything touches a device.
   vae_params = segmentation_format.load_vae_npz(f.vae_npz) if f.task == "segment" else None
   evaluator = runner.Evaluator(lambda: cli.load_model_from_flags(mesh), batch_size=f.batch_size,
-                                   vae_params=vae_params, model_identity=cli.model_settings(),
-                                   beams=beams)
+                               vae_params=vae_params, model_identity=cli.model_settings(),
+                               beams=beams, cache_dtype=cli.kv_cache_dtype_from_flags())
   result = evaluator.run(f.dataset, f.task, f.predictions, f.metrics,
                          max_new_tokens=f.max_new_tokens, image_dir=f.image_dir)
   print(json.dumps(result, indent=2, ensure_ascii=False))

@@ -141,7 +141,8 @@ def main(argv):
     files.remove_stale_temps_in(f.draw_dir)  # Drawings a killed run was writing.
 
   def load_predictor():  # Not for a finished --output_jsonl.
-    return inference.Predictor(*cli.load_model_from_flags(mesh), batch_size=f.batch_size)
+    return inference.Predictor(*cli.load_model_from_flags(mesh), batch_size=f.batch_size,
+                               cache_dtype=cli.kv_cache_dtype_from_flags())
 
   results = result_lines.answer(load_predictor, items, output=f.output_jsonl, settings=run_settings,
                            outputs=result_lines.Outputs(task, f.draw_dir), progress=len(items) > 1,

@@ -115,7 +115,7 @@ def main(argv):
                              max_tokens_limit=f.max_tokens_limit,
                              image_cache_size=f.image_cache_size,
                              max_images=f.max_images if f["max_images"].present else None,
-                             mesh=mesh)
+                             mesh=mesh, cache_dtype=cli.kv_cache_dtype_from_flags())
   engine.start()
   if f.warmup:
     logging.info("Compiling the engine's programs ...")

@@ -181,9 +181,11 @@ def state_shardings(state, mesh: Mesh):
 
 
 def cache_shardings(cache: kv_cache_lib.KVCache, mesh: Mesh) -> kv_cache_lib.KVCache:
-  """k, v [L, B, S, K, H]: batch over data x fsdp, kv heads over tensor; end [B] like the batch."""
-  kv = NamedSharding(mesh, _fit(cache.k.shape, CACHE_K_V, mesh))
-  return kv_cache_lib.KVCache(k=kv, v=kv, end=NamedSharding(mesh, _fit(cache.end.shape, (BATCH,), mesh)))
+  """k, v [L, B, S, K, H] and an int8 cache's scales [L, B, S, K]: batch over data x fsdp, kv heads
+  over tensor; end [B] like the batch."""
+  split = lambda x: NamedSharding(mesh, _fit(x.shape, CACHE_K_V[:x.ndim], mesh))
+  return cache.replace(**{name: split(x) for name, x in cache.slot_arrays().items()},
+                       end=NamedSharding(mesh, _fit(cache.end.shape, (BATCH,), mesh)))
 
 
 def batch_sharding(shape, mesh: Mesh) -> NamedSharding:

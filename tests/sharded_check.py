@@ -69,9 +69,11 @@ def prompt_inputs(config, batch):
           batch["prefix_mask"][:, :n])
 
 
-def generate(config, params, batch, sampler, mesh=None, scan_layers=None, generator=None):
+def generate(config, params, batch, sampler, mesh=None, scan_layers=None, generator=None,
+             cache_dtype=None):
   """(Generation, the generator): a new one unless `generator` is given."""
-  generator = generator or autoregressive.Generator(params, config, mesh=mesh, scan_layers=scan_layers)
+  generator = generator or autoregressive.Generator(
+      params, config, mesh=mesh, scan_layers=scan_layers, cache_dtype=cache_dtype)
   out = generator.generate(*prompt_inputs(config, batch), max_new_tokens=NEW_TOKENS,
                            sampler=sampler, rng=jax.random.PRNGKey(7))
   return out, generator
@@ -83,13 +85,14 @@ def restore(directory, mesh):
   return checkpoint.load(directory, shardings=sharding.param_shardings(shapes, mesh))[0]
 
 
-def cache_spec(generator, config, batch):
-  """The PartitionSpecs the compiled prefill gives the KV cache and the generated tokens."""
+def cache_spec(generator, config, batch, field="k"):
+  """The PartitionSpecs the compiled prefill gives the KV cache's `field` (k, or an int8 cache's
+  k_scale) and the generated tokens."""
   prefill, _ = generator.compiled(NEW_TOKENS)
   args = sharding.shard_batch(prompt_inputs(config, batch), generator.mesh)
   keys = core.row_keys(jax.random.PRNGKey(0), range(args[0].shape[0]))
   state = prefill(generator.params, *args, keys, sampling.Sampler().as_arrays())
-  return str(state.rows.cache.k.sharding.spec), str(state.tokens.sharding.spec)
+  return str(getattr(state.rows.cache, field).sharding.spec), str(state.tokens.sharding.spec)
 
 
 def remesh(config, params, batch, reference):
@@ -199,6 +202,14 @@ def main(meshes):
               logprob_diff=float(np.max(np.abs(out.logprobs - ref.logprobs))))
         r["mesh_detected"] = generator.mesh is mesh
         r["cache_spec"], r["out_spec"] = cache_spec(generator, config, batch)
+        if spec == last and variant == "tiny-pg2":  # An int8 cache: its scales split as the keys.
+          ref, _ = generate(config, params, batch, SAMPLERS["greedy"], cache_dtype="int8")
+          out, generator = generate(config, sharded, batch, SAMPLERS["greedy"], cache_dtype="int8")
+          r["generate"]["greedy_int8_cache"] = dict(
+              tokens_equal=bool(np.array_equal(out.tokens, ref.tokens)), tokens=out.tokens.tolist(),
+              logprob_diff=float(np.max(np.abs(out.logprobs - ref.logprobs))))
+          r["int8_cache_specs"] = [cache_spec(generator, config, batch, field)[0]
+                                   for field in ("k", "k_scale")]
         if spec == last:  # Scoring, its mesh taken from the params.
           ref_score = score(config, params, batch)[0]
           logprobs, specs, score_mesh = score(config, sharded, batch)

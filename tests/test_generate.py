@@ -154,11 +154,37 @@ def test_mesh_flag_shards_and_gives_the_same_answers(converted_checkpoint, tmp_p
     np.testing.assert_allclose(single["logprobs"], sharded["logprobs"], atol=1e-5)
 
 
+def test_int8_kv_cache_answers_as_the_library_and_is_kept_with_the_output(converted_checkpoint,
+                                                                          tmp_path):
+  """--kv_cache_dtype=int8: the answers of Predictor(cache_dtype="int8"); the setting is kept
+  beside the output, so a rerun with the float cache is refused; a bad value is one line."""
+  directory, _ = converted_checkpoint(2)
+  images = _images(tmp_path, 2)
+  (tmp_path / "in.jsonl").write_text("".join(
+      json.dumps({"image": image, "prompt": "caption en"}) + "\n" for image in images))
+  out = tmp_path / "out.jsonl"
+  args = [f"--checkpoint={directory}", f"--input_jsonl={tmp_path / 'in.jsonl'}",
+          f"--output_jsonl={out}", "--max_new_tokens=4"]
+  proc = run(*args, "--kv_cache_dtype=int8")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = [json.loads(line) for line in out.read_text().splitlines()]
+  params, config, tokenizer = loading.load_model(directory)
+  predictor = inference.Predictor(params, config, tokenizer, cache_dtype="int8")
+  assert predictor.generator.cache_dtype == np.int8
+  want = predictor.predict([inference.Example(image, "caption en") for image in images],
+                           max_new_tokens=4)
+  for got, w in zip(results, want, strict=True):
+    assert got["tokens"] == w["tokens"]
+    np.testing.assert_allclose(got["logprobs"], w["logprobs"], atol=1e-5)
+  _no_traceback_one_line(run(*args), "kv_cache_dtype: 'int8' then, None now")
+  _no_traceback_one_line(run(*args, "--kv_cache_dtype=int4"), "--kv_cache_dtype", "auto", "int8")
+
+
 def test_help_explains_every_flag():
   proc = run("--help")
   for flag in ("checkpoint", "config", "image", "prompt", "input_jsonl", "output_jsonl", "batch_size",
                "max_new_tokens", "sampler", "temperature", "top_k", "top_p", "seed", "dtype", "task",
-               "mesh", "distributed"):
+               "mesh", "distributed", "quantize", "kv_cache_dtype"):
     assert re.search(rf"--(\[no\])?{flag}:", proc.stdout), flag
 
 

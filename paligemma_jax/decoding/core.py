@@ -1,7 +1,8 @@
 """The decoding core: one setup, one per-row state, one prefill and one step for every loop.
 
   Setup    what stays fixed while decoding: the model (its weight layout), the ids that may be
-           chosen, <eos> and pad, the KV cache's dtype, the mesh and the shardings on it.
+           chosen, <eos> and pad, the KV cache's dtype (float or int8), the mesh and the
+           shardings on it.
   State    one row per sequence: KV cache, last token, tokens chosen so far (the index of its
            next key), limit, done, PRNG key, sampler settings (scalars, or [B] per row).
   prefill  images (one or several per row), or image features already computed (the server's
@@ -56,6 +57,9 @@ class Setup:
     `config.image_token_id` are never chosen. Default: every row of the embedding table but the
     image token.
 
+    cache_dtype: the KV cache's keys and values; default the compute dtype (`config.dtype`);
+    "int8": int8 with a scale per token and kv head, read back in the compute dtype (kv_cache.py).
+
     scan_layers: decode over the checkpoint's stacked [L, ...] weights; False: over one weight
     array per layer. Default: False on CPU, where XLA copies a weight sliced out of a stacked
     array before each matrix-vector product (2.4x slower decoding); True elsewhere: per-layer
@@ -68,7 +72,7 @@ class Setup:
     valid = (ids < (len(ids) if vocab_size is None else vocab_size)) & (
         ids != config.image_token_id)
     return cls(paligemma.PaliGemma(config), eos_id, pad_id, valid,
-               jnp.dtype(cache_dtype or config.dtype), mesh)
+               kv_cache.checked_dtype(cache_dtype or config.dtype), mesh)
 
   @property
   def config(self) -> ml_collections.ConfigDict:
@@ -106,7 +110,7 @@ class Setup:
 @flax.struct.dataclass
 class State:
   """B rows being decoded."""
-  cache: kv_cache.KVCache  # k, v [L, B, M, K, H]; end [B].
+  cache: kv_cache.KVCache  # k, v [L, B, M, K, H]; end [B]; int8: k_scale, v_scale [L, B, M, K].
   token: jax.Array  # [B] int32: the last chosen token, input of the next step.
   step: jax.Array  # [B] int32: tokens chosen so far = the index of the row's next key.
   limit: jax.Array  # [B] int32: most tokens the row may choose.

@@ -56,12 +56,13 @@ class Predictor:
 
   def __init__(self, params, config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
                batch_size: int = 1, bucket: int = batching.DEFAULT_BUCKET, num_threads: int = 8,
-               mesh=None):
+               mesh=None, cache_dtype=None):
+    """cache_dtype: the KV cache's, default the compute dtype; "int8" (core.Setup.create)."""
     self.config, self.tokenizer = config, tokenizer
     self.batch_size, self.bucket, self.num_threads = batch_size, bucket, num_threads
     self.generator = autoregressive.Generator(params, config, eos_id=tokenizer.eos_id,
                                       pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size,
-                                      mesh=mesh)
+                                      mesh=mesh, cache_dtype=cache_dtype)
     self.beam_generator = beam_search.BeamGenerator(self.generator)  # Compiles on first use.
     self.num_image_tokens = paligemma.num_image_tokens(config)
     self.max_positions = batching.max_positions(config)

@@ -55,9 +55,10 @@ class Candidates:
     return {"image": self.image} if self.images is None else {"images": list(self.images)}
 
 
-def make_setup(config: ml_collections.ConfigDict, mesh=None) -> core.Setup:
+def make_setup(config: ml_collections.ConfigDict, mesh=None, cache_dtype=None) -> core.Setup:
   """The setup `suffix_logprobs` takes, for parameters in the layout `config` names."""
-  return core.Setup.create(config, scan_layers=config.get("scan_layers", True), mesh=mesh)
+  return core.Setup.create(config, scan_layers=config.get("scan_layers", True), mesh=mesh,
+                           cache_dtype=cache_dtype)
 
 
 def suffix_logprobs(setup: core.Setup, params, prompt_tokens, images, prompt_mask,
@@ -115,18 +116,20 @@ class Scorer:
 
   mesh (default: the one `params` are sharded over, if any): batches are split over it like the
   generator's (sharding.shard_batch) and results fetched on every host (multihost.fetch).
+  cache_dtype: the KV cache's, default the compute dtype; "int8" (core.Setup.create).
   """
 
   def __init__(self, params, config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
                batch_size: int = 1, bucket: int = batching.DEFAULT_BUCKET,
-               target_bucket: int = DEFAULT_TARGET_BUCKET, num_threads: int = 8, mesh=None):
+               target_bucket: int = DEFAULT_TARGET_BUCKET, num_threads: int = 8, mesh=None,
+               cache_dtype=None):
     self.config, self.params, self.tokenizer = config, params, tokenizer
     self.batch_size, self.bucket, self.target_bucket = batch_size, bucket, target_bucket
     self.num_threads = num_threads
     self.num_image_tokens = paligemma.num_image_tokens(config)
     self.max_positions = batching.max_positions(config)
     self.mesh = sharding.mesh_of(params) if mesh is None else mesh
-    self.setup = make_setup(config, self.mesh)
+    self.setup = make_setup(config, self.mesh, cache_dtype)
     self.logprobs_fn = jax.jit(functools.partial(suffix_logprobs, self.setup))
 
   def row(self, prompt: str, suffix: str, num_images: int = 1):

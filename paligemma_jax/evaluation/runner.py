@@ -64,12 +64,13 @@ class Evaluator:
   predictions of different models are never mixed.
 
   beams: answer with beam search (its best hypothesis) instead of greedy decoding.
+  cache_dtype: the KV cache's, default the compute dtype; "int8" (core.Setup.create).
   """
 
   def __init__(self, load, *, batch_size: int = 1, vae_params=None, model_identity=None,
-               beams: beam_search.BeamSearch | None = None):
+               beams: beam_search.BeamSearch | None = None, cache_dtype=None):
     self._load, self.batch_size, self.vae_params = load, batch_size, vae_params
-    self.model_identity, self.beams = model_identity, beams
+    self.model_identity, self.beams, self.cache_dtype = model_identity, beams, cache_dtype
 
   @functools.cached_property
   def model(self):
@@ -77,11 +78,12 @@ class Evaluator:
 
   @functools.cached_property
   def predictor(self) -> inference.Predictor:
-    return inference.Predictor(*self.model, batch_size=self.batch_size)
+    return inference.Predictor(*self.model, batch_size=self.batch_size,
+                               cache_dtype=self.cache_dtype)
 
   @functools.cached_property
   def scorer(self) -> scoring.Scorer:
-    return scoring.Scorer(*self.model, batch_size=self.batch_size)
+    return scoring.Scorer(*self.model, batch_size=self.batch_size, cache_dtype=self.cache_dtype)
 
   def _results(self, task: base.Task, rows: list, max_new_tokens: int):
     """Model outputs for `rows`, in order."""

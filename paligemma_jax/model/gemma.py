@@ -73,10 +73,8 @@ class Attention(nn.Module):
     q, k = apply_rope(q, positions, cfg.rope_base), apply_rope(k, positions, cfg.rope_base)
 
     if cache is not None:  # Write this step's keys/values, then attend over every slot.
-      cache = cache.replace(k=kv_cache.write(cache.k, layer, k, cache.end),
-                            v=kv_cache.write(cache.v, layer, v, cache.end))
-      k = jax.lax.dynamic_index_in_dim(cache.k, layer, keepdims=False).astype(self.dtype)
-      v = jax.lax.dynamic_index_in_dim(cache.v, layer, keepdims=False).astype(self.dtype)
+      cache = kv_cache.write_layer(cache, layer, k, v)
+      k, v = kv_cache.read_layer(cache, layer, self.dtype)  # [B, S, K, H]
 
     b, t, n, h = q.shape
     q = q.reshape(b, t, cfg.num_kv_heads, n // cfg.num_kv_heads, h)  # [B, T, K, G, H]

@@ -127,10 +127,16 @@ def images_per_row(images):
 
 
 def init_cache(config: ml_collections.ConfigDict, batch: int, max_len: int, dtype=None):
-  """An empty KV cache for `batch` rows of up to `max_len` tokens (prompt + generated)."""
+  """An empty KV cache for `batch` rows of up to `max_len` tokens (prompt + generated); dtype:
+  default the compute dtype, or int8 (see kv_cache.py)."""
   t = config.text
   return kv_cache_lib.init(t.depth, batch, max_len, t.num_kv_heads, t.head_dim,
                            jnp.dtype(dtype or config.dtype))
+
+
+def cache_bytes_per_token(config: ml_collections.ConfigDict, dtype=None) -> int:
+  """Bytes of KV cache one token of one row takes, every layer (int8: with its scales)."""
+  return kv_cache_lib.bytes_per_token(jax.eval_shape(lambda: init_cache(config, 1, 1, dtype)))
 
 
 def dummy_inputs(config: ml_collections.ConfigDict, batch: int = 1):

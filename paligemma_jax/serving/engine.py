@@ -30,13 +30,13 @@ image tower, on its own: a request whose images are all cached runs no image tow
 given twice runs once.
 
 One preallocated KV cache holds every row ([L, rows, max_images * N + max_prompt_tokens +
-max_tokens_limit, ...]: sized for the most images, whatever a request holds); each row keeps its
-own end, so rows advance independently and rows of different image counts decode together. A
-request's result depends on nothing else that runs: rows never see each other, and its sampler
-settings, max_tokens and PRNG key (fold_in(sampling.seed_key(seed), choice), then folded with the
-step index, as `autoregressive.Generator` keys its rows) are per-row arrays. Greedy answers equal
-`generate`'s; sampled ones equal `generate`'s for a single example with the same seed (choice i:
-for example i).
+max_tokens_limit, ...]: sized for the most images, whatever a request holds; int8 with
+cache_dtype="int8"); each row keeps its own end, so rows advance independently and rows of
+different image counts decode together. A request's result depends on nothing else that runs:
+rows never see each other, and its sampler settings, max_tokens and PRNG key
+(fold_in(sampling.seed_key(seed), choice), then folded with the step index, as
+`autoregressive.Generator` keys its rows) are per-row arrays. Greedy answers equal `generate`'s;
+sampled ones equal `generate`'s for a single example with the same seed (choice i: for example i).
 
 Beside it: requests.py (what a caller holds), image_cache.py (identical images run the image
 tower once), text_stream.py (tokens -> the text a client may see, stop strings).
@@ -176,13 +176,15 @@ class Engine:
 
   def __init__(self, model: loading.Model, *, rows: int = 8, max_queue: int = 64,
                steps_per_call: int = 4, max_prompt_tokens: int = 256, max_tokens_limit: int = 256,
-               image_cache_size: int = 64, max_images: int | None = None, mesh=None):
+               image_cache_size: int = 64, max_images: int | None = None, mesh=None,
+               cache_dtype=None):
     """max_prompt_tokens: text tokens of a prompt (<bos>, prompt, "\\n"; the image tokens are
     not counted). max_images: images per request; every row's cache holds max_images * N image
     tokens + max_prompt_tokens + max_tokens_limit. Default DEFAULT_MAX_IMAGES, or as many as fit
     the model's positions where fewer do (one at 896 px). mesh: default the one model.params are
     sharded over, if any; rows are split over its `data` x `fsdp` axes, the weights stay as
-    they are sharded."""
+    they are sharded. cache_dtype: the KV cache's, default the compute dtype; "int8" holds about
+    twice the rows of a bfloat16 cache (core.Setup.create)."""
     if rows < 1 or rows & (rows - 1):
       raise ValueError(f"rows must be a power of two, got {rows}.")
     if (steps_per_call < 1 or max_prompt_tokens < 1 or max_tokens_limit < 1 or max_queue < 0 or
@@ -196,7 +198,8 @@ class Engine:
     self.image_cache_size = image_cache_size
     self.setup = core.Setup.create(
         config, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-        vocab_size=self.vocab_size, mesh=sharding.mesh_of(params) if mesh is None else mesh)
+        vocab_size=self.vocab_size, mesh=sharding.mesh_of(params) if mesh is None else mesh,
+        cache_dtype=cache_dtype)
     self.config, self.mesh = self.setup.config, self.setup.mesh
     self._params = self.setup.decoding_layout(params)
     self.image_size = config.vision.image_size

@@ -541,3 +541,10 @@ def test_evaluate_refuses_bad_flags_before_loading_and_writes_nothing(data_dir, 
                           capture_output=True, text=True, timeout=300, env=env)
     assert any(needle in line for line in assert_expected_failure(proc)), proc.stderr[-3000:]
   assert sorted(os.listdir(tmp_path)) == ["data.jsonl"]
+
+
+def test_an_int8_kv_cache_reaches_generation_and_scoring(loaded):
+  """evaluate --kv_cache_dtype=int8 -> Evaluator(cache_dtype="int8") -> both loops' caches."""
+  ev = runner.Evaluator(lambda: loaded, cache_dtype="int8")
+  assert ev.predictor.generator.cache_dtype == np.int8 and ev.scorer.setup.cache_dtype == np.int8
+  assert runner.Evaluator(lambda: loaded).scorer.setup.cache_dtype == loaded.config.dtype

@@ -10,6 +10,7 @@ import io
 import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -488,6 +489,26 @@ def test_threaded_streaming_and_draining_shutdown(engine, predictor):
   with pytest.raises(engine_lib.Closed):
     engine.submit(requests[0])
   assert engine.stats()["running_slots"] == 0
+
+
+def test_an_int8_cache_answers_as_generate_over_one(model):
+  """cache_dtype="int8": every row holds int8 keys and values; a request inserted into the
+  running batch and the one already there answer as generate does over an int8 cache."""
+  engine = engine_lib.Engine(model, rows=2, max_queue=2, steps_per_call=2, max_prompt_tokens=16,
+                             max_tokens_limit=12, image_cache_size=2, cache_dtype="int8")
+  cache = engine._state.cache
+  assert cache.k.dtype == jnp.int8 and cache.k_scale.shape == cache.k.shape[:-1]
+  predictor = inference.Predictor(*model, batch_size=2, cache_dtype="int8")
+  requests = [engine_lib.Request("caption en", png(0), max_tokens=MAX_NEW),
+              engine_lib.Request("answer en what is it", png(1), MAX_NEW, TEMPERATURE, seed=3)]
+  first = engine.submit(requests[0])
+  engine._step(wait=False)
+  second = engine.submit(requests[1])
+  run_until_idle(engine)
+  assert engine._state.cache.k.dtype == jnp.int8
+  for request, handle in zip(requests, (first, second)):
+    want = reference(predictor, request.image, request.prompt, request.sampler, request.seed)
+    assert answer(handle) == want and len(set(want[0])) > 1
 
 
 def test_per_row_sampler_settings_choose_as_one_sampler_per_batch():
