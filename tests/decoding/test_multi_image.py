@@ -25,6 +25,13 @@ def model(request, converted_checkpoint):
   return (reference, *loading.load_model(directory))
 
 
+@pytest.fixture(scope="module")
+def pg1(converted_checkpoint):
+  """PaliGemma 1 alone, for what does not depend on the model family."""
+  directory, reference = converted_checkpoint(1)
+  return (reference, *loading.load_model(directory))
+
+
 def rows(config, counts, seed=0):
   """Per row: (unpadded tokens: N image tokens per image, <bos>, random text; its images)."""
   rng = np.random.RandomState(seed)
@@ -71,8 +78,8 @@ def test_rows_with_two_three_and_one_image_match_transformers(model):
     np.testing.assert_allclose(our_logprobs, their_logprobs, atol=1e-4)
 
 
-def test_image_order_matters_and_beam_search_takes_several_images(model):
-  _, params, config, _ = model
+def test_image_order_matters_and_beam_search_takes_several_images(pg1):
+  _, params, config, _ = pg1
   (tokens, images), = rows(config, [2], seed=1)
   generator = autoregressive.Generator(params, config, eos_id=-1)
   model = paligemma.PaliGemma(config)
@@ -107,8 +114,8 @@ def image_files(tmp_path, config, count, seed=0):
   return paths
 
 
-def test_predictor_takes_examples_with_several_images(model, tmp_path):
-  _, params, config, tokenizer = model
+def test_predictor_takes_examples_with_several_images(pg1, tmp_path):
+  _, params, config, tokenizer = pg1
   paths = image_files(tmp_path, config, 3)
   predictor = inference.Predictor(params, config, tokenizer, batch_size=2)
   examples = [inference.Example(images=paths[:2], prompt="answer en which"),
@@ -125,8 +132,8 @@ def test_predictor_takes_examples_with_several_images(model, tmp_path):
     np.testing.assert_allclose(alone["logprobs"], result["logprobs"], atol=1e-5)
 
 
-def test_missing_or_too_many_images_fail_only_their_example(model, tmp_path):
-  _, params, config, tokenizer = model
+def test_missing_or_too_many_images_fail_only_their_example(pg1, tmp_path):
+  _, params, config, tokenizer = pg1
   paths = image_files(tmp_path, config, 2)
   predictor = inference.Predictor(params, config, tokenizer, batch_size=4, bucket=8)
   n = paligemma.num_image_tokens(config)
