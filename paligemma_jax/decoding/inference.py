@@ -1,6 +1,7 @@
 """From (image paths, prompt) examples to answers: the path every entry point shares.
 
-  load + preprocess images (one or several per example) (background threads, one batch ahead of the model; batching.py) ->
+  load + preprocess each example's images, one or several (background threads, one batch ahead
+  of the model; batching.py) ->
   build prompt tokens -> right-pad into fixed-shape batches (prompt length rounded up to a
   bucket, last batch padded with dummy rows) -> Generator.generate -> detokenize.
 
@@ -44,7 +45,7 @@ class Example:
 
   def given(self) -> dict:
     """The images as given, for output lines: {"image": ...} or {"images": [...]}."""
-    return {"image": self.image} if self.images is None else {"images": list(self.images)}
+    return image_fields.fields(self.image, self.images)
 
 
 class Predictor:

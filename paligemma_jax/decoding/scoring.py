@@ -52,7 +52,7 @@ class Candidates:
     return image_fields.sources(self.image, self.images)
 
   def given(self) -> dict:
-    return {"image": self.image} if self.images is None else {"images": list(self.images)}
+    return image_fields.fields(self.image, self.images)
 
 
 def make_setup(config: ml_collections.ConfigDict, mesh=None, cache_dtype=None) -> core.Setup:

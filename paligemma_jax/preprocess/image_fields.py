@@ -35,6 +35,12 @@ def paths(record: dict) -> list[str]:
   return found
 
 
+def fields(image, images) -> dict:
+  """An example's image field as given: {"image": image}, or {"images": [...]} where it has
+  `images`; what result lines echo (see `given`)."""
+  return {"image": image} if images is None else {"images": list(images)}
+
+
 def given(record: dict) -> dict:
   """The image field of a line or result as given: {"image": ...} or {"images": [...]}; what
   result lines echo and what a resumed run compares."""
