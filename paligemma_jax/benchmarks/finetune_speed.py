@@ -177,11 +177,7 @@ def transformers_step(model, preset: str, batch):
   ft = finetune_configs.get_config(preset)
   undo = lambda: model
   if preset == "lora":
-    try:
-      import peft
-    except ImportError:
-      raise errors.InputError("--finetune_speed times transformers + PEFT for LoRA: pip install "
-                              "peft, or pass --skip_transformers.") from None
+    peft = _peft()
     model = peft.get_peft_model(model, peft.LoraConfig(
         r=ft.lora.rank, lora_alpha=ft.lora.alpha, lora_dropout=0.0, target_modules=PEFT_TARGETS))
     undo = model.unload
@@ -214,6 +210,15 @@ def transformers_step(model, preset: str, batch):
   return run, undo
 
 
+def _peft():
+  try:
+    import peft
+  except ImportError:
+    raise errors.InputError("--finetune_speed times transformers + PEFT for LoRA: pip install "
+                            "peft, or pass --skip_transformers.") from None
+  return peft
+
+
 def time_in_turn(steps: dict, repeats: int) -> dict:
   """name -> dict(wall, cpu: median seconds per step, loss: the first step's): one step of each
   per round, after a warm-up round (compiles)."""
@@ -231,26 +236,33 @@ def time_in_turn(steps: dict, repeats: int) -> dict:
 
 def run(f):
   """The fine-tuning speed table for flags `f` (benchmark.py's)."""
-  dtype = f.dtype or "float32"
   for preset in f.finetune_presets:
     if preset not in objective.PRESETS:
       raise errors.InputError(f"--finetune_presets: {preset!r} is not one of "
                               f"{', '.join(objective.PRESETS)}.")
+  if "lora" in f.finetune_presets and not f.skip_transformers:
+    _peft()  # Missing: said now, not after the model is built.
+  dtype = f.dtype or "float32"
   with tempfile.TemporaryDirectory() as directory:
     model = components.build_reference(f.variant, f.vision_layers, f.text_layers, directory)
     params, config, _ = hf.load_hf(directory, dtype=dtype)
   config.update(dtype=dtype, remat=False)
+  versions = f"jax {jax.__version__}"
   if f.skip_transformers:
     model = None
   else:
     import torch
+    import transformers
     model = model.to(getattr(torch, dtype))
+    versions += f", torch {torch.__version__}, transformers {transformers.__version__}"
+    if "lora" in f.finetune_presets:
+      versions += f", peft {_peft().__version__}"
   params = jax.device_put(params)
   batch = random_batch(config, f.finetune_batch_size, f.finetune_text_len)
   n = paligemma.num_image_tokens(config)
   peak, how = fma_peak()
   print(f"CPU: {cpu_model()}, {how} = {peak / 1e9:.0f} GFLOP/s nominal FMA peak; XLA float32 "
-        f"matmul {matmul_rate() / 1e9:.0f} GFLOP/s measured; jax {jax.__version__}")
+        f"matmul {matmul_rate() / 1e9:.0f} GFLOP/s measured; {versions}")
   print(f"model: {f.variant} widths, {f.vision_layers}+{f.text_layers} layers, {dtype}, no "
         f"remat; batch {f.finetune_batch_size} x ({n} image + {f.finetune_text_len} text tokens, "
         f"{f.finetune_text_len - PROMPT_TOKENS} targets per row); steps in turn, medians of "

@@ -11,9 +11,11 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs.paligemma import get_config
 from paligemma_jax import benchmark  # noqa: F401  Imported beside the converter below.
+from paligemma_jax import errors
 from paligemma_jax.benchmarks import components
 from paligemma_jax.benchmarks import finetune_memory
 from paligemma_jax.benchmarks import finetune_speed
@@ -87,3 +89,10 @@ def test_finetune_speed_table_runs_end_to_end(capsys):
   for preset in ("lora", "attn"):
     values = [float(v) for v in re.findall(r" (\d+\.\d+)", losses.split(f"{preset}:")[1])[:3]]
     assert len(values) == 3 and max(values) - min(values) < 1e-3, losses
+
+
+def test_finetune_speed_without_peft_is_one_line_before_any_work(monkeypatch):
+  monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError.
+  f = types.SimpleNamespace(finetune_presets=["lora"], skip_transformers=False)
+  with pytest.raises(errors.InputError, match="pip install peft"):
+    finetune_speed.run(f)
