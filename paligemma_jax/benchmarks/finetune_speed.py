@@ -121,7 +121,8 @@ def fma_peak() -> tuple[float, str]:
   """(nominal float32 FLOP/s, how it was estimated): CPUs x 2 FMA pipes x float32 lanes per
   pipe x 2 FLOP x the clock /proc/cpuinfo reports (a virtual machine's is the TSC's). Lanes: 16
   on an Intel AVX-512 core, else 8 with AVX2/FMA (AMD Zen 4 runs AVX-512 as two 256-bit halves),
-  else 4. An estimate: turbo clocks and narrower pipes move it either way."""
+  else 4. An estimate: cores boosting above the reported clock exceed it, narrower pipes fall
+  short."""
   cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   fields = {}
   try:
@@ -140,13 +141,18 @@ def fma_peak() -> tuple[float, str]:
   return cpus * 2 * lanes * 2 * ghz * 1e9, how
 
 
-def matmul_rate(repeats: int = 3) -> float:
-  """FLOP/s of an XLA float32 matrix product as large as a layer's MLP over a batch."""
+def matmul_rate(repeats: int = 5) -> float:
+  """The best FLOP/s of an XLA float32 matrix product as large as a layer's MLP over a batch."""
   a, b = jnp.ones((1024, 2048), jnp.float32), jnp.ones((2048, 16384), jnp.float32)
   product = jax.jit(lambda a, b: a @ b)
   product(a, b).block_until_ready()
-  seconds = components.median_seconds(lambda: product(a, b).block_until_ready(), repeats)
-  return 2 * a.shape[0] * a.shape[1] * b.shape[1] / seconds
+
+  def seconds():
+    start = time.perf_counter()
+    product(a, b).block_until_ready()
+    return time.perf_counter() - start
+
+  return 2 * a.shape[0] * a.shape[1] * b.shape[1] / min(seconds() for _ in range(repeats))
 
 
 def our_step(config, params, preset: str, batch, max_text_len: int | None):
@@ -261,8 +267,8 @@ def run(f):
   batch = random_batch(config, f.finetune_batch_size, f.finetune_text_len)
   n = paligemma.num_image_tokens(config)
   peak, how = fma_peak()
-  print(f"CPU: {cpu_model()}, {how} = {peak / 1e9:.0f} GFLOP/s nominal FMA peak; XLA float32 "
-        f"matmul {matmul_rate() / 1e9:.0f} GFLOP/s measured; {versions}")
+  print(f"CPU: {cpu_model()}; nominal FMA peak {how} = {peak / 1e9:.0f} GFLOP/s; XLA float32 "
+        f"matmul {matmul_rate() / 1e9:.0f} GFLOP/s (best of 5); {versions}")
   print(f"model: {f.variant} widths, {f.vision_layers}+{f.text_layers} layers, {dtype}, no "
         f"remat; batch {f.finetune_batch_size} x ({n} image + {f.finetune_text_len} text tokens, "
         f"{f.finetune_text_len - PROMPT_TOKENS} targets per row); steps in turn, medians of "
@@ -286,8 +292,8 @@ def run(f):
                                             for name, r in results.items()))
     del steps, ours, before
 
-  print("\n| preset | step | s/step | CPU s/step | steps/s | GFLOP/step | GFLOP/s (of peak) | "
-        "speed / transformers |")
+  print("\n| preset | step | s/step | CPU s/step | steps/s | GFLOP/step | GFLOP/s (of nominal "
+        "peak) | speed / transformers |")
   print("|---|---|---|---|---|---|---|---|")
   for preset, name, r, step_flops, reference in rows:
     gflops = f"{step_flops / 1e9:.4g}" if step_flops else "-"
