@@ -12,8 +12,9 @@ loss targets. Per preset of --finetune_presets (configs/finetune.py: its optimiz
 rate, clipping and, for `lora`, rank, alpha and targets):
 
   ours                  objective.train_step as `finetune` runs it (jit, state donated)
-  ours, every position  the same step with the LM head over every position, not only the text
-                        (what the step did before; the head dominates it)
+  ours, LM head at every position
+                        the same step with logits at every position, not only the text (what the
+                        step did before; the head dominated it)
   transformers          the same tensors training in PyTorch: `lora` through PEFT (LoraConfig with
                         the same rank, alpha and targets, the language model's q/k/v/o/gate/up/
                         down projections), other presets by requires_grad; torch.optim.AdamW or
@@ -105,16 +106,22 @@ def _sub_jaxprs(params):
         yield v
 
 
-def cpu_model() -> str:
-  """The CPU's model name (lscpu's "Model name")."""
+def _cpuinfo() -> dict:
+  """The first CPU's fields in /proc/cpuinfo (none where there is no such file)."""
+  fields = {}
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
   except OSError:
     pass
-  return platform.processor() or "unknown CPU"
+  return fields
+
+
+def cpu_model() -> str:
+  """The CPU's model name (lscpu's "Model name")."""
+  return _cpuinfo().get("model name") or platform.processor() or "unknown CPU"
 
 
 def fma_peak() -> tuple[float, str]:
@@ -124,14 +131,7 @@ def fma_peak() -> tuple[float, str]:
   else 4. An estimate: cores boosting above the reported clock exceed it, narrower pipes fall
   short."""
   cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  fields = {}
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-  except OSError:
-    pass
+  fields = _cpuinfo()
   flags, ghz = set(fields.get("flags", "").split()), float(fields.get("cpu MHz", 0)) / 1e3
   if "avx512f" in flags and fields.get("vendor_id") == "GenuineIntel":
     lanes = 16
