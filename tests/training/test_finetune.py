@@ -222,8 +222,9 @@ def test_token_loss_targets_the_next_token():
 
 def _rows_of_one_and_two_images(config, max_text_len=12):
   """A batch in training's layout with K = 2 ([2N image tokens][max_text_len text tokens]): rows
-  of two images and of one (whose text starts N earlier), one of each with its suffix cut at the
-  row's end, one with weight 0 (a held-out padding row)."""
+  of two images and of one (whose text starts N earlier), one of each with its suffix cut at
+  max_text_len (the two-image one ending at the row's last position), one with weight 0 (a
+  held-out padding row)."""
   n, image_id = paligemma.num_image_tokens(config), config.image_token_id
   length = 2 * n + max_text_len
   rng = np.random.default_rng(0)
