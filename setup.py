@@ -32,9 +32,10 @@ setuptools.setup(
         "httpx",  # The load generator's client (python -m paligemma_jax.serving.loadgen).
     ],
     extras_require={
-        # transformers + torch (CPU) are the numerical reference in the tests.
+        # transformers + torch (CPU) are the numerical reference in the tests; peft the LoRA the
+        # fine-tuning speed benchmark times against (its test runs it).
         # openai: the server is checked with the client OpenAI users run.
-        "test": ["pytest", "pytest-xdist", "transformers==5.23.0", "torch==2.13.0", "nbclient", "nbformat", "ipykernel",
+        "test": ["pytest", "pytest-xdist", "transformers==5.23.0", "torch==2.13.0", "peft==0.21.2", "nbclient", "nbformat", "ipykernel",
                  "selenium", "openai"],
     },
 )

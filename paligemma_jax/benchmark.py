@@ -22,6 +22,13 @@ instead times whole processes, the generate CLI against a transformers script (w
 instead compiles the fine-tuning train step of each preset for the full-depth variant from shapes
 alone (no weights allocated) and prints one JSON line per preset with XLA's memory analysis:
 {"preset": ..., "temp_gib": ..., "argument_gib": ...}. Results go to docs/finetuning.md by hand.
+
+  python -m paligemma_jax.benchmark --finetune_speed --variant=pg1-3b --vision_layers=2 \
+    --text_layers=2
+
+instead times fine-tuning train steps, ours against transformers + PEFT LoRA (and transformers for
+the other presets of --finetune_presets) on one batch, float32, no remat (finetune_speed.py).
+Results go to docs/finetuning.md by hand.
 """
 
 import json
@@ -33,6 +40,7 @@ from paligemma_jax import cli
 from paligemma_jax import errors
 from paligemma_jax.benchmarks import components
 from paligemma_jax.benchmarks import finetune_memory
+from paligemma_jax.benchmarks import finetune_speed
 from paligemma_jax.benchmarks import whole_process
 
 
@@ -44,7 +52,7 @@ def define_flags():
   flags.DEFINE_integer("text_tokens", 12, "Prompt tokens after the image tokens.")
   flags.DEFINE_integer("new_tokens", 32, "Tokens generated per row.")
   flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to time decode at.")
-  flags.DEFINE_integer("repeats", 3, "Timed repetitions (medians are reported).")
+  flags.DEFINE_integer("repeats", 3, "Timed repetitions (medians are reported).", lower_bound=1)
   flags.DEFINE_list("beam_sizes", ["2", "3"], "Beam sizes to time beam search at, against greedy "
                     "(at each batch size; empty: none).")
   flags.DEFINE_integer("choices", 4, "Suffixes scored per example (multiple choice).")
@@ -54,6 +62,16 @@ def define_flags():
   flags.DEFINE_enum("quantize", None, ["int8"], "Time ours with int8 weights (quantize.py).")
   flags.DEFINE_bool("finetune_memory", False, "Instead of timing generation, print the compiled "
                     "memory of each fine-tuning preset's train step for the full --variant.")
+  flags.DEFINE_bool("finetune_speed", False, "Instead of timing generation, time fine-tuning train "
+                    "steps, ours against transformers (+ PEFT for LoRA).")
+  flags.DEFINE_list("finetune_presets", ["lora"], "--finetune_speed: presets of "
+                    "configs/finetune.py to time (lora, attn, llm, all).")
+  flags.DEFINE_integer("finetune_batch_size", 2, "--finetune_speed: rows per step.", lower_bound=1,
+                       upper_bound=cli.MAX_BATCH_SIZE)
+  flags.DEFINE_integer("finetune_text_len", 32, "--finetune_speed: text tokens per row after the "
+                       f"image tokens (max_text_len), {finetune_speed.PROMPT_TOKENS} of them the "
+                       "prompt, the rest loss targets.",
+                       lower_bound=finetune_speed.PROMPT_TOKENS + 1, upper_bound=8192)
   flags.DEFINE_string("compilation_cache", "", "Persistent XLA cache for this process (cli.py); "
                       "off by default here, since the benchmark times compiles.")
   whole_process.define_flags()
@@ -72,6 +90,8 @@ def main(argv):
     for record in finetune_memory.per_preset(model_config, f.dtype or "bfloat16"):
       print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()}))
     return
+  if f.finetune_speed:
+    return finetune_speed.run(f)
   components.run(f)
 
 

@@ -40,7 +40,8 @@ def per_preset(model_config, dtype: str = "bfloat16", preset_names=tuple(objecti
     state = jax.eval_shape(lambda t: objective.init_state(t, tx, rng), trainable)
     step = jax.jit(functools.partial(objective.train_step, model=model,
                                      parametrization=parametrization, tx=tx, schedule=schedule,
-                                     accum_steps=config.accum_steps), donate_argnums=0)
+                                     accum_steps=config.accum_steps,
+                                     max_text_len=config.max_text_len), donate_argnums=0)
     memory = step.lower(state, frozen, _batch_shapes(layout)).compile().memory_analysis()
     records.append(dict(preset=preset, temp_gib=memory.temp_size_in_bytes / 2**30,
                         argument_gib=memory.argument_size_in_bytes / 2**30))

@@ -11,7 +11,7 @@ Inputs, for a batch of B examples of T tokens (see `processor.build_prompt`):
   prefix_mask [B, T] bool: the full-attention prefix (images + prompt); suffix tokens are causal
 
 Four entry points share one layer stack:
-  __call__     all-position logits, no cache (training);
+  __call__     logits at every position, or at the given ones (training's loss), no cache;
   prefill      runs the image and the right-padded prompt, fills a KV cache, returns each row's
                last-token logits;
   extend       causal tokens after the cached ones (scoring suffixes against one cached prompt);
@@ -71,14 +71,20 @@ class PaliGemma(nn.Module):
     return full, attention_mask(q_slot, q_prefix, kv_valid, kv_prefix, self.config.text.sliding_window)
 
   def __call__(self, tokens, images, input_mask, prefix_mask, image_index=None,
-               return_hidden=False):
-    """All-position logits [B, T, V] (float32), no cache."""
+               return_hidden=False, logits_at=None):
+    """All-position logits [B, T, V] (float32), no cache; `logits_at` [B, W] int: the logits at
+    those positions only, [B, W, V] (a training loss reads a few text positions, and the tied
+    head over every image position was most of a train step's work)."""
     input_mask, prefix_mask = input_mask.astype(bool), prefix_mask.astype(bool)
     slots = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     positions = jnp.maximum(jnp.cumsum(input_mask, axis=1) - 1, 0)
     masks = self._masks(slots, prefix_mask, input_mask, prefix_mask & input_mask)
     hidden, _ = self.llm(self.embed(tokens, images, image_index=image_index), positions, *masks)
-    return hidden if return_hidden else self.llm.logits(hidden)
+    if return_hidden:
+      return hidden
+    if logits_at is not None:
+      hidden = jnp.take_along_axis(hidden, logits_at[..., None], axis=1)
+    return self.llm.logits(hidden)
 
   def prefill(self, tokens, images, input_mask, prefix_mask, cache: kv_cache_lib.KVCache,
               features=None, image_index=None):

@@ -140,7 +140,34 @@ def _adapt(next_fun, args, kwargs, context, *, alpha):
                    *args, **kwargs)
   b = ab["b"].reshape(rank, *kernel_shape[-fan_out:]).astype(x_a.dtype)
   y = next_fun(*args, **kwargs)
-  return (y + jnp.tensordot(x_a * (alpha / rank), b, axes=1)).astype(y.dtype)
+  return (y + _times_b(x_a * (alpha / rank), b)).astype(y.dtype)
+
+
+@jax.custom_vjp
+def _times_b(x_a, b):
+  """x_a [..., r] times b [r, *out] -> [..., *out]: the adapter's second product. Its gradients
+  are written out so that dB is x_a^T dY over the rows as they lie: from `tensordot`'s own
+  transpose rule XLA:CPU wrote dY a second time, transposed, in a loop fusion slower than the
+  layer's own kernel products (the LoRA train step at pg1-3b widths, 2+2 layers, batch 2 x 288
+  tokens: 12.5 s with it, 11.1 s with this, the same loss)."""
+  return jnp.tensordot(x_a, b, axes=1)
+
+
+def _times_b_fwd(x_a, b):
+  return _times_b(x_a, b), (x_a, b)
+
+
+def _times_b_bwd(saved, dy):
+  x_a, b = saved
+  rank = b.shape[0]
+  b_matrix = b.reshape(rank, -1)
+  dy = dy.reshape(-1, b_matrix.shape[1])  # [rows, out]
+  d_x_a = jnp.einsum("nf,rf->nr", dy, b_matrix).reshape(x_a.shape)
+  d_b = jnp.einsum("nr,nf->rf", x_a.reshape(-1, rank), dy).reshape(b.shape)
+  return d_x_a.astype(x_a.dtype), d_b.astype(b.dtype)
+
+
+_times_b.defvjp(_times_b_fwd, _times_b_bwd)
 
 
 def _pairs(flat_base, adapters) -> dict:

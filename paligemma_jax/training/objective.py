@@ -143,32 +143,63 @@ def init_state(trainable, tx, rng):
 
 def token_loss(logits, tokens, loss_mask, weight=None):
   """(summed cross-entropy, number of target tokens); position t predicts token t + 1."""
-  mask = loss_mask[:, 1:]
+  return _summed_cross_entropy(logits[:, :-1], tokens[:, 1:], loss_mask[:, 1:], weight)
+
+
+def _summed_cross_entropy(logits, targets, mask, weight=None):
+  """(summed cross-entropy of `logits` [B, W, V] against `targets` [B, W] where `mask`, number
+  of those targets); `weight` [B] bool leaves rows out."""
   if weight is not None:
     mask = mask & weight[:, None]
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   return jnp.sum(ce * mask), jnp.sum(mask).astype(jnp.float32)
 
 
-def batch_loss(trainable, frozen, batch, rng, *, model, parametrization: Parametrization):
-  """(summed loss, target tokens) of one batch."""
+def loss_positions(loss_mask, window: int):
+  """[B, W] positions whose logits a row's loss reads, W = min(window, T - 1): the one before
+  the row's first target (position t predicts token t + 1) and those after it, kept inside the
+  row. They hold every target of a row whose targets lie within `window` consecutive positions,
+  as in training rows: [K * N image tokens][max_text_len text tokens], window = max_text_len
+  (rows with fewer images than K hold their text earlier, hence a start per row)."""
+  t = loss_mask.shape[1]
+  window = min(window, t - 1)
+  first = jnp.argmax(loss_mask[:, 1:], axis=1)  # 0 for a row without targets.
+  start = jnp.minimum(first, t - 1 - window)
+  return start[:, None] + jnp.arange(window)
+
+
+def batch_loss(trainable, frozen, batch, rng, *, model, parametrization: Parametrization,
+               max_text_len: int | None = None):
+  """(summed loss, target tokens) of one batch.
+
+  max_text_len: the layout's (data.Layout), so that the LM head runs over that many positions
+  per row (`loss_positions`) instead of all K * N + max_text_len of them; the same loss. None:
+  logits at every position (any model with PaliGemma's call signature).
+  """
   images, image_index = paligemma.images_per_row(batch["images"])
-  logits = parametrization.apply(model, trainable, frozen, batch["tokens"], images,
-                                 batch["input_mask"], batch["prefix_mask"], image_index,
-                                 rngs={"dropout": rng})
-  return token_loss(logits, batch["tokens"], batch["loss_mask"], batch.get("weight"))
+  tokens, loss_mask = batch["tokens"], batch["loss_mask"]
+  at = None if max_text_len is None else loss_positions(loss_mask, max_text_len)
+  logits = parametrization.apply(model, trainable, frozen, tokens, images, batch["input_mask"],
+                                 batch["prefix_mask"], image_index, rngs={"dropout": rng},
+                                 **({} if at is None else {"logits_at": at}))
+  if at is None:
+    return token_loss(logits, tokens, loss_mask, batch.get("weight"))
+  targets = lambda x: jnp.take_along_axis(x, at + 1, axis=1)
+  return _summed_cross_entropy(logits, targets(tokens), targets(loss_mask), batch.get("weight"))
 
 
 def train_step(state, frozen, batch, *, model, parametrization: Parametrization, tx, schedule,
-               accum_steps: int = 1):
+               accum_steps: int = 1, max_text_len: int | None = None):
   """One optimizer update on `batch`, computed in `accum_steps` micro-batches -> (state, metrics).
 
   The loss is the mean over the batch's target tokens whatever the accumulation: micro-batch
   gradients of the summed loss are added up and divided by the total token count once.
+  max_text_len: the layout's, as `batch_loss` takes it.
   """
   rng, step_rng = jax.random.split(state["rng"])
   grad_fn = jax.value_and_grad(
-      lambda p, b, r: batch_loss(p, frozen, b, r, model=model, parametrization=parametrization),
+      lambda p, b, r: batch_loss(p, frozen, b, r, model=model, parametrization=parametrization,
+                                 max_text_len=max_text_len),
       has_aux=True)
 
   if accum_steps == 1:
@@ -193,7 +224,8 @@ def train_step(state, frozen, batch, *, model, parametrization: Parametrization,
   return dict(params=params, opt_state=opt_state, step=state["step"] + 1, rng=rng), metrics
 
 
-def eval_step(trainable, frozen, batch, *, model, parametrization: Parametrization):
+def eval_step(trainable, frozen, batch, *, model, parametrization: Parametrization,
+              max_text_len: int | None = None):
   """(summed loss, target tokens) over the rows with weight 1."""
   return batch_loss(trainable, frozen, batch, jax.random.PRNGKey(0), model=model,
-                    parametrization=parametrization)
+                    parametrization=parametrization, max_text_len=max_text_len)

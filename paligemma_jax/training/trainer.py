@@ -129,7 +129,7 @@ class HeldOutEvaluator:
     self.records, self.layout, self.config, self.mesh = records, layout, config, mesh
     self.model, self.tokenizer, self.parametrization = model, tokenizer, parametrization
     self.loss_fn = jax.jit(lambda t, f, b: objective.eval_step(
-        t, f, b, model=model, parametrization=parametrization))
+        t, f, b, model=model, parametrization=parametrization, max_text_len=layout.max_text_len))
     self.predictor = None  # Built on first use, from the first parameters it sees.
 
   def __call__(self, trainable, frozen) -> dict:
@@ -255,7 +255,7 @@ def _run_steps(config, run: _Run, state, position: int, *, stop: int, manager, d
   out_shardings = None if mesh is None else (run.state_shardings, sharding.replicated(mesh))
   step_fn = jax.jit(lambda s, f, b: objective.train_step(
       s, f, b, model=run.model, parametrization=run.parametrization, tx=run.tx,
-      schedule=run.schedule, accum_steps=config.accum_steps),
+      schedule=run.schedule, accum_steps=config.accum_steps, max_text_len=run.layout.max_text_len),
                     out_shardings=out_shardings, donate_argnums=0)
   evaluator = HeldOutEvaluator(run.eval_records, run.layout, config, run.model, run.tokenizer,
                                run.parametrization, mesh) if run.eval_records else None

@@ -1,17 +1,24 @@
 """The benchmark: flags defined only when run, the component tables, and the fine-tuning memory
-report."""
+report and speed table."""
 
 import os
+import re
 import subprocess
 import sys
 import types
 
 from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from configs.paligemma import get_config
 from paligemma_jax import benchmark  # noqa: F401  Imported beside the converter below.
+from paligemma_jax import errors
 from paligemma_jax.benchmarks import components
 from paligemma_jax.benchmarks import finetune_memory
+from paligemma_jax.benchmarks import finetune_speed
 from helpers import ROOT, assert_expected_failure
 
 
@@ -54,3 +61,38 @@ def test_component_tables_run_end_to_end(capsys):
   out = capsys.readouterr().out
   assert out.count("| decode ms/token |") == 2 and out.count("| beam 2 |") == 2
   assert "score ms" in out and "batch-1 decode at" in out and "compile time" in out
+
+
+def test_matmul_flops_counts_each_scan_iteration():
+  """XLA's cost analysis counts a loop body once; the layers of a scanned model are in one."""
+  def layers(x, w):
+    return jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x, w)[0]
+  x, w = np.ones((4, 8), np.float32), np.ones((3, 8, 8), np.float32)
+  assert finetune_speed.matmul_flops(layers, x, w) == 3 * 2 * 4 * 8 * 8
+  grad = jax.grad(lambda x, w: layers(x, w).sum(), argnums=1)
+  assert finetune_speed.matmul_flops(grad, x, w) == 3 * 3 * 2 * 4 * 8 * 8  # Forward, dx, dw.
+
+
+def test_finetune_speed_table_runs_end_to_end(capsys):
+  """Every timed step (ours, ours with the head at every position, transformers + PEFT for
+  LoRA, transformers for `attn`) called as the benchmark calls it, on the tiny preset; the three
+  steps of a preset start from the same loss."""
+  f = types.SimpleNamespace(variant="tiny-pg1", vision_layers=1, text_layers=1, repeats=1,
+                            dtype=None, skip_transformers=False, finetune_presets=["lora", "attn"],
+                            finetune_batch_size=2, finetune_text_len=12)
+  finetune_speed.run(f)
+  out = capsys.readouterr().out
+  assert out.count("| lora |") == 3 and out.count("| attn |") == 3
+  assert "| lora | transformers + PEFT |" in out and "| attn | transformers |" in out
+  assert "nominal FMA peak" in out and "batch 2 x (16 image + 12 text tokens" in out
+  losses = out.split("first-step losses")[1]
+  for preset in ("lora", "attn"):
+    values = [float(v) for v in re.findall(r" (\d+\.\d+)", losses.split(f"{preset}:")[1])[:3]]
+    assert len(values) == 3 and max(values) - min(values) < 1e-3, losses
+
+
+def test_finetune_speed_without_peft_is_one_line_before_any_work(monkeypatch):
+  monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError.
+  f = types.SimpleNamespace(finetune_presets=["lora"], skip_transformers=False)
+  with pytest.raises(errors.InputError, match="pip install peft"):
+    finetune_speed.run(f)

@@ -220,6 +220,54 @@ def test_token_loss_targets_the_next_token():
   assert objective.token_loss(wrong, tokens, loss_mask, weight=jnp.array([False]))[1] == 0
 
 
+def _rows_of_one_and_two_images(config, max_text_len=12):
+  """A batch in training's layout with K = 2 ([2N image tokens][max_text_len text tokens]): rows
+  of two images and of one (whose text starts N earlier), one of each with its suffix cut at
+  max_text_len (the two-image one ending at the row's last position), one with weight 0 (a
+  held-out padding row)."""
+  n, image_id = paligemma.num_image_tokens(config), config.image_token_id
+  length = 2 * n + max_text_len
+  rng = np.random.default_rng(0)
+  rows = []
+  for images, prompt, suffix in [(2, 3, 4), (1, 2, 8), (2, 2, 20), (1, 4, 20), (1, 3, 2)]:
+    text = min(1 + prompt + suffix, max_text_len)  # <bos>, the prompt, the suffix + <eos>, cut.
+    tokens = np.zeros(length, np.int32)
+    tokens[:images * n] = image_id
+    tokens[images * n:images * n + text] = rng.integers(5, 1000, text)
+    at = np.arange(length) - images * n
+    rows.append(dict(tokens=tokens, input_mask=at < text, prefix_mask=at < 1 + prompt,
+                     loss_mask=(at >= 1 + prompt) & (at < text)))
+  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  s = config.vision.image_size
+  batch["images"] = rng.uniform(-1, 1, (len(rows), 2, s, s, 3)).astype(np.float32)
+  batch["weight"] = np.array([True, True, True, True, False])
+  return batch
+
+
+@pytest.mark.parametrize("preset", ["all", "lora"])
+def test_loss_at_the_text_positions_equals_the_loss_at_every_position(tiny_params, preset):
+  """The LM head over max_text_len positions per row (the fast path `finetune` takes) gives the
+  loss, target count and gradients of the head over all positions, also for rows whose text
+  starts earlier (fewer images) or reaches the row's last position."""
+  config = get_config("tiny-pg2")
+  model, batch = paligemma.PaliGemma(config), _rows_of_one_and_two_images(config)
+  par, trainable, frozen = objective.init_trainable(_config(preset), jax.device_put(tiny_params),
+                                                   jax.random.PRNGKey(0), jnp.float32)
+  if par.use_lora:  # B = 0 would leave A without a gradient.
+    trainable = jax.tree.map(lambda x: x + 0.05, trainable)
+  loss = lambda t, max_text_len: objective.batch_loss(
+      t, frozen, batch, jax.random.PRNGKey(0), model=model, parametrization=par,
+      max_text_len=max_text_len)
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (total, count), grads = grad(trainable, 12)
+  (want_total, want_count), want_grads = grad(trainable, None)
+  assert count == want_count == batch["loss_mask"][:4].sum() == 4 + 8 + 9 + 7
+  np.testing.assert_allclose(total, want_total, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads,
+               want_grads)
+  assert objective.loss_positions(jnp.asarray(batch["loss_mask"]), 12).shape == (5, 12)
+
+
 class _ToyModel(nn.Module):
   """Stands in for PaliGemma in train_step: same call signature, fast to compile."""
 
