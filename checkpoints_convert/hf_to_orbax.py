@@ -8,8 +8,8 @@ r"""Converts a Hugging Face PaliGemma / PaliGemma 2 directory into a converted c
 cache; see paligemma_jax/checkpoints/hub.py).
 
 Weights keep the checkpoint's dtype (PaliGemma 1: float32, PaliGemma 2: bfloat16) unless --dtype
-is given; --quantize=int8 stores int8 matrices (paligemma_jax/model/quantize.py), which load as int8
-without a flag. The tokenizer is the directory's tokenizer.model unless --tokenizer=PATH is
+is given; --quantize=int8|int4 stores int8 or int4 matrices (paligemma_jax/model/quantize.py), which load
+as such without a flag. The tokenizer is the directory's tokenizer.model unless --tokenizer=PATH is
 given; it is checked before any weight is read. The output directory must not exist; it appears only once
 complete, and a rerun removes what a killed run left.
 """
@@ -39,8 +39,9 @@ def define_flags():
   flags.DEFINE_enum("dtype", None, hf_config.DTYPES, "Parameter dtype; default: the checkpoint's.")
   flags.DEFINE_string("tokenizer", None, "SentencePiece tokenizer.model to include; default: the "
                       "one in --hf_dir.")
-  flags.DEFINE_enum("quantize", None, ["int8"], "Store int8 weights (paligemma_jax/model/quantize.py: "
-                    "a quarter of float32's bytes); the checkpoint then loads as int8.")
+  flags.DEFINE_enum("quantize", None, ["int8", "int4"], "Store int8 or int4 weights "
+                    "(paligemma_jax/model/quantize.py: a quarter or an eighth of float32's bytes); "
+                    "the checkpoint then loads as such.")
 
 
 def _check_tokenizer(path: str):
@@ -55,18 +56,18 @@ def convert(hf_dir: str, output_dir: str, dtype: str | None = None, tokenizer: s
             progress: bool = True, quantize: str | None = None):
   """Reads `hf_dir`, writes `output_dir`; returns the model config. `tokenizer` defaults to
   hf_dir/tokenizer.model. Every input is checked before the weights are read. quantize="int8"
-  stores int8 matrices with their scales (in the parameter dtype); config.json says so."""
+  or "int4" stores such matrices with their scales (in the parameter dtype); config.json says so."""
   checkpoint.check_new(output_dir)
   hf_dir = hub.resolve(hf_dir)
   config = hf_config.read_config(hf_dir, dtype)
   tokenizer = tokenizer or os.path.join(hf_dir, checkpoint.TOKENIZER)
   _check_tokenizer(tokenizer)
   params = hf.load_params(hf_dir, config, progress=progress)
-  if quantize == "int8":
-    params, config = paligemma.quantize_params(params, config)
+  if quantize:
+    params, config = paligemma.quantize_params(params, config, quantize)
   checkpoint.save(output_dir, params, config, tokenizer)
   logging.info("Wrote %s: variant %s, %s%s parameters, image %dpx.", output_dir, config.variant,
-               "int8 + " if quantize else "", config.param_dtype, config.vision.image_size)
+               f"{quantize} + " if quantize else "", config.param_dtype, config.vision.image_size)
   return config
 
 

@@ -10,8 +10,8 @@ with the ratio transformers / ours (> 1 means we are faster). Batch-1 decode is 
 a fraction of the memory-bandwidth limit: bytes of weights read per step / measured bandwidth.
 Beam search at each of --beam_sizes (decode ms per generated token, against transformers'
 num_beams and against our greedy decode at the same batch) follows in a second table.
-Medians over --repeats. Results go to docs/benchmarks.md by hand. --quantize=int8 times ours
-with int8 weights (transformers stays float32).
+Medians over --repeats. Results go to docs/benchmarks.md by hand. --quantize=int8|int4 times ours
+with those weights (transformers stays float32).
 
   python -m paligemma_jax.benchmark --e2e
 
@@ -59,7 +59,8 @@ def define_flags():
   flags.DEFINE_bool("skip_transformers", False, "Time ours only (e.g. on a GPU host).")
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Our compute/param dtype (default: "
                     "float32; with --finetune_memory bfloat16, also the frozen weights' dtype).")
-  flags.DEFINE_enum("quantize", None, ["int8"], "Time ours with int8 weights (quantize.py).")
+  flags.DEFINE_enum("quantize", None, ["int8", "int4"], "Time ours with int8 or int4 weights "
+                    "(quantize.py).")
   flags.DEFINE_bool("finetune_memory", False, "Instead of timing generation, print the compiled "
                     "memory of each fine-tuning preset's train step for the full --variant.")
   flags.DEFINE_bool("finetune_speed", False, "Instead of timing generation, time fine-tuning train "

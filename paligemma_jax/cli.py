@@ -108,9 +108,9 @@ def define_model_flags():
                     **main)
   flags.DEFINE_integer("batch_size", 1, "Examples per compiled batch (the last is padded).",
                        lower_bound=1, upper_bound=MAX_BATCH_SIZE, **main)
-  flags.DEFINE_enum("quantize", None, ["int8"], "Compute with int8 weights (a float checkpoint "
-                    "is quantized as it loads); default: as stored (a checkpoint converted with "
-                    "--quantize=int8 is int8).", **main)
+  flags.DEFINE_enum("quantize", None, ["int8", "int4"], "Compute with int8 or int4 weights (a "
+                    "float checkpoint is quantized as it loads); default: as stored (a checkpoint "
+                    "converted with --quantize=int8 is int8).", **main)
   flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"], "The KV cache's keys and values: "
                     "auto = the compute dtype (--dtype); int8 = int8 with a scale per token and kv "
                     "head, about half the bytes of bfloat16 (a quarter of float32): more rows or "

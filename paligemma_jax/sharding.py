@@ -139,8 +139,9 @@ def path_str(path) -> str:
 
 def rule_for(path: str):
   """The template of the first RULES regex matching whole components at the end of the
-  '/'-joined path (`opt_state/0/mu/llm/...` matches like `llm/...`), or None. An int8 matrix's
-  scale `X_scale` (quantize.py: X's shape, 1 on the input axes) takes X's rule."""
+  '/'-joined path (`opt_state/0/mu/llm/...` matches like `llm/...`), or None. A quantized
+  matrix's scale `X_scale` (quantize.py: X's rank, 1 on the input axes but int4's blocks) takes
+  X's rule; `_fit` splits a block axis like X's input axis where the devices divide it."""
   path = path.removesuffix("_scale")
   return next((template for pattern, template in RULES if re.search(f"(^|/){pattern}", path)), None)
 

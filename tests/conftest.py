@@ -48,3 +48,29 @@ def converted_checkpoint(tmp_path_factory, spm_model_path):
     return built[version]
 
   return get
+
+
+# Real widths: SigLIP So400m and Gemma 2 2B widths (one layer each), the 257,216-token vocabulary.
+ATTENTION_GAIN = 30  # See `real_width_model`.
+
+
+@pytest.fixture(scope="session")
+def real_width_model(tmp_path_factory):
+  """(params, config) of a real-width random PaliGemma 2, its post-attention norm scaled by
+  ATTENTION_GAIN: the model the int8 KV cache and quantized weights are judged on. As built, the
+  random model's residual is dominated by the tied embedding: it repeats its last input token with
+  log-prob -0.03 whatever it attends to, so no precision could show. Scaled, the attention brings
+  them to -0.2..-0.6 (greedy tokens still clear: top-2 margins over 2). The teacher-forced error
+  of an int8 cache, measured at other gains: 2e-5 (x1), 0.010 (x30), 0.03-0.06 (x40-x70), 0.11
+  (x100, where attention alone decides among near-ties of a random model's flat distributions)."""
+  import numpy as np
+  import hf_fixtures
+  from paligemma_jax.checkpoints import hf
+  ref = hf_fixtures.make_hf_paligemma(str(tmp_path_factory.mktemp("hf") / "ckpt"), version=2,
+                                      real_widths=True)
+  params, config, _ = hf.load_hf(ref.path)
+  del ref
+  layers = dict(params["llm"]["layers"])
+  scale = np.asarray(layers["post_attention_norm"]["scale"])
+  layers["post_attention_norm"] = {"scale": (1 + scale) * ATTENTION_GAIN - 1}  # RMSNorm's 1 + w.
+  return {**params, "llm": {**params["llm"], "layers": layers}}, config

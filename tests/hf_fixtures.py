@@ -236,6 +236,15 @@ def padded_batch(config, lengths, prefix_lengths, seed=0):
   return tokens, images, input_mask, prefix_mask
 
 
+
+def text_prompts(config, text_lengths, seed=0):
+  """(tokens, images, mask): right-padded prompts (image tokens, <bos>, text) of the given text
+  lengths, all prefix."""
+  n = paligemma.num_image_tokens(config)
+  lengths = [n + 1 + t for t in text_lengths]
+  tokens, images, mask, _ = padded_batch(config, lengths, lengths, seed)
+  return tokens, images, mask
+
 def reference_logits(model, tokens, images, input_mask, prefix_mask):
   with torch.no_grad():
     return model(input_ids=torch.tensor(tokens, dtype=torch.long),

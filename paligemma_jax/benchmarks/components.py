@@ -185,7 +185,7 @@ def run(f):
     params, config, _ = hf.load_hf(directory, dtype=dtype)
   config.dtype = dtype
   if f.quantize:
-    params, config = paligemma.quantize_params(params, config)
+    params, config = paligemma.quantize_params(params, config, f.quantize)
   if f.skip_transformers:
     del model
   params = jax.device_put(params)
@@ -201,7 +201,7 @@ def run(f):
   llm_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params["llm"]))
   bandwidth = memory_bandwidth_gbs()
   limit_ms = llm_bytes / bandwidth / 1e6
-  print(f"model: {f.variant} widths{', int8 weights' if f.quantize else ''}, "
+  print(f"model: {f.variant} widths{f', {f.quantize} weights' if f.quantize else ''}, "
         f"{f.vision_layers}+{f.text_layers} layers, "
         f"prompt {tokens.shape[1]} tokens, {f.new_tokens} new; decoder weights "
         f"{llm_bytes / 1e9:.2f} GB; bandwidth {bandwidth:.1f} GB/s -> limit {limit_ms:.1f} ms/token")

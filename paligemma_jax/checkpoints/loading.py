@@ -60,7 +60,7 @@ def checkpoint_kind(path: str) -> str:
 
 def _quantizes_once_read(quantize, config) -> bool:
   """Whether load_model quantizes the float weights it read (from the stacked layers)."""
-  return quantize == quantize_lib.INT8 and not quantize_lib.enabled(config)
+  return quantize is not None and not quantize_lib.enabled(config)
 
 
 def _to_devices(host, config, mesh, scan_layers, quantize):
@@ -89,12 +89,13 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
   config: replaces the stored model config (e.g. to turn the sliding window off); its parameter
     shapes must match the checkpoint's.
   tokenizer: a tokenizer.model to use instead of the checkpoint's (an .npz's: the one beside it).
-  quantize: "int8" computes with int8 weights (quantize.py), quantizing a float checkpoint after
-    it is read (memory then peaks at the float weights plus the int8 ones); None: as stored (a
-    checkpoint converted with --quantize=int8 is int8).
+  quantize: "int8" or "int4" computes with those weights (quantize.py), quantizing a float
+    checkpoint after it is read (memory then peaks at the float weights plus the quantized ones);
+    None: as stored (a checkpoint converted with --quantize=int8|int4 is quantized).
   """
-  if quantize not in (None, quantize_lib.INT8):
-    raise errors.InputError(f"quantize={quantize!r}: choose {quantize_lib.INT8!r} or None.")
+  if quantize not in (None, *quantize_lib.QTYPES):
+    raise errors.InputError(
+        f"quantize={quantize!r}: choose one of {', '.join(quantize_lib.QTYPES)} or None.")
   dtype = dtype or default_dtype()
   param_dtype = param_dtype or dtype
   cast = None if param_dtype == STORED else param_dtype
@@ -102,6 +103,10 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
   kind = checkpoint_kind(path)
   if kind == "converted":
     stored = checkpoint.load_config(path)
+    if quantize not in (None, quantize_lib.qtype(stored)) and quantize_lib.enabled(stored):
+      raise errors.InputError(
+          f"{path} holds {quantize_lib.qtype(stored)} weights; {quantize} needs the float "
+          "checkpoint it was converted from.")
     shardings = None if mesh is None else sharding.param_shardings(
         paligemma.param_shapes(stored), mesh)
     stacked = scan_layers or _quantizes_once_read(quantize, stored)
@@ -123,9 +128,9 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
       raise errors.InputError(f"{path} has no tokenizer.model.")
     params = _to_devices(params, stored, mesh, scan_layers, quantize)
   if config is not None:
-    if quantize_lib.enabled(stored):  # The override describes the structure; int8 is stored.
+    if quantize_lib.enabled(stored):  # The override describes the structure; weights as stored.
       config = config.copy_and_resolve_references()
-      config.quantize = quantize_lib.INT8
+      config.quantize = quantize_lib.qtype(stored)
     expected = paligemma.param_shapes(config)
     if "layers" not in params["llm"]:
       expected = jax.eval_shape(paligemma.unstack_layers, expected)
@@ -133,7 +138,7 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
       raise errors.InputError("The --config model does not match the checkpoint's parameter shapes.")
     stored = config
   if _quantizes_once_read(quantize, stored):
-    params, stored = paligemma.quantize_params(params, stored)
+    params, stored = paligemma.quantize_params(params, stored, quantize)
     params = jax.device_put(params) if mesh is None else sharding.shard_params(params, mesh)
   if not scan_layers and "layers" in params["llm"]:
     params = paligemma.unstack_layers(params)

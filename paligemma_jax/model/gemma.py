@@ -60,13 +60,13 @@ class Attention(nn.Module):
   config: ml_collections.ConfigDict
   dtype: jnp.dtype
   param_dtype: jnp.dtype
-  quantized: bool = False  # int8 kernels (quantize.py).
+  qtype: str | None = None  # "int8" | "int4" kernels (quantize.py).
 
   @nn.compact
   def __call__(self, x, positions, mask, cache=None, layer=None):
     cfg = self.config
     kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
-    DenseGeneral = quantize.Dense if self.quantized else nn.DenseGeneral
+    DenseGeneral = quantize.layer(self.qtype, nn.DenseGeneral)
     q = DenseGeneral((cfg.num_heads, cfg.head_dim), name="q", **kw)(x)  # [B, T, N, H]
     k = DenseGeneral((cfg.num_kv_heads, cfg.head_dim), name="k", **kw)(x)  # [B, T, K, H]
     v = DenseGeneral((cfg.num_kv_heads, cfg.head_dim), name="v", **kw)(x)
@@ -92,12 +92,12 @@ class Mlp(nn.Module):
   mlp_dim: int
   dtype: jnp.dtype
   param_dtype: jnp.dtype
-  quantized: bool = False
+  qtype: str | None = None
 
   @nn.compact
   def __call__(self, x):
     kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
-    Dense = quantize.Dense if self.quantized else nn.Dense
+    Dense = quantize.layer(self.qtype, nn.Dense)
     gate = jax.nn.gelu(Dense(self.mlp_dim, name="gate", **kw)(x), approximate=True)
     return Dense(x.shape[-1], name="down", **kw)(gate * Dense(self.mlp_dim, name="up", **kw)(x))
 
@@ -107,7 +107,7 @@ class Block(nn.Module):
   config: ml_collections.ConfigDict
   dtype: jnp.dtype
   param_dtype: jnp.dtype
-  quantized: bool = False
+  qtype: str | None = None
 
   @nn.compact
   def __call__(self, carry, layer_inputs, positions, full_mask, sliding_mask):
@@ -118,10 +118,10 @@ class Block(nn.Module):
     norm = lambda name: RMSNorm(cfg.norm_eps, self.param_dtype, name=name)
     post_norms = cfg.family == "gemma2"
 
-    h, cache = Attention(cfg, self.dtype, self.param_dtype, self.quantized, name="attn")(
+    h, cache = Attention(cfg, self.dtype, self.param_dtype, self.qtype, name="attn")(
         norm("pre_attention_norm")(x), positions, mask, cache, layer)
     x = x + (norm("post_attention_norm")(h) if post_norms else h)
-    h = Mlp(cfg.mlp_dim, self.dtype, self.param_dtype, self.quantized, name="mlp")(
+    h = Mlp(cfg.mlp_dim, self.dtype, self.param_dtype, self.qtype, name="mlp")(
         norm("pre_ffw_norm")(x))
     x = x + (norm("post_ffw_norm")(h) if post_norms else h)
     return (x, cache), None
@@ -133,7 +133,7 @@ class Decoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   remat: bool = False
-  quantized: bool = False  # int8 matrices and embedding table (quantize.py).
+  qtype: str | None = None  # "int8" | "int4" matrices and embedding table (quantize.py).
   # True: one scanned block over stacked [L, ...] weights (`layers`), so compile time does not
   # grow with depth. False: separate blocks `layers_0`..`layers_{L-1}`, for decoding: XLA on CPU
   # copies a weight sliced out of a stacked array before a matrix-vector product, which costs
@@ -143,14 +143,14 @@ class Decoder(nn.Module):
   def setup(self):
     cfg = self.config
     self.embedder = Embedder(cfg.vocab_size, cfg.width, self.dtype, self.param_dtype,
-                             self.quantized)
+                             self.qtype)
     block = nn.remat(Block, prevent_cse=False) if self.remat else Block
     if self.scan_layers:
       self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.depth)(
-                                cfg, self.dtype, self.param_dtype, self.quantized)
+                                cfg, self.dtype, self.param_dtype, self.qtype)
     else:
-      self.blocks = [block(cfg, self.dtype, self.param_dtype, self.quantized, name=f"layers_{i}")
+      self.blocks = [block(cfg, self.dtype, self.param_dtype, self.qtype, name=f"layers_{i}")
                      for i in range(cfg.depth)]
     self.final_norm = RMSNorm(cfg.norm_eps, self.param_dtype)
 
@@ -175,19 +175,22 @@ class Decoder(nn.Module):
 
 
 class Embedder(nn.Module):
-  """The token table, shared by the input embedding and the LM head. int8: one scale per row."""
+  """The token table, shared by the input embedding and the LM head. Quantized: one scale per row
+  (int8) or per row and block of the width (int4), quantize.py."""
   vocab_size: int
   width: int
   dtype: jnp.dtype
   param_dtype: jnp.dtype
-  quantized: bool = False
+  qtype: str | None = None
 
   def setup(self):
     shape = (self.vocab_size, self.width)
-    if self.quantized:
-      self.input_embedding = self.param("input_embedding", nn.initializers.zeros, shape, jnp.int8)
-      self.input_embedding_scale = self.param("input_embedding_scale", nn.initializers.ones,
-                                              (self.vocab_size, 1), self.param_dtype)
+    if self.qtype:
+      self.input_embedding = self.param("input_embedding", nn.initializers.zeros, shape,
+                                        quantize.QTYPES[self.qtype])
+      self.input_embedding_scale = self.param(
+          "input_embedding" + quantize.SCALE_SUFFIX, nn.initializers.ones,
+          quantize.scale_shape(shape, (1,), self.qtype), self.param_dtype)
     else:
       self.input_embedding = self.param("input_embedding", nn.initializers.normal(1.0), shape,
                                         self.param_dtype)
@@ -195,13 +198,14 @@ class Embedder(nn.Module):
   def encode(self, tokens):
     # The reference multiplies by sqrt(width) rounded to the parameter dtype (48.0 for 2304 in bf16).
     normalizer = jnp.asarray(self.width**0.5, self.param_dtype).astype(self.dtype)
-    x = self.input_embedding[tokens].astype(self.dtype)
-    if self.quantized:
-      x = x * self.input_embedding_scale[tokens].astype(self.dtype)
+    if self.qtype:
+      x = quantize.take(self.input_embedding, self.input_embedding_scale, tokens, self.dtype)
+    else:
+      x = self.input_embedding[tokens].astype(self.dtype)
     return x * normalizer
 
   def decode(self, hidden):
-    if self.quantized:
+    if self.qtype:
       return quantize.matmul(hidden, self.input_embedding, self.input_embedding_scale, (1,),
                              self.dtype)
     # `hidden @ table.T` lowers to a faster XLA CPU dot than einsum("btd,vd->btv") (2x at batch 1).

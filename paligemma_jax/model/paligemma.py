@@ -36,7 +36,7 @@ class PaliGemma(nn.Module):
   def setup(self):
     cfg = self.config
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), remat=cfg.remat,
-              quantized=quantize.enabled(cfg))
+              qtype=quantize.qtype(cfg))
     self.img = siglip.Encoder(cfg.vision, **kw)
     self.projector = nn.Dense(cfg.text.width, dtype=kw["dtype"], param_dtype=kw["param_dtype"])
     self.llm = gemma.Decoder(cfg.text, **kw, scan_layers=cfg.get("scan_layers", True))
@@ -174,11 +174,12 @@ def param_shapes(config: ml_collections.ConfigDict):
   return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
 
 
-def quantize_params(params, config: ml_collections.ConfigDict):
-  """(params, config) of the model in int8 (see quantize.py), from its float checkpoint-layout
-  params; an already quantized model is returned as it is."""
+def quantize_params(params, config: ml_collections.ConfigDict, qtype: str = quantize.INT8):
+  """(params, config) of the model with `qtype` ("int8" or "int4") weights (see quantize.py), from
+  its float checkpoint-layout params; an already quantized model is returned as it is."""
   if quantize.enabled(config):
     return params, config
   config = config.copy_and_resolve_references()
-  config.quantize = quantize.INT8
+  config.quantize = qtype
+  quantize.qtype(config)  # Checks the name.
   return quantize.quantize_tree(params, param_shapes(config)), config

@@ -1,124 +1,139 @@
-"""int8 weights: symmetric per-output-channel quantization, and the products computed with them.
+"""Quantized weights, int8 and int4, on qwix: how a matrix is quantized, stored and multiplied.
 
-A quantized matrix keeps its path and shape in the parameter tree, now int8, with a float scale
-beside it named `<name>_scale`, the matrix's shape with 1 on the contracted (input) axes:
+A quantized matrix keeps its path in the parameter tree, its values now int8 or int4, with a float
+scale beside it named `<name>_scale` (qwix's QArray `qvalue` and `scale` as two plain leaves, so
+that the converter, Orbax, the sharding rules and the loader read it like any other tree):
 
-  kernel [in..., out...] int8 + kernel_scale [1..., out...]     (Dense, DenseGeneral)
-  input_embedding [V, D] int8 + input_embedding_scale [V, 1]    (the tied table: per row, i.e.
-                                                                 per output of the LM head)
+  kernel [in..., out...] int8 | int4 + kernel_scale [1..., blocks, out...]   (Dense, DenseGeneral)
+  input_embedding [V, D] int8 | int4 + input_embedding_scale [V, 1 | blocks]  (the tied table, per
+                                                        row, i.e. per output of the LM head)
 
-so that w ~= q * scale with q = round(w / scale), scale = max|w| / 127 over the input axes. Every
-other leaf (norms, biases, the patch embedding, the position table, the projector) stays float.
-A model computes with int8 weights when its config says `quantize="int8"` (`enabled`);
-`quantize_tree` turns a float tree into that model's tree (see `paligemma.quantize_params`).
+int8: one scale per output channel, w ~= q * scale with scale = max|w| / 127.5 over the inputs
+(qwix's symmetric bound). int4: one scale per output channel and per block of the last input axis
+(sub-channel quantization; a 4-bit channel-wide scale loses too much to outliers), the block the
+largest divisor of that axis in [BLOCK_MIN, BLOCK_MAX] (128 for every Gemma width), the whole
+axis when none divides (SigLIP's MLP, 4304 = 16 x 269). Every other leaf (norms, biases, the patch
+embedding, the position table, the projector) stays float. A model computes with quantized
+weights when its config says `quantize="int8"|"int4"` (`qtype`); `quantize_tree` turns a float
+tree into that model's tree (see `paligemma.quantize_params`).
 
-How a product runs (measured: docs/benchmarks.md, "int8 weights"):
-  GPU / TPU  weight-only: `x @ q.astype(dtype) * scale`; XLA fuses the convert into the dot, so
-             the weights are read from memory as int8.
-  CPU        XLA does not fuse the convert into a dot: it writes a float copy of the weight first.
-             With few rows (decoding: at most DYNAMIC_MAX_ROWS), the activations are quantized
-             too, per row (absmax / 127), and the product is int8 x int8 -> int32; with many
-             rows (prefill, scoring) the product is compute-bound and the weight-only form costs
-             the same as float32 while keeping the activations exact. One row (batch-1 decoding)
-             is padded to two: XLA:CPU lowers an int8 matrix-vector product by writing an int32
-             copy of the whole weight, while two rows take its int8 GEMM, which reads q as is.
+Products are qwix's `dot_general` with float activations (weight-only on every backend): GPU and
+TPU fuse the dequantization into the dot, so the weights are read from memory in 8 or 4 bits.
+XLA:CPU does not: it writes a float copy of each weight first, so on the CPU quantized weights
+buy memory, not speed (docs/benchmarks.md, "Quantized weights"). Activations are never quantized:
+int8 x int8 products on the CPU were no faster than float32 and moved log-probs by 0.13.
 """
 
-import math
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import qwix
 
 INT8 = "int8"
+INT4 = "int4"
+QTYPES = {INT8: jnp.int8, INT4: jnp.int4}
 SCALE_SUFFIX = "_scale"
-DYNAMIC_MAX_ROWS = 64  # CPU: rows (batch x tokens) up to which activations are quantized too.
+BLOCK_MIN, BLOCK_MAX = 32, 128  # int4 block sizes along the last input axis.
+
+
+def qtype(config: ml_collections.ConfigDict) -> str | None:
+  """"int8", "int4" or None: the weights the model `config` describes computes with."""
+  name = config.get("quantize", None)
+  if name not in (None, *QTYPES):
+    raise ValueError(f"quantize={name!r}: choose one of {sorted(QTYPES)} or None.")
+  return name
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
-  """Whether the model `config` describes computes with int8 weights (config.quantize)."""
-  return config.get("quantize", None) == INT8
+  """Whether the model `config` describes computes with quantized weights."""
+  return qtype(config) is not None
 
 
-def quantize(w, axes: tuple[int, ...]):
-  """(int8 q, float scale) with w ~= q * scale, scale = max|w| / 127 over `axes` (kept, size 1)."""
-  w32 = w.astype(jnp.float32)
-  scale = jnp.max(jnp.abs(w32), axis=axes, keepdims=True) / 127.0
-  scale = jnp.where(scale == 0, 1.0, scale)  # An all-zero channel stays zero.
-  q = jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8)
-  return q, scale.astype(w.dtype)
+def block_size(n: int) -> int:
+  """int4's block along an input axis of size n: its largest divisor in [BLOCK_MIN, BLOCK_MAX],
+  or n (one block: a scale per output channel) when there is none."""
+  for size in range(min(n, BLOCK_MAX), BLOCK_MIN - 1, -1):
+    if n % size == 0:
+      return size
+  return n
 
 
-_quantize = jax.jit(quantize, static_argnums=1)
+def scale_shape(shape: tuple[int, ...], contract: tuple[int, ...], name: str) -> tuple[int, ...]:
+  """The scale of a `name` ("int8"/"int4") matrix of `shape` contracted over `contract` axes:
+  1 on the input axes except int4's blocks on the last one, the matrix's size elsewhere."""
+  out = [1 if a in contract else n for a, n in enumerate(shape)]
+  if name == INT4:
+    last = max(contract)
+    out[last] = shape[last] // block_size(shape[last])
+  return tuple(out)
+
+
+def quantize(w, scale_shape_: tuple[int, ...], name: str):
+  """(q, scale) with w ~= q * scale, q in `name`'s type, scale of `scale_shape_` (in w's dtype):
+  axes where the scale has w's size get a scale each, others are blocks of w's size / the
+  scale's (size 1: one block)."""
+  channelwise = tuple(a for a, (n, s) in enumerate(zip(w.shape, scale_shape_)) if s == n)
+  tiled = {a: n // s for a, (n, s) in enumerate(zip(w.shape, scale_shape_)) if 1 < s < n}
+  q = qwix.quantize(w, QTYPES[name], channelwise_axes=channelwise, tiled_axes=tiled)
+  scale = jnp.where(q.scale == 0, 1.0, q.scale)  # An all-zero channel: q is 0 whatever the scale.
+  return q.qvalue, scale.astype(w.dtype)
+
+
+_quantize = jax.jit(quantize, static_argnums=(1, 2))
 
 
 def dequantize(q, scale, dtype=jnp.float32):
-  return q.astype(dtype) * scale.astype(dtype)
+  return qwix.dequantize(qwix.QArray(q, scale.astype(dtype)))
 
 
-def quantize_tree(params, int8_shapes):
-  """A float parameter tree in int8: each leaf `X` that has a sibling `X_scale` in `int8_shapes`
-  (the int8 model's tree, e.g. from paligemma.param_shapes) is quantized over the axes where
-  `X_scale` has size 1; other leaves are returned as they are. Leaf by leaf, so memory holds at
-  most one float leaf more than the result."""
-  if not isinstance(int8_shapes, dict):
+def quantize_tree(params, quantized_shapes):
+  """A float parameter tree quantized: each leaf `X` that has a sibling `X_scale` in
+  `quantized_shapes` (the quantized model's tree, e.g. from paligemma.param_shapes) becomes X's
+  type there, with the scale's shape; other leaves are returned as they are. Leaf by leaf, so
+  memory holds at most one float leaf more than the result."""
+  if not isinstance(quantized_shapes, dict):
     return params
   out = {}
   for name, value in params.items():
-    scale = int8_shapes.get(name + SCALE_SUFFIX)
+    scale = quantized_shapes.get(name + SCALE_SUFFIX)
     if scale is not None and not isinstance(scale, dict):
-      axes = tuple(i for i, n in enumerate(scale.shape) if n == 1)
-      out[name], out[name + SCALE_SUFFIX] = _quantize(value, axes)
+      qname = next(n for n, t in QTYPES.items() if quantized_shapes[name].dtype == t)
+      out[name], out[name + SCALE_SUFFIX] = _quantize(value, tuple(scale.shape), qname)
     elif isinstance(value, dict):
-      out[name] = quantize_tree(value, int8_shapes.get(name, {}))
+      out[name] = quantize_tree(value, quantized_shapes.get(name, {}))
     else:
       out[name] = value
   return out
 
 
 def is_quantized_tree(params) -> bool:
-  """Whether any leaf of `params` is an int8 scale (the tree of a quantized model)."""
+  """Whether any leaf of `params` is a quantization scale (the tree of a quantized model)."""
   paths = jax.tree_util.tree_flatten_with_path(params)[0]
   return any(str(getattr(p[-1], "key", "")).endswith(SCALE_SUFFIX) for p, _ in paths)
 
 
-def _dot(x, w, contract, **kwargs):
-  """x [..., C...] . w, contracting x's last len(contract) axes with w's `contract` axes."""
-  x_axes = tuple(range(x.ndim - len(contract), x.ndim))
-  return jax.lax.dot_general(x, w, ((x_axes, tuple(contract)), ((), ())), **kwargs)
-
-
 def matmul(x, q, scale, contract: tuple[int, ...], dtype):
-  """x [..., C...] times the int8 matrix q (scale: q's shape, 1 on the `contract` axes) ->
-  [..., q's other axes], in `dtype`. The path depends on the backend (module docstring)."""
-  n = len(contract)
-  out_scale = jnp.squeeze(scale, contract).astype(jnp.float32)  # [out...]
-  rows = math.prod(x.shape[:x.ndim - n])
-  if jax.default_backend() == "cpu" and rows <= DYNAMIC_MAX_ROWS:
-    x32 = x.astype(jnp.float32)
-    x_scale = jnp.max(jnp.abs(x32), axis=tuple(range(x.ndim - n, x.ndim)), keepdims=True) / 127.0
-    x_scale = jnp.where(x_scale == 0, 1.0, x_scale)
-    xq = jnp.round(x32 / x_scale).astype(jnp.int8)
-    if rows == 1:
-      # One row is a matrix-vector product, which XLA:CPU runs by converting all of q to int32
-      # first (10x slower than float32); two rows take its int8 GEMM (YNNPACK), which reads q
-      # as int8. The zero row is dropped; row 0 is computed exactly as before.
-      pair = jnp.pad(xq.reshape((1,) + x.shape[x.ndim - n:]), ((0, 1),) + ((0, 0),) * n)
-      acc = _dot(pair, q, contract, preferred_element_type=jnp.int32)[:1]
-      acc = acc.reshape(x.shape[:x.ndim - n] + acc.shape[1:])
-    else:
-      acc = _dot(xq, q, contract, preferred_element_type=jnp.int32)
-    x_scale = x_scale.reshape(x.shape[:x.ndim - n] + (1,) * out_scale.ndim)
-    return (acc.astype(jnp.float32) * x_scale * out_scale).astype(dtype)
-  y = _dot(x.astype(dtype), q.astype(dtype), contract)
-  return (y * out_scale.astype(dtype)).astype(dtype)
+  """x [..., C...] times the quantized matrix (q, scale), contracting x's last len(contract)
+  axes with q's `contract` axes -> [..., q's other axes] in `dtype` (qwix's dot_general)."""
+  x_axes = tuple(range(x.ndim - len(contract), x.ndim))
+  y = qwix.dot_general(x.astype(dtype), qwix.QArray(q, scale.astype(dtype)),
+                       ((x_axes, tuple(contract)), ((), ())))
+  return y.astype(dtype)
+
+
+def take(q, scale, rows, dtype):
+  """Rows `rows` of the quantized table (q [V, D], scale [V, ...]), dequantized: the embedding."""
+  return dequantize(q[rows], scale[rows], dtype)
 
 
 class Dense(nn.Module):
-  """The int8 twin of nn.Dense / nn.DenseGeneral (contiguous trailing input axes): the same
-  `kernel` and `bias` leaves, the kernel in int8, plus `kernel_scale`."""
+  """The quantized twin of nn.Dense / nn.DenseGeneral (contiguous trailing input axes): the same
+  `kernel` and `bias` leaves, the kernel in `qtype`, plus `kernel_scale`."""
   features: int | tuple[int, ...]
+  qtype: str = INT8
   axis: int | tuple[int, ...] = -1
   use_bias: bool = True
   dtype: jnp.dtype = jnp.float32
@@ -131,12 +146,19 @@ class Dense(nn.Module):
     n_in = len(axes)
     if tuple(a % x.ndim for a in axes) != tuple(range(x.ndim - n_in, x.ndim)):
       raise ValueError(f"quantize.Dense contracts trailing axes of x, not axis={self.axis}.")
-    in_shape = x.shape[x.ndim - n_in:]
-    kernel = self.param("kernel", nn.initializers.zeros, in_shape + features, jnp.int8)
-    scale = self.param("kernel" + SCALE_SUFFIX, nn.initializers.ones, (1,) * n_in + features,
-                       self.param_dtype)
-    y = matmul(x, kernel, scale, tuple(range(n_in)), self.dtype)
+    shape = x.shape[x.ndim - n_in:] + features
+    contract = tuple(range(n_in))
+    kernel = self.param("kernel", nn.initializers.zeros, shape, QTYPES[self.qtype])
+    scale = self.param("kernel" + SCALE_SUFFIX, nn.initializers.ones,
+                       scale_shape(shape, contract, self.qtype), self.param_dtype)
+    y = matmul(x, kernel, scale, contract, self.dtype)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, features, self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
+
+
+def layer(qtype_: str | None, float_layer):
+  """The layer a model builds for `float_layer` (nn.Dense or nn.DenseGeneral) with `qtype_`
+  weights: the float layer itself for None, else this Dense."""
+  return float_layer if qtype_ is None else functools.partial(Dense, qtype=qtype_)

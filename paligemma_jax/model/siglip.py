@@ -18,13 +18,13 @@ class Attention(nn.Module):
   num_heads: int
   dtype: jnp.dtype
   param_dtype: jnp.dtype
-  quantized: bool = False  # int8 kernels (quantize.py).
+  qtype: str | None = None  # "int8" | "int4" kernels (quantize.py).
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
     head_dim = width // self.num_heads
-    DenseGeneral = quantize.Dense if self.quantized else nn.DenseGeneral
+    DenseGeneral = quantize.layer(self.qtype, nn.DenseGeneral)
     dense = lambda name: DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,
                                       param_dtype=self.param_dtype, name=name)
     q, k, v = dense("q")(x), dense("k")(x), dense("v")(x)  # [B, T, N, H]
@@ -40,12 +40,12 @@ class Mlp(nn.Module):
   mlp_dim: int
   dtype: jnp.dtype
   param_dtype: jnp.dtype
-  quantized: bool = False
+  qtype: str | None = None
 
   @nn.compact
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    Dense = quantize.Dense if self.quantized else nn.Dense
+    Dense = quantize.layer(self.qtype, nn.Dense)
     h = jax.nn.gelu(Dense(self.mlp_dim, name="fc1", **kw)(x), approximate=True)
     return Dense(x.shape[-1], name="fc2", **kw)(h)
 
@@ -55,14 +55,14 @@ class Block(nn.Module):
   config: ml_collections.ConfigDict
   dtype: jnp.dtype
   param_dtype: jnp.dtype
-  quantized: bool = False
+  qtype: str | None = None
 
   @nn.compact
   def __call__(self, x, _):
     cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm = lambda name: nn.LayerNorm(epsilon=cfg.norm_eps, name=name, **kw)
-    x = x + Attention(cfg.num_heads, name="attn", quantized=self.quantized, **kw)(norm("norm1")(x))
-    x = x + Mlp(cfg.mlp_dim, name="mlp", quantized=self.quantized, **kw)(norm("norm2")(x))
+    x = x + Attention(cfg.num_heads, name="attn", qtype=self.qtype, **kw)(norm("norm1")(x))
+    x = x + Mlp(cfg.mlp_dim, name="mlp", qtype=self.qtype, **kw)(norm("norm2")(x))
     return x, None
 
 
@@ -72,7 +72,7 @@ class Encoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   remat: bool = False
-  quantized: bool = False  # int8 attention and MLP kernels (quantize.py).
+  qtype: str | None = None  # "int8" | "int4" attention and MLP kernels (quantize.py).
 
   @nn.compact
   def __call__(self, images):
@@ -85,5 +85,5 @@ class Encoder(nn.Module):
     x = x + pos.astype(self.dtype)[None]
     block = nn.remat(Block, prevent_cse=False) if self.remat else Block
     x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                   length=cfg.depth)(cfg, name="layers", quantized=self.quantized, **kw)(x, None)
+                   length=cfg.depth)(cfg, name="layers", qtype=self.qtype, **kw)(x, None)
     return nn.LayerNorm(epsilon=cfg.norm_eps, name="norm", **kw)(x)

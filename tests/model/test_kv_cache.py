@@ -11,7 +11,6 @@ import pytest
 
 import hf_fixtures
 from configs import paligemma as presets
-from paligemma_jax.checkpoints import hf
 from paligemma_jax.checkpoints import loading
 from paligemma_jax.decoding import autoregressive
 from paligemma_jax.decoding import beam_search
@@ -86,21 +85,13 @@ def test_bytes_per_token():
   assert paligemma.cache_bytes_per_token(config) == 2 * bf16  # The compute dtype, float32.
 
 
-def prompts(config, text_lengths, seed=0):
-  """Right-padded prompts (image tokens, <bos>, text) of the given text lengths, all prefix."""
-  n = paligemma.num_image_tokens(config)
-  lengths = [n + 1 + t for t in text_lengths]
-  tokens, images, mask, _ = hf_fixtures.padded_batch(config, lengths, lengths, seed)
-  return tokens, images, mask
-
-
 def test_every_loop_decodes_over_an_int8_cache_alike(converted_checkpoint):
   """Generator, beam search and scoring take cache_dtype="int8" and hold int8 keys and values;
   the log-probs each loop reports equal those of teacher-forced scoring of its tokens over an
   int8 cache: a token is quantized once, on its own, whether a prefill, a decode step or a
   suffix writes it."""
   params, config, _ = loading.load_model(converted_checkpoint(2)[0])
-  tokens, images, mask = prompts(config, [3, 7])
+  tokens, images, mask = hf_fixtures.text_prompts(config, [3, 7])
   steps = 6
   generator = autoregressive.Generator(params, config, eos_id=-1, cache_dtype="int8")
   assert generator.cache_dtype == jnp.int8
@@ -123,28 +114,7 @@ def test_every_loop_decodes_over_an_int8_cache_alike(converted_checkpoint):
   np.testing.assert_allclose(int8[2:].sum(1), beams.scores, atol=1e-4)
 
 
-# Real widths: SigLIP So400m and Gemma 2 2B widths (one layer each), the 257,216-token vocabulary.
-ATTENTION_GAIN = 30  # See `real_width_model`.
 NEW_TOKENS = 16
-
-
-@pytest.fixture(scope="module")
-def real_width_model(tmp_path_factory):
-  """(params, config) of the real-width PaliGemma 2, its post-attention norm scaled by
-  ATTENTION_GAIN. As built, the random model's residual is dominated by the tied embedding: it
-  repeats its last input token with log-prob -0.03 whatever it attends to, so the cache's
-  precision could not show. Scaled, the attention brings them to -0.2..-0.6 (greedy tokens still
-  clear: top-2 margins over 2). The teacher-forced error of an int8 cache, measured at
-  other gains: 2e-5 (x1), 0.010 (x30), 0.03-0.06 (x40-x70), 0.11 (x100, where attention alone
-  decides among near-ties of a random model's flat distributions)."""
-  ref = hf_fixtures.make_hf_paligemma(str(tmp_path_factory.mktemp("hf") / "ckpt"), version=2,
-                                      real_widths=True)
-  params, config, _ = hf.load_hf(ref.path)
-  del ref
-  layers = dict(params["llm"]["layers"])
-  scale = np.asarray(layers["post_attention_norm"]["scale"])
-  layers["post_attention_norm"] = {"scale": (1 + scale) * ATTENTION_GAIN - 1}  # RMSNorm's 1 + w.
-  return {**params, "llm": {**params["llm"], "layers": layers}}, config
 
 
 def test_int8_cache_keeps_greedy_tokens_and_log_probs_at_real_widths(real_width_model):
@@ -152,7 +122,7 @@ def test_int8_cache_keeps_greedy_tokens_and_log_probs_at_real_widths(real_width_
   log-probs within 0.05."""
   params, config = real_width_model
   assert config.text.head_dim == 256 and config.text.vocab_size == 257216
-  tokens, images, mask = prompts(config, [3, 11, 20])
+  tokens, images, mask = hf_fixtures.text_prompts(config, [3, 11, 20])
   out = {}
   for dtype in (None, "int8"):
     generator = autoregressive.Generator(params, config, vocab_size=config.image_token_id,
