@@ -25,6 +25,7 @@ setuptools.setup(
         "huggingface_hub>=2.4",  # Hub ids (hub.py), sharding the transformers export (hf_export.py).
         "ml_collections",
         "absl-py",
+        "qwix>=0.1.8",  # int8 / int4 weights: quantization and the quantized products (quantize.py).
         "tqdm",
         "fastapi",  # The HTTP server (python -m paligemma_jax.serve).
         "uvicorn",

@@ -66,7 +66,7 @@ def define_flags():
   flags.DEFINE_bool("finetune_speed", False, "Instead of timing generation, time fine-tuning train "
                     "steps, ours against transformers (+ PEFT for LoRA).")
   flags.DEFINE_list("finetune_presets", ["lora"], "--finetune_speed: presets of "
-                    "configs/finetune.py to time (lora, attn, llm, all).")
+                    "configs/finetune.py to time (lora, qlora, attn, llm, all).")
   flags.DEFINE_integer("finetune_batch_size", 2, "--finetune_speed: rows per step.", lower_bound=1,
                        upper_bound=cli.MAX_BATCH_SIZE)
   flags.DEFINE_integer("finetune_text_len", 32, "--finetune_speed: text tokens per row after the "

@@ -18,7 +18,9 @@ rate, clipping and, for `lora`, rank, alpha and targets):
   transformers          the same tensors training in PyTorch: `lora` through PEFT (LoraConfig with
                         the same rank, alpha and targets, the language model's q/k/v/o/gate/up/
                         down projections), other presets by requires_grad; torch.optim.AdamW or
-                        SGD and clip_grad_norm_ as the preset's; no gradient checkpointing
+                        SGD and clip_grad_norm_ as the preset's; no gradient checkpointing.
+                        `qlora` (ours over an int4 base) is timed against the same PEFT LoRA over
+                        the float base: bitsandbytes' 4-bit layers have no CPU kernels
 
 The steps run in turn, one of each per round (a fair share of a CPU shared with other jobs), one
 warm-up round, then the medians of --repeats rounds: wall seconds per step, the process's CPU
@@ -159,6 +161,8 @@ def our_step(config, params, preset: str, batch, max_text_len: int | None):
   """(run: one of our train steps on `batch` -> its loss, the step's matmul FLOPs);
   max_text_len None: the LM head at every position."""
   ft = finetune_configs.get_config(preset)
+  if ft.quantize:  # QLoRA: the base quantized as `finetune` loads it.
+    params, config = paligemma.quantize_params(params, config, ft.quantize)
   par, trainable, frozen = objective.init_trainable(ft, params, jax.random.PRNGKey(0),
                                                     jnp.dtype(config.param_dtype))
   tx, schedule = objective.make_optimizer(ft)
@@ -182,7 +186,7 @@ def transformers_step(model, preset: str, batch):
   import torch  # Benchmark-only dependencies, like the tests'.
   ft = finetune_configs.get_config(preset)
   undo = lambda: model
-  if preset == "lora":
+  if ft.trainable == "lora":  # qlora too: bitsandbytes' quantized layers have no CPU kernels.
     peft = _peft()
     model = peft.get_peft_model(model, peft.LoraConfig(
         r=ft.lora.rank, lora_alpha=ft.lora.alpha, lora_dropout=0.0, target_modules=PEFT_TARGETS))
@@ -243,10 +247,11 @@ def time_in_turn(steps: dict, repeats: int) -> dict:
 def run(f):
   """The fine-tuning speed table for flags `f` (benchmark.py's)."""
   for preset in f.finetune_presets:
-    if preset not in objective.PRESETS:
+    if preset not in finetune_configs.PRESETS:
       raise errors.InputError(f"--finetune_presets: {preset!r} is not one of "
-                              f"{', '.join(objective.PRESETS)}.")
-  if "lora" in f.finetune_presets and not f.skip_transformers:
+                              f"{', '.join(finetune_configs.PRESETS)}.")
+  uses_peft = {"lora", "qlora"} & set(f.finetune_presets)
+  if uses_peft and not f.skip_transformers:
     _peft()  # Missing: said now, not after the model is built.
   dtype = f.dtype or "float32"
   with tempfile.TemporaryDirectory() as directory:
@@ -261,7 +266,7 @@ def run(f):
     import transformers
     model = model.to(getattr(torch, dtype))
     versions += f", torch {torch.__version__}, transformers {transformers.__version__}"
-    if "lora" in f.finetune_presets:
+    if uses_peft:
       versions += f", peft {_peft().__version__}"
   params = jax.device_put(params)
   batch = random_batch(config, f.finetune_batch_size, f.finetune_text_len)
@@ -280,7 +285,7 @@ def run(f):
     before, flops_before = our_step(config, params, preset, batch, None)
     steps, theirs, undo = {"ours": ours, every: before}, None, None
     if model is not None:
-      theirs = "transformers + PEFT" if preset == "lora" else "transformers"
+      theirs = "transformers + PEFT" if preset in uses_peft else "transformers"
       steps[theirs], undo = transformers_step(model, preset, batch)
     results = time_in_turn(steps, f.repeats)
     if undo:

@@ -183,3 +183,11 @@ def quantize_params(params, config: ml_collections.ConfigDict, qtype: str = quan
   config.quantize = qtype
   quantize.qtype(config)  # Checks the name.
   return quantize.quantize_tree(params, param_shapes(config)), config
+
+
+def float_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config of the float model `config` quantizes (itself when float): what a dequantized
+  tree, e.g. a LoRA merge over a quantized base, runs with."""
+  config = config.copy_and_resolve_references()
+  config.quantize = None
+  return config

@@ -13,6 +13,11 @@ Adapters mirror the base tree: `adapters["llm"]["layers"]["attn"]["q"]["kernel"]
 Inside the loss, `apply` runs the model with x W + (alpha / r) (x A) B in each adapted layer, so
 no W_eff (a float32 copy of every adapted kernel, and its gradient) is ever built; `merge` builds
 W_eff for the export.
+
+QLoRA: W may be quantized (int8 / int4 with its `kernel_scale`, model/quantize.py): x W is then
+the quantized product, the adapters stay float and act on activations as above, and gradients
+flow through the quantized product to x. `merge` dequantizes W before adding the update, so the
+merged model is float (quantize it again with paligemma.quantize_params for a quantized export).
 """
 
 import functools
@@ -26,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paligemma_jax import errors
+from paligemma_jax.model import quantize
 
 # The attention and MLP kernels of every language-model layer.
 DEFAULT_TARGETS = r"llm/layers/(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel"
@@ -66,8 +72,13 @@ def init(base, rng, *, rank: int, targets: str = DEFAULT_TARGETS):
   with jax.ensure_compile_time_eval():  # Concrete under jax.eval_shape too (shape-only runs).
     seed = np.asarray(jax.random.key_data(rng)).ravel().tolist()
   draw = np.random.default_rng(seed)
+  paths = target_paths(base, targets)
+  if quantize.is_quantized_tree(base):
+    if not_kernels := [p for p in paths if p.rsplit("/", 1)[-1] != "kernel"]:
+      raise errors.InputError(f"lora.targets: over a quantized base only layer kernels can be "
+                              f"adapted, not {', '.join(not_kernels)}.")
   adapters = {}
-  for path in target_paths(base, targets):
+  for path in paths:
     lead, fan_in, fan_out = _matrix_shape(path, flat[path].shape)
     a = draw.standard_normal((*lead, fan_in, rank), np.float32) * np.float32(fan_in**-0.5)
     adapters[path] = {"a": jnp.asarray(a), "b": jnp.zeros((*lead, rank, fan_out), jnp.float32)}
@@ -84,9 +95,14 @@ def merge(base, adapters, *, alpha: float, dtype=None):
   """The base tree with every adapted kernel replaced by W + (alpha / r) A @ B.
 
   Adapted kernels come out in float32 (a bfloat16 sum would round small updates away) unless
-  `dtype` is given, e.g. the base dtype when exporting. Other leaves are returned as they are.
+  `dtype` is given, e.g. the base dtype when exporting. A quantized base is dequantized whole
+  (adapted or not; its scales dropped), in `dtype` or its scales' dtype: the result is the float
+  model. Other leaves are returned as they are.
   """
   flat = dict(traverse_util.flatten_dict(base, sep="/"))
+  for path in [p for p in flat if p + quantize.SCALE_SUFFIX in flat]:
+    scale = flat.pop(path + quantize.SCALE_SUFFIX)
+    flat[path] = quantize.dequantize(flat[path], scale, dtype or scale.dtype)
   for path, ab in _pairs(flat, adapters).items():
     w = flat[path]
     merged = w.astype(jnp.float32) + delta(path, w.shape, ab["a"], ab["b"], alpha)
@@ -96,7 +112,7 @@ def merge(base, adapters, *, alpha: float, dtype=None):
 
 # The name an adapter pair takes beside the kernel it adapts, in the tree `apply` runs on.
 _ADAPTER = "lora"
-_ADAPTABLE = (nn.Dense, nn.DenseGeneral, nn.Conv)
+_ADAPTABLE = (nn.Dense, nn.DenseGeneral, nn.Conv, quantize.Dense)
 
 
 def apply(model: nn.Module, base, adapters, *args, alpha: float, **kwargs):
@@ -108,11 +124,14 @@ def apply(model: nn.Module, base, adapters, *args, alpha: float, **kwargs):
   interceptor of the Dense, DenseGeneral and Conv layers finds it. Adapters on leaves other than
   a `kernel` (an embedding table, say) are merged.
   """
-  pairs = _pairs(traverse_util.flatten_dict(base, sep="/"), adapters)
+  flat_base = traverse_util.flatten_dict(base, sep="/")
+  pairs = _pairs(flat_base, adapters)
   on_kernels = {p: ab for p, ab in pairs.items() if p.rsplit("/", 1)[-1] == "kernel"}
   others = traverse_util.unflatten_dict(
       {p: ab for p, ab in pairs.items() if p not in on_kernels}, sep="/")
-  flat = dict(traverse_util.flatten_dict(merge(base, others, alpha=alpha), sep="/"))
+  if jax.tree.leaves(others):  # Never over a quantized base (`init`): merge would dequantize it.
+    flat_base = traverse_util.flatten_dict(merge(base, others, alpha=alpha), sep="/")
+  flat = dict(flat_base)
   for path, ab in on_kernels.items():
     flat[path.rsplit("/", 1)[0] + "/" + _ADAPTER] = ab
   with nn.intercept_methods(functools.partial(_adapt, alpha=alpha)):
@@ -134,8 +153,13 @@ def _adapt(next_fun, args, kwargs, context, *, alpha):
   rank = ab["a"].shape[-1]
   kernel_shape = layer.get_variable("params", "kernel").shape
   fan_out = 1 if isinstance(layer.features, int) else len(layer.features)  # The output axes.
-  # The layer itself, with r outputs and kernel A, computes x A (any strides, axes and dtype).
-  down = layer.clone(parent=None, features=rank, use_bias=False)
+  # The layer itself, with r outputs and kernel A, computes x A (any strides, axes and dtype);
+  # a quantized layer's float twin does (A is float).
+  if isinstance(layer, quantize.Dense):
+    down = nn.DenseGeneral(rank, axis=layer.axis, use_bias=False, dtype=layer.dtype,
+                           param_dtype=layer.param_dtype)
+  else:
+    down = layer.clone(parent=None, features=rank, use_bias=False)
   x_a = down.apply({"params": {"kernel": ab["a"].reshape(*kernel_shape[:-fan_out], rank)}},
                    *args, **kwargs)
   b = ab["b"].reshape(rank, *kernel_shape[-fan_out:]).astype(x_a.dtype)

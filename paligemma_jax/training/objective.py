@@ -84,10 +84,12 @@ class Parametrization:
 
 
 def init_trainable(config: ml_collections.ConfigDict, params, rng, frozen_dtype):
-  """(Parametrization, trainable float32 tree, frozen tree cast to `frozen_dtype`)."""
+  """(Parametrization, trainable float32 tree, frozen tree's float leaves cast to `frozen_dtype`)."""
   parametrization = Parametrization.from_config(config)
   trainable, frozen = split(params, trainable_regex(config.trainable))
-  frozen = jax.tree.map(lambda x: x.astype(frozen_dtype), frozen)
+  # Float leaves only: a quantized base keeps its int8 / int4 values (their scales are cast).
+  frozen = jax.tree.map(
+      lambda x: x.astype(frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
   if parametrization.use_lora:  # Adapters on the frozen base.
     adapters = lora.init(frozen, rng, rank=config.lora.rank, targets=config.lora.targets)
     return parametrization, adapters, frozen

@@ -85,7 +85,9 @@ def validate_config(config: ml_collections.ConfigDict):
                             f"--config.accum_steps={config.accum_steps}.")
   for name, choices in (("optimizer", objective.OPTIMIZERS), ("schedule", objective.SCHEDULES),
                         ("dtype", ("",) + hf_config.DTYPES),
-                        ("param_dtype", ("",) + hf_config.DTYPES)):
+                        ("param_dtype", ("",) + hf_config.DTYPES),
+                        ("quantize", ("",) + tuple(quantize.QTYPES)),
+                        ("export_quantize", ("",) + tuple(quantize.QTYPES))):
     if config[name] not in choices:
       raise errors.InputError(f"--config.{name}={config[name]!r}: choose one of "
                               f"{', '.join(map(repr, choices))}.")
@@ -95,6 +97,9 @@ def validate_config(config: ml_collections.ConfigDict):
     except re.error as e:
       raise errors.InputError(f"--config.{name}={_field(config, name)!r} is not a preset or a "
                               f"regular expression: {e}.") from None
+  if config.quantize and objective.trainable_regex(config.trainable) is not None:
+    raise errors.InputError(f"--config.quantize={config.quantize}: a quantized base trains only "
+                            "through LoRA adapters (--config=configs/finetune.py:qlora).")
   if config.image_root and not os.path.isdir(config.image_root):
     raise errors.InputError(f"--config.image_root={config.image_root}: no such directory.")
 
@@ -111,6 +116,9 @@ def validate(config: ml_collections.ConfigDict, *, base: str, train_jsonl: str, 
   files.check_readable("eval_jsonl", eval_jsonl or None)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise errors.InputError(f"--workdir={workdir} exists and is not a directory.")
+  if config.export_quantize and export_format == "hf":
+    raise errors.InputError(f"--config.export_quantize={config.export_quantize}: the Hugging Face "
+                            "export is a float model; quantized exports are converted checkpoints.")
   if export_dir and os.path.exists(export_dir):
     raise errors.InputError(f"--export_dir={export_dir} already exists; refusing to overwrite it.")
   if export_dir:
@@ -140,11 +148,13 @@ class HeldOutEvaluator:
         batch = sharding.shard_batch(batch, self.mesh)
       loss_sum, n = multihost.fetch(self.loss_fn(trainable, frozen, batch))
       total, count = total + float(loss_sum), count + float(n)
-    # In the frozen weights' dtype, as exported: LoRA merged without float32 copies.
+    # In the frozen weights' dtype, as exported: LoRA merged without float32 copies (the float
+    # model, also over a quantized base: generation then holds the dequantized weights).
     params = self.parametrization.full(trainable, frozen,
                                        dtype=jnp.dtype(self.model.config.param_dtype))
     if self.predictor is None:
-      self.predictor = inference.Predictor(params, self.model.config, self.tokenizer,
+      self.predictor = inference.Predictor(params, paligemma.float_config(self.model.config),
+                                           self.tokenizer,
                                            batch_size=self.config.eval_batch_size,
                                            num_threads=self.config.num_threads)
     self.predictor.generator.params = params  # Same shapes every time: compiled once.
@@ -210,10 +220,12 @@ def _setup(config, base: str, train_jsonl: str, eval_jsonl: str | None, mesh):
   param_dtype = config.param_dtype or loading.default_dtype()
   params, model_config, tokenizer = loading.load_model(
       base, dtype=config.dtype or loading.default_dtype(), param_dtype=loading.STORED, mesh=mesh,
-      remat=config.remat)
-  if quantize.enabled(model_config):  # Gradients of int8 weights, or LoRA over them, are undefined.
-    raise errors.InputError(f"{base} is an int8 checkpoint: fine-tune the float checkpoint it was "
-                            "converted from (and quantize the result).")
+      remat=config.remat, quantize=config.quantize or None)
+  if quantize.enabled(model_config) and not objective.Parametrization.from_config(config).use_lora:
+    raise errors.InputError(  # Quantized weights have no gradients: only adapters can train.
+        f"{base} holds {quantize.qtype(model_config)} weights: over a quantized base only LoRA "
+        "adapters train (--config=configs/finetune.py:qlora); fine-tune the float checkpoint "
+        "it was converted from for the rest.")
   model_config.param_dtype = param_dtype  # A fresh copy: ours to set.
   layout = data.Layout(paligemma.num_image_tokens(model_config), model_config.image_token_id,
                        model_config.vision.image_size, config.max_text_len)
@@ -302,16 +314,22 @@ def _run_steps(config, run: _Run, state, position: int, *, stop: int, manager, d
   return state, eval_metrics
 
 
-def _export(run: _Run, state, export_dir: str, export_format: str = "orbax"):
+def _export(run: _Run, state, export_dir: str, export_format: str = "orbax",
+            export_quantize: str = ""):
   """The trained model, LoRA merged, in the frozen dtype (the checkpoint stores the model's
-  structure, not runtime choices such as remat); every process writes its shards."""
+  structure, not runtime choices such as remat); every process writes its shards. Over a
+  quantized base: the float model (dequantized base + adapters), quantized to `export_quantize`
+  when it names a type."""
   dtype = jnp.dtype(run.model.config.param_dtype)
   params = run.parametrization.full(state["params"], run.frozen, dtype=dtype)
+  config = paligemma.float_config(run.model.config)
+  if export_quantize:
+    params, config = paligemma.quantize_params(params, config, export_quantize)
   if export_format == "hf":
-    hf_export.export(params, run.model.config, run.tokenizer.path, export_dir,
+    hf_export.export(params, config, run.tokenizer.path, export_dir,
                      progress=multihost.is_writer())
   else:
-    checkpoint.save(export_dir, params, run.model.config, run.tokenizer.path)
+    checkpoint.save(export_dir, params, config, run.tokenizer.path)
 
 
 def train(config: ml_collections.ConfigDict, *, base: str, train_jsonl: str, workdir: str,
@@ -346,6 +364,6 @@ def train(config: ml_collections.ConfigDict, *, base: str, train_jsonl: str, wor
     manager.close()
   step = int(state["step"])
   if step >= config.total_steps and export_dir:
-    _export(run, state, export_dir, export_format)
+    _export(run, state, export_dir, export_format, config.export_quantize)
   return dict(state=state, frozen=run.frozen, parametrization=run.parametrization, step=step,
               eval=eval_metrics)

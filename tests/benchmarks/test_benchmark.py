@@ -27,19 +27,24 @@ def test_importing_beside_the_converter_defines_no_flags():
   assert "text_tokens" not in flags.FLAGS and "finetune_memory" not in flags.FLAGS
 
 
-def test_finetune_memory_per_preset_and_lora_needs_the_least():
+def test_finetune_memory_per_preset_lora_needs_less_and_qlora_least():
   """One layer at pg2-3b's text widths (tiny vocabulary and image): LoRA's adapters need no
-  float32 gradient of the attention kernels, which `attn` trains. Two presets: each compiles."""
+  float32 gradient of the attention kernels, which `attn` trains; QLoRA's int4 base is passed in
+  under a third of LoRA's float32 one. Each preset compiles twice (as compiled, per layer)."""
   config = get_config("pg2-3b")
   config.vision = get_config("tiny-pg2").vision
   config.text.update(depth=1, vocab_size=1600)
   config.image_token_id = config.text.vocab_size - 64
-  records = finetune_memory.per_preset(config, dtype="float32", preset_names=("attn", "lora"))
-  assert [sorted(r) for r in records] == [["argument_gib", "preset", "temp_gib"]] * 2
-  attn, lora = records
-  assert attn["preset"] == "attn" and lora["preset"] == "lora"
-  assert attn["argument_gib"] > 0 and lora["argument_gib"] > 0
+  records = finetune_memory.per_preset(
+      config, dtype="float32", presets=(("attn", None), ("lora", None), ("qlora", "int4")))
+  assert [sorted(r) for r in records] == [
+      ["argument_gib", "preset", "quantize", "temp_gib", "temp_per_layer_gib"]] * 3
+  attn, lora, qlora = records
+  assert [r["preset"] for r in records] == ["attn", "lora", "qlora"]
+  assert qlora["quantize"] == "int4" and lora["quantize"] is None
+  assert attn["argument_gib"] > 0 and 0 < qlora["argument_gib"] < lora["argument_gib"] / 3
   assert 0 < lora["temp_gib"] < attn["temp_gib"], records
+  assert all(0 < r["temp_per_layer_gib"] <= r["temp_gib"] * 1.01 for r in records), records
 
 
 def test_out_of_range_flag_values_are_one_line():

@@ -339,16 +339,20 @@ def test_metric_writer_trims_to_the_restored_step(tmp_path):
     ("param_dtype", "int8", "--config.param_dtype='int8'"),
     ("trainable", "llm/(", "--config.trainable='llm/(' is not a preset or a regular expression"),
     ("image_root", "/no/such/dir", "--config.image_root=/no/such/dir: no such directory"),
+    ("quantize", "int3", "--config.quantize='int3': choose one of '', 'int8', 'int4'"),
+    ("export_quantize", "fp8", "--config.export_quantize='fp8'"),
+    ("trainable", "attn", "--config.quantize=int4: a quantized base trains only through LoRA"),
     # Past what jax.random.PRNGKey and the int32 schedule take (an OverflowError after loading).
     ("seed", 2**70, "--config.seed=1180591620717411303424: must be in"),
     ("total_steps", 2**40, "--config.total_steps=1099511627776: must be at most 2147483647"),
 ])
 def test_validate_config_names_the_field(field, value, message):
-  config = _config("lora")
+  config = _config("qlora")
   config.update_from_flattened_dict({field: value})
   with pytest.raises(errors.InputError, match=re.escape(message)):
     trainer.validate_config(config)
   trainer.validate_config(_config("lora"))  # The defaults are fine.
+  trainer.validate_config(_config("qlora"))
 
 
 def test_train_checks_flags_and_config_before_loading(base, tmp_path, monkeypatch):
@@ -365,6 +369,8 @@ def test_train_checks_flags_and_config_before_loading(base, tmp_path, monkeypatc
       (_config("lora"), dict(export_dir=str(tmp_path / "taken")), "--export_dir="),
       (_config("lora"), dict(export_dir=str(base / "clean.jsonl" / "export")), "is a file"),
       (_config("lora"), dict(max_steps_this_run=0), "--max_steps_this_run=0"),
+      (_config("qlora", export_quantize="int8"), dict(export_dir=str(tmp_path / "new"),
+                                                      export_format="hf"), "is a float model"),
   ]:
     with pytest.raises(errors.InputError, match=re.escape(message)):
       trainer.train(config, **{**good, **arguments})
@@ -480,6 +486,59 @@ def test_lora_overfits_and_exports_merged(base, compile_cache, tmp_path):
       assert not np.allclose(flat_exported[path], w)
     else:
       np.testing.assert_array_equal(flat_exported[path], w)  # Frozen: untouched.
+
+
+def test_qlora_learns_like_lora_and_exports_the_float_model_transformers_runs(
+    base, compile_cache, tmp_path):
+  """An int4 base (quantized as it loads) with float adapters: the loss falls as LoRA's does;
+  the Hugging Face export (dequantized base + merged adapters) gives in transformers the logits
+  our quantized model with its adapters gives; a quantized export on request loads as int8."""
+  import hf_fixtures
+  import transformers
+  config = _config("qlora", lr=1e-2, checkpoint_every=100)
+  result = trainer.train(config, base=str(base / "base"), train_jsonl=str(base / "clean.jsonl"),
+                         workdir=str(tmp_path / "work"), export_dir=str(tmp_path / "export"),
+                         export_format="hf")
+  frozen, adapters = result["frozen"], result["state"]["params"]
+  assert frozen["llm"]["layers"]["mlp"]["up"]["kernel"].dtype == jnp.int4
+  assert frozen["llm"]["embedder"]["input_embedding"].dtype == jnp.int4
+  metrics = workdir.read_metrics(str(tmp_path / "work" / "metrics.jsonl"))
+  assert metrics[-1]["step"] == 40 and metrics[-1]["loss"] < 0.2 * metrics[0]["loss"]
+
+  qconfig = paligemma.float_config(get_config("tiny-pg1"))
+  qconfig.quantize = "int4"
+  model = paligemma.PaliGemma(qconfig)
+  n = paligemma.num_image_tokens(qconfig)
+  tokens, images, input_mask, prefix_mask = hf_fixtures.padded_batch(
+      qconfig, [n + 6, n + 4], [n + 3, n + 4], seed=1)
+  ours = result["parametrization"].apply(model, adapters, frozen, tokens, images, input_mask,
+                                         prefix_mask)
+  exported = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
+      str(tmp_path / "export")).eval()
+  theirs = hf_fixtures.reference_logits(exported, tokens, images, input_mask, prefix_mask)
+  assert hf_fixtures.max_error(np.asarray(ours), theirs, input_mask) < 1e-4
+
+  int8_dir = str(tmp_path / "int8")
+  trainer._export(trainer._setup(config, str(base / "base"), str(base / "clean.jsonl"), None,
+                                 None)[0], result["state"], int8_dir, "orbax", "int8")
+  params, int8_config, _ = loading.load_model(int8_dir)
+  assert int8_config.quantize == "int8"
+  assert params["llm"]["layers"]["attn"]["q"]["kernel"].dtype == jnp.int8
+
+
+def test_quantized_base_trains_only_adapters(base, tmp_path):
+  """A checkpoint stored quantized: LoRA trains over it; other presets are refused by name."""
+  from paligemma_jax.model import quantize
+  params, config, tokenizer = loading.load_model(str(base / "base"), quantize="int8")
+  checkpoint.save(str(tmp_path / "int8"), params, config, tokenizer.path)
+  with pytest.raises(errors.InputError, match="holds int8 weights: over a quantized base only "
+                     "LoRA adapters train"):
+    trainer._setup(_config("attn"), str(tmp_path / "int8"), "unread.jsonl", None, None)
+  run, state = trainer._setup(_config("lora"), str(tmp_path / "int8"), str(base / "clean.jsonl"),
+                              None, None)
+  assert quantize.qtype(run.model.config) == "int8" and set(state["params"]) == {"llm"}
+  with pytest.raises(errors.InputError, match="holds int8 weights; int4 needs the float"):
+    trainer._setup(_config("qlora"), str(tmp_path / "int8"), "unread.jsonl", None, None)
 
 
 def test_lines_with_different_image_counts_train_and_answer(base, compile_cache, tmp_path):
