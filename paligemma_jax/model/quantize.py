@@ -17,14 +17,20 @@ embedding, the position table, the projector) stays float. A model computes with
 weights when its config says `quantize="int8"|"int4"` (`qtype`); `quantize_tree` turns a float
 tree into that model's tree (see `paligemma.quantize_params`).
 
-Products are qwix's `dot_general` with float activations (weight-only on every backend): GPU and
-TPU fuse the dequantization into the dot, so the weights are read from memory in 8 or 4 bits.
-XLA:CPU does not: it writes a float copy of each weight first, so on the CPU quantized weights
-buy memory, not speed (docs/benchmarks.md, "Quantized weights"). Activations are never quantized:
-int8 x int8 products on the CPU were no faster than float32 and moved log-probs by 0.13.
+Products are qwix's `dot_general` (docs/benchmarks.md, "Quantized weights", for the measurements):
+  GPU / TPU  weight-only, float activations: XLA fuses the dequantization into the dot, so the
+             weights are read from memory in 8 or 4 bits.
+  CPU        XLA:CPU does not fuse it: it writes a float copy of the weight first. For int8 with
+             few rows (decoding: at most DYNAMIC_MAX_ROWS) the activations are quantized too, per
+             row, and qwix runs an int8 x int8 -> int32 product, which reads the weight as int8
+             (log-probs within 2e-3 of weight-only at real widths). One row is padded to two:
+             XLA:CPU lowers an int8 matrix-vector product by writing an int32 copy of the whole
+             weight, while two rows take its int8 GEMM. Many rows (prefill, scoring) and int4
+             stay weight-only: compute-bound, or no int4 GEMM on the CPU.
 """
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -36,6 +42,7 @@ INT8 = "int8"
 INT4 = "int4"
 QTYPES = {INT8: jnp.int8, INT4: jnp.int4}
 SCALE_SUFFIX = "_scale"
+DYNAMIC_MAX_ROWS = 64  # CPU, int8: rows (batch x tokens) up to which activations are quantized too.
 BLOCK_MIN, BLOCK_MAX = 32, 128  # int4 block sizes along the last input axis.
 
 
@@ -117,10 +124,23 @@ def is_quantized_tree(params) -> bool:
 
 def matmul(x, q, scale, contract: tuple[int, ...], dtype):
   """x [..., C...] times the quantized matrix (q, scale), contracting x's last len(contract)
-  axes with q's `contract` axes -> [..., q's other axes] in `dtype` (qwix's dot_general)."""
-  x_axes = tuple(range(x.ndim - len(contract), x.ndim))
-  y = qwix.dot_general(x.astype(dtype), qwix.QArray(q, scale.astype(dtype)),
-                       ((x_axes, tuple(contract)), ((), ())))
+  axes with q's `contract` axes -> [..., q's other axes] in `dtype` (qwix's dot_general; the
+  product depends on the backend: module docstring)."""
+  n = len(contract)
+  lead, inner = x.shape[:x.ndim - n], x.shape[x.ndim - n:]
+  rows = math.prod(lead)
+  weights = qwix.QArray(q, scale.astype(dtype))
+  if jax.default_backend() == "cpu" and q.dtype == jnp.int8 and rows <= DYNAMIC_MAX_ROWS:
+    x = x.astype(jnp.float32).reshape((rows,) + inner)
+    xq = qwix.quantize(x, jnp.int8, channelwise_axes=(0,))
+    if rows == 1:  # A zero row (scale 1) makes the product a GEMM; dropped after it.
+      xq = qwix.QArray(jnp.pad(xq.qvalue, ((0, 1),) + ((0, 0),) * n),
+                       jnp.pad(xq.scale, ((0, 1),) + ((0, 0),) * n, constant_values=1))
+    y = qwix.dot_general(xq, qwix.QArray(q, scale.astype(jnp.float32)),
+                         ((tuple(range(1, n + 1)), tuple(contract)), ((), ())))
+    return y[:rows].reshape(lead + y.shape[1:]).astype(dtype)
+  x_axes = tuple(range(x.ndim - n, x.ndim))
+  y = qwix.dot_general(x.astype(dtype), weights, ((x_axes, tuple(contract)), ((), ())))
   return y.astype(dtype)
 
 

@@ -57,16 +57,37 @@ def test_int4_block_is_the_largest_divisor_up_to_128_or_the_axis(n, block):
   assert quantize.block_size(n) == block
 
 
-def test_products_equal_the_dequantized_matrix():
-  """matmul contracts any trailing axes; the result is x times the dequantized matrix."""
+@pytest.mark.parametrize("qtype", ["int8", "int4"])
+def test_products_equal_the_dequantized_matrix(qtype):
+  """matmul contracts any trailing axes. Weight-only (many rows; int4; GPU/TPU): x times the
+  dequantized matrix. CPU int8 with few rows: activations quantized per row, within their step."""
   rng = np.random.RandomState(2)
   w = rng.normal(size=(4, 64, 6)).astype(np.float32)  # [heads, head_dim, out], as attention's o.
-  x = rng.normal(size=(3, 5, 4, 64)).astype(np.float32)
-  for name in ("int8", "int4"):
-    q, scale = quantize.quantize(w, quantize.scale_shape(w.shape, (0, 1), name), name)
+  q, scale = quantize.quantize(w, quantize.scale_shape(w.shape, (0, 1), qtype), qtype)
+  dequantized = np.asarray(quantize.dequantize(q, scale))
+  for rows in (quantize.DYNAMIC_MAX_ROWS + 1, 3):
+    x = rng.normal(size=(rows, 1, 4, 64)).astype(np.float32)
     got = quantize.matmul(x, q, scale, (0, 1), jnp.float32)
-    want = np.einsum("btnh,nho->bto", x, np.asarray(quantize.dequantize(q, scale)))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    want = np.einsum("btnh,nho->bto", x, dequantized)
+    dynamic = rows <= quantize.DYNAMIC_MAX_ROWS and qtype == "int8" and (
+        jax.default_backend() == "cpu")
+    # A row quantized to int8 is off by at most half its step (absmax / 127.5) per element.
+    step = np.abs(x).max(axis=(1, 2, 3))[:, None, None] / 127.5
+    bound = step / 2 * np.abs(dequantized).sum((0, 1)) + 1e-4 if dynamic else 1e-4
+    assert (np.abs(np.asarray(got) - want) <= bound).all()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's matrix-vector lowering")
+def test_one_row_int8_product_never_widens_the_weight_and_equals_the_batched_row():
+  """XLA:CPU lowers an int8 matrix-vector product by writing an int32 copy of the whole weight
+  (the 257,216-row LM head every decode step: int8 decoding was 4.7x slower than float32)."""
+  w = jax.random.normal(jax.random.PRNGKey(0), (96, 160))
+  q, scale = quantize.quantize(w, quantize.scale_shape(w.shape, (0,), "int8"), "int8")
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 96))
+  product = jax.jit(lambda x: quantize.matmul(x, q, scale, (0,), jnp.float32))
+  hlo = product.lower(x[:1]).compile().as_text()
+  assert "s32[96,160]" not in hlo and "f32[96,160]" not in hlo
+  np.testing.assert_array_equal(product(x[:1]), product(x)[:1])
 
 
 @pytest.mark.parametrize("variant, qtype", [("tiny-pg1", "int8"), ("pg2-10b", "int8"),
@@ -109,9 +130,10 @@ def test_quantized_checkpoint_converts_loads_and_decodes_like_float32(
     tmp_path, converted_checkpoint, qtype):
   """Converter --quantize -> config.json says so -> loads quantized without asking, equal to
   quantizing the float checkpoint as it loads; greedy decoding keeps float32's tokens. Measured
-  on this tiny model (widths 32 and 64: int4 has one block per channel): first-token logit
-  error 0.21 (int8) and 3.7 (int4) of logits with std 7.5; log-probs of the chosen tokens within
-  3e-4 and 3e-3. Real widths: the test below."""
+  on this tiny model (widths 32 and 64: int4 has one block per channel; on the CPU int8 quantizes
+  the activations of these 46-row products too): first-token logit error 0.42 (int8) and 3.7
+  (int4) of logits with std 7.5; log-probs of the chosen tokens within 6e-4 and 3e-3. Real
+  widths: the test below."""
   import hf_fixtures
   from checkpoints_convert import hf_to_orbax
   float_dir, model = converted_checkpoint(2)
@@ -141,7 +163,7 @@ def test_quantized_checkpoint_converts_loads_and_decodes_like_float32(
       greedy(c, p, tokens, images, mask, steps=4)
       for c, p in ((fconfig, fparams), (config, params)))
   error = float(jnp.abs(got_logits - want_logits).max())
-  bound = {"int8": 0.05, "int4": 0.6}[qtype]  # Of the logits' standard deviation.
+  bound = {"int8": 0.1, "int4": 0.6}[qtype]  # Of the logits' standard deviation.
   assert 0 < error < bound * float(want_logits.std()), (error, float(want_logits.std()))
   np.testing.assert_array_equal(want, got)
   np.testing.assert_allclose(want_logprobs, got_logprobs, atol=0.01)
