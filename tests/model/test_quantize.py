@@ -208,7 +208,7 @@ def real_width_generations(real_width_model):
 def test_quantized_weights_keep_greedy_tokens_and_log_probs_at_real_widths(
     real_width_generations, qtype, bound):
   """SigLIP So400m and Gemma 2 2B widths, the 257,216-token table: the float model's greedy tokens,
-  log-probs within 0.05 (int8) and 0.3 (int4, its stated bound). Measured: 0.018 and 0.24."""
+  log-probs within 0.05 (int8) and 0.3 (int4, its stated bound). Measured: 0.025 and 0.24."""
   want, got = real_width_generations[None], real_width_generations[qtype]
   assert want.logprobs.min() < -0.3  # Not saturated: log-probs near 0 would hide any error.
   np.testing.assert_array_equal(got.tokens, want.tokens)
