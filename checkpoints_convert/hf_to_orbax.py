@@ -39,6 +39,11 @@ def define_flags():
   flags.DEFINE_enum("dtype", None, hf_config.DTYPES, "Parameter dtype; default: the checkpoint's.")
   flags.DEFINE_string("tokenizer", None, "SentencePiece tokenizer.model to include; default: the "
                       "one in --hf_dir.")
+  define_quantize_flag()
+
+
+def define_quantize_flag():
+  """--quantize, for both converters."""
   flags.DEFINE_enum("quantize", None, ["int8", "int4"], "Store int8 or int4 weights "
                     "(paligemma_jax/model/quantize.py: a quarter or an eighth of float32's bytes); "
                     "the checkpoint then loads as such.")

@@ -6,7 +6,8 @@ converted checkpoint.
 
 The model (variant, resolution, every dimension) comes from the arrays' shapes; --variant (e.g.
 pg2-3b-448) replaces it. Weights keep the file's dtype unless --dtype is given. The tokenizer is
-checked before any weight is read. The output directory must not exist; it appears only once
+checked before any weight is read; --quantize=int8|int4 stores quantized weights, as
+hf_to_orbax does. The output directory must not exist; it appears only once
 complete, and a rerun removes what a killed run left.
 """
 
@@ -15,11 +16,13 @@ import os
 from absl import flags
 from absl import logging
 
+from checkpoints_convert import hf_to_orbax
 from paligemma_jax import cli
 from paligemma_jax import errors
 from paligemma_jax.checkpoints import checkpoint
 from paligemma_jax.checkpoints import hf_config
 from paligemma_jax.checkpoints import npz
+from paligemma_jax.model import paligemma
 from paligemma_jax.preprocess.tokenizer import Tokenizer
 
 
@@ -33,6 +36,7 @@ def define_flags():
   flags.DEFINE_string("variant", None, "Model, VARIANT[-RESOLUTION] of configs/paligemma.py "
                       "(e.g. pg2-3b-448); default: read from the arrays' shapes.")
   flags.DEFINE_enum("dtype", None, hf_config.DTYPES, "Parameter dtype; default: the file's.")
+  hf_to_orbax.define_quantize_flag()
 
 
 def _check_tokenizer(path: str) -> Tokenizer:
@@ -44,9 +48,10 @@ def _check_tokenizer(path: str) -> Tokenizer:
 
 
 def convert(npz_path: str, output_dir: str, tokenizer: str | None = None,
-            variant: str | None = None, dtype: str | None = None, progress: bool = True):
+            variant: str | None = None, dtype: str | None = None, progress: bool = True,
+            quantize: str | None = None):
   """Reads `npz_path`, writes `output_dir`; returns the model config. `tokenizer` defaults to the
-  tokenizer.model beside the file."""
+  tokenizer.model beside the file; quantize="int8" or "int4" stores such weights."""
   checkpoint.check_new(output_dir)
   if not os.path.isfile(npz_path):  # Before the tokenizer beside it is looked for.
     raise errors.InputError(f"--npz={npz_path}: no such file.")
@@ -54,16 +59,18 @@ def convert(npz_path: str, output_dir: str, tokenizer: str | None = None,
   vocab_size = _check_tokenizer(tokenizer).vocab_size
   params, config = npz.load_npz(npz_path, dtype=dtype, variant=variant, progress=progress,
                                 vocab_size=vocab_size)
+  if quantize:
+    params, config = paligemma.quantize_params(params, config, quantize)
   checkpoint.save(output_dir, params, config, tokenizer)
-  logging.info("Wrote %s: variant %s, %s parameters, image %dpx.", output_dir, config.variant,
-               config.param_dtype, config.vision.image_size)
+  logging.info("Wrote %s: variant %s, %s%s parameters, image %dpx.", output_dir, config.variant,
+               f"{quantize} + " if quantize else "", config.param_dtype, config.vision.image_size)
   return config
 
 
 def main(argv):
   del argv  # cli.run refuses stray arguments.
   f = flags.FLAGS
-  convert(f.npz, f.output_dir, f.tokenizer, f.variant, f.dtype)
+  convert(f.npz, f.output_dir, f.tokenizer, f.variant, f.dtype, quantize=f.quantize)
 
 
 if __name__ == "__main__":

@@ -220,6 +220,13 @@ def test_converter_takes_a_compressed_npz_and_a_variant(tmp_path, spm_model_path
   assert os.path.exists(out / checkpoint.TOKENIZER)
   with pytest.raises(FileExistsError, match="already exists"):
     npz_to_orbax.convert(path, str(out), spm_model_path, progress=False)
+  int4 = tmp_path / "int4"  # --quantize: the float tree quantized, as hf_to_orbax stores it.
+  npz_to_orbax.convert(path, str(int4), spm_model_path, variant="tiny-pg2", progress=False,
+                       quantize="int4")
+  qparams, qconfig = checkpoint.load(str(int4))
+  want_params, _ = paligemma.quantize_params(params, config, "int4")
+  assert qconfig.quantize == "int4"
+  jax.tree.map(np.testing.assert_array_equal, qparams, want_params)
 
 
 # The shapes of the released checkpoints.
