@@ -15,6 +15,9 @@ rate, clipping and, for `lora`, rank, alpha and targets):
   ours, LM head at every position
                         the same step with logits at every position, not only the text (what the
                         step did before; the head dominated it)
+  ours, qwix LoraProvider adapters
+                        (`lora`) the same step with qwix's LoRA (model surgery) instead of
+                        lora.py's adapters on activations: why lora.py stays
   transformers          the same tensors training in PyTorch: `lora` through PEFT (LoraConfig with
                         the same rank, alpha and targets, the language model's q/k/v/o/gate/up/
                         down projections), other presets by requires_grad; torch.optim.AdamW or
@@ -38,10 +41,12 @@ import statistics
 import tempfile
 import time
 
+import flax.traverse_util as traverse_util
 import jax
 import jax.extend.core as jax_core
 import jax.numpy as jnp
 import numpy as np
+import qwix
 
 from configs import finetune as finetune_configs
 from paligemma_jax import errors
@@ -60,6 +65,9 @@ TORCH_TRAINABLE = {
 }
 # PEFT's module names for the kernels of configs/finetune.py's default lora.targets.
 PEFT_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+QWIX = "ours, qwix LoraProvider adapters"
 
 
 def random_batch(config, batch_size: int, text_len: int, seed: int = 0) -> dict:
@@ -181,6 +189,37 @@ def our_step(config, params, preset: str, batch, max_text_len: int | None):
   return run, flops
 
 
+def qwix_lora_step(config, params, batch, max_text_len: int):
+  """(run: our LoRA train step with qwix's adapters instead of lora.py's -> its loss): the model
+  under qwix.LoraProvider (same targets, rank and alpha; A drawn like lora.init, B zero), the
+  adapters trained as the step's only parameters, the same loss, optimizer and batch."""
+  ft = finetune_configs.get_config("lora")
+  targets = ft.lora.targets.removesuffix("/kernel")  # qwix matches the layer, not the kernel.
+  model = qwix.apply_lora_to_model(paligemma.PaliGemma(config), qwix.LoraProvider(
+      module_path=targets, rank=ft.lora.rank, alpha=ft.lora.alpha))
+  images, _ = paligemma.images_per_row(batch["images"])
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch["tokens"], images,
+                                             batch["input_mask"], batch["prefix_mask"]))
+  flat = traverse_util.flatten_dict(shapes["params"], sep="/")
+  draw = np.random.default_rng(0)
+  adapters = {p: (draw.standard_normal(x.shape, np.float32) * np.float32(x.shape[-2]**-0.5)
+                  if p.endswith("_lora_a") else np.zeros(x.shape, np.float32))
+              for p, x in flat.items() if p.endswith(("_lora_a", "_lora_b"))}
+  tx, schedule = objective.make_optimizer(ft)
+  state = objective.init_state(jax.device_put(traverse_util.unflatten_dict(adapters, sep="/")),
+                               tx, jax.random.PRNGKey(1))
+  step = jax.jit(functools.partial(  # The adapters are the model's own parameters: no LoRA apply.
+      objective.train_step, model=model, parametrization=objective.Parametrization(), tx=tx,
+      schedule=schedule, max_text_len=max_text_len), donate_argnums=0)
+
+  def run():
+    nonlocal state
+    state, metrics = step(state, params, batch)
+    return float(metrics["loss"])
+
+  return run
+
+
 def transformers_step(model, preset: str, batch):
   """(run: one transformers train step on `batch` -> its loss, undo: the model as it was)."""
   import torch  # Benchmark-only dependencies, like the tests'.
@@ -284,6 +323,8 @@ def run(f):
     ours, flops = our_step(config, params, preset, batch, f.finetune_text_len)
     before, flops_before = our_step(config, params, preset, batch, None)
     steps, theirs, undo = {"ours": ours, every: before}, None, None
+    if preset == "lora":
+      steps[QWIX] = qwix_lora_step(config, params, batch, f.finetune_text_len)
     if model is not None:
       theirs = "transformers + PEFT" if preset in uses_peft else "transformers"
       steps[theirs], undo = transformers_step(model, preset, batch)
@@ -291,7 +332,7 @@ def run(f):
     if undo:
       model = undo()
     for name, r in results.items():
-      rows.append((preset, name, r, {"ours": flops, every: flops_before}.get(name),
+      rows.append((preset, name, r, {"ours": flops, every: flops_before, QWIX: flops}.get(name),
                    results.get(theirs)))
     losses.append(f"{preset}: " + ", ".join(f"{name} {r['loss']:.4f}"
                                             for name, r in results.items()))

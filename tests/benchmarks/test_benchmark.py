@@ -79,21 +79,26 @@ def test_matmul_flops_counts_each_scan_iteration():
 
 
 def test_finetune_speed_table_runs_end_to_end(capsys):
-  """Every timed step (ours, ours with the head at every position, transformers + PEFT for
-  LoRA, transformers for `attn`) called as the benchmark calls it, on the tiny preset; the three
-  steps of a preset start from the same loss."""
+  """Every timed step (ours, ours with the head at every position, ours with qwix's adapters and
+  transformers + PEFT for LoRA; QLoRA against PEFT; transformers for `attn`) called as the
+  benchmark calls it, on the tiny preset; the steps of a float preset start from the same loss,
+  QLoRA's two of ours from theirs (its int4 base moves it from PEFT's float one)."""
   f = types.SimpleNamespace(variant="tiny-pg1", vision_layers=1, text_layers=1, repeats=1,
-                            dtype=None, skip_transformers=False, finetune_presets=["lora", "attn"],
-                            finetune_batch_size=2, finetune_text_len=12)
+                            dtype=None, skip_transformers=False,
+                            finetune_presets=["lora", "qlora", "attn"], finetune_batch_size=2,
+                            finetune_text_len=12)
   finetune_speed.run(f)
   out = capsys.readouterr().out
-  assert out.count("| lora |") == 3 and out.count("| attn |") == 3
-  assert "| lora | transformers + PEFT |" in out and "| attn | transformers |" in out
+  assert out.count("| lora |") == 4 and out.count("| qlora |") == 3 and out.count("| attn |") == 3
+  assert "| lora | ours, qwix LoraProvider adapters |" in out
+  assert "| lora | transformers + PEFT |" in out and "| qlora | transformers + PEFT |" in out
+  assert "| attn | transformers |" in out
   assert "nominal FMA peak" in out and "batch 2 x (16 image + 12 text tokens" in out
-  losses = out.split("first-step losses")[1]
-  for preset in ("lora", "attn"):
-    values = [float(v) for v in re.findall(r" (\d+\.\d+)", losses.split(f"{preset}:")[1])[:3]]
-    assert len(values) == 3 and max(values) - min(values) < 1e-3, losses
+  text = out.split("first-step losses (the same loss): ")[1].splitlines()[0]
+  losses = dict(part.split(": ", 1) for part in text.split("; "))
+  for preset, steps in (("lora", 4), ("qlora", 2), ("attn", 3)):
+    values = [float(v) for v in re.findall(r" (\d+\.\d+)", " " + losses[preset])][:steps]
+    assert len(values) == steps and max(values) - min(values) < 1e-3, losses
 
 
 def test_finetune_speed_without_peft_is_one_line_before_any_work(monkeypatch):
