@@ -18,6 +18,11 @@ QLoRA: W may be quantized (int8 / int4 with its `kernel_scale`, model/quantize.p
 the quantized product, the adapters stay float and act on activations as above, and gradients
 flow through the quantized product to x. `merge` dequantizes W before adding the update, so the
 merged model is float (quantize it again with paligemma.quantize_params for a quantized export).
+
+Why adapters are ours and not qwix's LoraProvider (the quantized base is qwix's): the same train
+step with qwix's adapters was slower at pg1-3b widths (finetune_speed's qwix row,
+docs/finetuning.md), and its adapters live inside the model's parameter tree, where the
+checkpointed state, the export and the sharding rules would each have to tell them apart.
 """
 
 import functools
