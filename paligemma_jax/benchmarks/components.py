@@ -226,6 +226,9 @@ def run(f):
           f"{ratio(ref.get('prefill'), ours['prefill'])} |")
     print(f"| {batch} | decode ms/token | {fmt(ours['decode'])} | {fmt(ref.get('decode'))} | "
           f"{ratio(ref.get('decode'), ours['decode'])} |")
+    of_limit = lambda d: f"{d * 1e3 / limit_ms:.2f}x" if d else "-"
+    print(f"| {batch} | decode / bandwidth limit ({limit_ms:.1f} ms) | {of_limit(ours['decode'])} | "
+          f"{of_limit(ref.get('decode'))} | - |")
     tps = lambda d: f"{batch / d:.1f}" if d else "-"
     print(f"| {batch} | decode tokens/s | {tps(ours['decode'])} | {tps(ref.get('decode'))} | "
           f"{ratio(ref.get('decode'), ours['decode'])} |")
@@ -243,9 +246,9 @@ def run(f):
           model, inputs, batch, f.new_tokens, f.repeats, num_beams=k, early_stopping=True)["decode"]
       print(f"| {batch} | beam {k} | {fmt(ours)} | {fmt(theirs)} | {ratio(theirs, ours)} | "
             f"{ours / greedy['decode']:.2f}x |")
-  batch1 = next((ours for b, ours, _ in rows if b == 1), None)
-  if batch1:
-    print(f"\nbatch-1 decode at {limit_ms / (batch1['decode'] * 1e3):.0%} of the bandwidth limit "
-          f"({limit_ms:.1f} ms/token)")
+  print("\n| batch | ours ms/token | bandwidth limit ms/token | ours / limit |")
+  print("|---|---|---|---|")
+  for batch, ours, _ in rows:
+    print(f"| {batch} | {fmt(ours['decode'])} | {limit_ms:.1f} | {ours['decode'] * 1e3 / limit_ms:.2f}x |")
   print(f"compile time, full {f.variant} config (prefill + decode loop): "
         f"{compile_seconds(f.variant, f.quantize):.1f} s")

@@ -96,14 +96,17 @@ def dequantize(q, scale, dtype):
 
 
 def write(buffer, layer, new, start):
-  """Writes `new` [B, T, ...] into `buffer` [L, B, S, ...] at `layer`, row b from slot start[b].
+  """Writes `new` [B, T, ...] into `buffer` [L, B, S, ...] at `layer`, row b from slot start[b]
+  (clamped to 0..S-T, as `jax.lax.dynamic_update_slice` clamps).
 
-  A per-row `jax.lax.dynamic_update_slice`; inside a jitted loop XLA updates the buffer in place.
+  One scatter of B x T slots, which XLA updates in place inside a jitted loop. (A per-row
+  dynamic_update_slice under vmap made XLA:CPU copy the whole cache at every layer's write.)
   """
-  def row(buf, upd, s):  # buf [L, S, ...], upd [T, ...]
-    index = (layer, s) + (0,) * (buf.ndim - 2)
-    return jax.lax.dynamic_update_slice(buf, upd[None].astype(buf.dtype), index)
-  return jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)(buffer, new, start)
+  b, t = new.shape[:2]
+  first = jnp.clip(start, 0, buffer.shape[2] - t)
+  slots = first[:, None] + jnp.arange(t)  # [B, T]
+  return buffer.at[layer, jnp.arange(b)[:, None], slots].set(
+      new.astype(buffer.dtype), indices_are_sorted=True, unique_indices=True)
 
 
 def write_layer(cache: KVCache, layer, k, v) -> KVCache:

@@ -65,7 +65,9 @@ def test_component_tables_run_end_to_end(capsys):
   components.run(f)
   out = capsys.readouterr().out
   assert out.count("| decode ms/token |") == 2 and out.count("| beam 2 |") == 2
-  assert "score ms" in out and "batch-1 decode at" in out and "compile time" in out
+  assert out.count("| decode / bandwidth limit (") == 2
+  assert "| batch | ours ms/token | bandwidth limit ms/token | ours / limit |" in out
+  assert "score ms" in out and "compile time" in out
 
 
 def test_matmul_flops_counts_each_scan_iteration():

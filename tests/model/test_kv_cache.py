@@ -75,6 +75,33 @@ def test_both_kinds_write_read_take_and_put_rows():
       core.Setup.create(presets.get_config("tiny-pg1"), cache_dtype=bad)
 
 
+def vmapped_write(buffer, layer, new, start):
+  """The cache write as it was: a per-row dynamic_update_slice under vmap (the reference)."""
+  def row(buf, upd, s):
+    return jax.lax.dynamic_update_slice(buf, upd[None].astype(buf.dtype),
+                                        (layer, s) + (0,) * (buf.ndim - 2))
+  return jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)(buffer, new, start)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int8])
+def test_scatter_write_equals_the_per_row_slice_write(dtype):
+  """kv_cache.write writes exactly what a per-row dynamic_update_slice wrote, in every cache dtype
+  and for the int8 cache's scales, jitted as the loops run it, starts past the end clamped alike."""
+  rng = np.random.RandomState(2)
+  buffer = jnp.asarray(rng.normal(size=(3, 4, 7, 2, 8)) * 50, dtype)  # [L, B, S, K, H]
+  scales = jnp.asarray(rng.uniform(size=(3, 4, 7, 2)), jnp.float32)  # [L, B, S, K]
+  for t, start in ((1, [0, 3, 6, 9]), (3, [0, 2, 4, 6]), (7, [0, 0, 0, 0])):
+    new = jnp.asarray(rng.normal(size=(4, t, 2, 8)) * 50, jnp.float32)
+    quantized, scale = kv_cache.quantize(new)
+    for layer in (0, 2, jnp.int32(1)):
+      for buf, upd in ((buffer, quantized if dtype == jnp.int8 else new), (scales, scale)):
+        want = vmapped_write(buf, layer, upd, jnp.array(start))
+        got = jax.jit(kv_cache.write)(buf, layer, upd, jnp.array(start))
+        assert got.dtype == buf.dtype
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
+                                      np.asarray(want.astype(jnp.float32)))
+
+
 def test_bytes_per_token():
   config = presets.get_config("pg2-10b-896")  # 42 layers, 8 kv heads of 256.
   bf16 = paligemma.cache_bytes_per_token(config, "bfloat16")
