@@ -17,6 +17,10 @@ the image tokens; Event.prompt_tokens counts both.
            running decode batch, runs `steps_per_call` decode steps per device call, streams the new
            tokens to each request's Handle and frees its row as soon as its request ends
            (<eos>, a stop string, max_tokens or cancel), to refill it at the next step.
+           Each round launches its prefills and chunk before reading the previous round's
+           tokens, so the host's copying, detokenizing, stop strings and streaming overlap
+           the device's work (`_step`); while rows run, one round prefills at most
+           max_prefill_tokens of prompts (`_admit`), so arrivals stall them about one chunk.
 
 A request of n choices is prefilled once; its prompt's cache row and last logits are copied into
 n rows, each with its own key: choice i's is fold_in(sampling.seed_key(seed), i), the key
