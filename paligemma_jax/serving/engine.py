@@ -471,13 +471,14 @@ class Engine:
         return False
       admitted = self._admit()
     with self._device:
-      previous, self._launched = self._launched, []
+      previous = len(self._launched)
       if admitted:
         self._prefill_batches(admitted)
       if any(self._rows):
         self._launch_chunk()
-      for launched in previous:  # The device runs what was just launched meanwhile.
-        self._read(launched)
+      for _ in range(previous):  # The device runs what was just launched meanwhile.
+        self._read(self._launched[0])
+        del self._launched[0]  # Only once read: a failure fails its choices too (`_run`).
     return True
 
   def _busy(self) -> bool:

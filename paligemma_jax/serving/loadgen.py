@@ -64,7 +64,7 @@ from paligemma_jax.preprocess import processor
 
 PROMPTS = ("caption en", "answer en what is in the image?", "answer en what color is it?",
            "detect circle ; square", "ocr", "answer en how many shapes are there?")
-MAX_PROMPT_TOKENS = 32  # The server's --max_prompt_tokens: PROMPTS are short (fewer compiles).
+MAX_PROMPT_TOKENS = 64  # The server's --max_prompt_tokens: PROMPTS fit with a small tokenizer.
 
 
 def define_flags():

@@ -556,6 +556,26 @@ def test_a_row_is_refilled_as_soon_as_the_launched_work_ends_its_request(engine,
   assert answer(inserted) == reference(predictor, png(3), "caption en")
 
 
+def test_a_failed_engine_fails_what_it_had_launched(model):
+  """A device failure while launched work holds a request whose row is already free (its
+  max_tokens launched): that request ends with "error" too, as the one waiting, never hangs."""
+  engine = engine_lib.Engine(model, rows=2, max_queue=2, steps_per_call=2, max_prompt_tokens=16,
+                             max_tokens_limit=12)
+  launched = engine.submit(engine_lib.Request("caption en", png(1), max_tokens=3))
+  engine._step(wait=False)
+  assert engine.stats()["running_slots"] == 0 and engine._launched
+  waiting = engine.submit(engine_lib.Request("ocr", png(2), max_tokens=4))
+
+  def failing(*args, **kwargs):
+    raise RuntimeError("the device is gone")
+
+  engine._decode = failing
+  engine._run()
+  for handle in (launched, waiting):
+    assert handle.result(timeout=0).finish_reason == "error"
+  assert "the device is gone" in engine.health()
+
+
 def test_threaded_streaming_and_draining_shutdown(engine, predictor):
   engine.warmup()  # Shapes of one prompt bucket only here (2 rows): nothing new to compile.
   engine.start()
