@@ -15,9 +15,10 @@ For each --rate (arrivals per second, Poisson; 0: all at once, the saturated cas
 3. After the server stops: the same (shared-image) request set through `inference.Predictor` as
    `generate` runs it, in static batches given the SAME arrival times (`static_timeline`): a
    batch starts when the previous one has ended, with the requests that have arrived by then (at
-   most --slots, in arrival order; none arrived: it waits for the next), and decodes to its
-   longest max_tokens (tokens past a request's own max_tokens are not counted). The idle waits
-   are counted, not slept. A batch shape seen first is run once untimed (its compilation).
+   most --slots, in arrival order; none arrived: it waits for the next), and decodes to the
+   set's longest max_tokens, as `generate --max_new_tokens` runs each batch (tokens past a
+   request's own max_tokens are not counted). The idle waits are counted, not slept. A batch
+   that compiled is run again, timed.
 4. The ideal of continuous batching on the same hardware (`ideal_seconds`), from the engine's own
    programs timed here (`measure_costs`: a prefill of --slots prompts with their image features,
    an image-tower batch, a decode chunk at the full batch): every prompt prefilled in full
@@ -94,7 +95,8 @@ def define_flags():
   flags.DEFINE_string("output_json", None, "Write the results here.")
   flags.DEFINE_bool("distinct_images", True, "Also run each rate with a distinct image per "
                     "request.")
-  flags.DEFINE_bool("static", True, "Also run the static-batch baseline and the ideal.")
+  flags.DEFINE_bool("static", True, "Also run the static-batch baseline (the ideal's costs are "
+                    "measured either way).")
 
 
 def make_images(count: int, size: int, seed: int) -> list[bytes]:
@@ -202,8 +204,9 @@ async def run_phase(url: str, requests: dict, images: list[bytes], image_of, max
           "output_tokens_per_s": tokens / span, "ttft_s": percentiles(ttft),
           "tpot_s": percentiles(tpot),
           "stall_s": {**percentiles(gaps), "max": max(gaps) if gaps else None},
-          **{k: after.get(k, 0) - before.get(k, 0) for k in ("image_cache_hits",
-                                                             "image_cache_misses")}}
+          **{k: after.get(k, 0) - before.get(k, 0) for k in (
+              "image_cache_hits", "image_cache_misses", "decode_calls", "prefill_calls",
+              "prefilled_prompts")}}
 
 
 async def _scrape(client) -> dict:
@@ -242,21 +245,22 @@ class _Compiles:
 def run_static(model, requests: dict, image_paths: list[str], image_of, slots: int,
                compiles: _Compiles) -> dict:
   """The request set through Predictor in static batches of `slots` formed as the requests
-  arrive (`static_timeline`), each decoding to its longest max_tokens."""
+  arrive (`static_timeline`), each decoding to the set's longest max_tokens, as `generate
+  --max_new_tokens` runs every batch of a run (random weights never stop early)."""
   predictor = inference.Predictor(*model, batch_size=slots)
   n = len(requests["prompt"])
   examples = [inference.Example(image_paths[image_of(i)], requests["prompt"][i]) for i in range(n)]
   tokens = [0] * n
+  longest = int(max(requests["max_tokens"]))
 
   def run_batch(batch):
-    longest = int(max(requests["max_tokens"][i] for i in batch))
     while True:  # A shape compiled here is run again: the server was warmed up too.
       before, t = compiles.count, time.monotonic()
       results = list(predictor.predict([examples[i] for i in batch], max_new_tokens=longest))
       seconds = time.monotonic() - t
       if compiles.count == before:
         break
-      logging.info("Static batch: compiled for max_new_tokens=%d; again, timed", longest)
+      logging.info("Static batch: compiled; again, timed")
     for i, r in zip(batch, results):
       tokens[i] = min(len(r.get("tokens", [])), int(requests["max_tokens"][i]))
     return seconds
@@ -408,8 +412,8 @@ def table(results: dict) -> str:
                  f"({results['steps_per_call']} steps)")
   for run in results["runs"]:
     if "engine_over_ideal" in run:
-      lines.append(f"rate {run['rate']:g}: server / ideal {run['engine_over_ideal']:.2f}, "
-                   f"server / static {run['server_over_static']:.2f}")
+      lines.append(f"rate {run['rate']:g}: server / ideal {run['engine_over_ideal']:.2f}" + (
+          f", server / static {run['server_over_static']:.2f}" if "static" in run else ""))
   return "\n".join(lines)
 
 
@@ -453,6 +457,23 @@ def main(argv):
     if proc is not None:
       proc.send_signal(signal.SIGTERM)
       proc.wait(f.max_seconds)
+  model = loading.load_model(f.checkpoint, dtype=dtype)
+  costs = measure_costs(model, f.slots, f.steps_per_call, f.max_tokens,
+                        model.config.vision.image_size)
+  results["costs"] = {k: v for k, v in costs.items() if k != "prompt_length"}
+  print(json.dumps({"costs": results["costs"]}), flush=True)
+  for run in results["runs"]:
+    requests, server = run["requests"], run["server_shared_images"]
+    prefill_s = float(np.mean([costs["prefill_s"][costs["prompt_length"][p]]
+                               for p in requests["prompt"]]))
+    last = int(np.argmax(requests["arrival"]))
+    seconds = ideal_seconds(
+        requests=server["completed"], useful_tokens=server["output_tokens"], slots=f.slots,
+        prefill_s=prefill_s, step_s=costs["step_s"], images=server["image_cache_misses"],
+        tower_s=costs["tower_s"], last_arrival=float(requests["arrival"][last]),
+        last_tokens=int(requests["max_tokens"][last]))
+    run["ideal_tokens_per_s"] = server["output_tokens"] / seconds
+    run["engine_over_ideal"] = server["output_tokens_per_s"] / run["ideal_tokens_per_s"]
   if f.static:
     directory = tempfile.mkdtemp(prefix="loadgen-")
     paths = []
@@ -460,27 +481,13 @@ def main(argv):
       paths.append(os.path.join(directory, f"image{i}.png"))
       with open(paths[-1], "wb") as out:
         out.write(data)
-    model = loading.load_model(f.checkpoint, dtype=dtype)
     compiles = _Compiles()
-    costs = measure_costs(model, f.slots, f.steps_per_call, f.max_tokens,
-                          model.config.vision.image_size)
-    results["costs"] = {k: v for k, v in costs.items() if k != "prompt_length"}
-    print(json.dumps({"costs": results["costs"]}), flush=True)
     for run in results["runs"]:
-      requests, server = run["requests"], run["server_shared_images"]
-      run["static"] = run_static(model, requests, paths, run["shared_of"], f.slots, compiles)
-      prefill_s = float(np.mean([costs["prefill_s"][costs["prompt_length"][p]]
-                                 for p in requests["prompt"]]))
-      last = int(np.argmax(requests["arrival"]))
-      seconds = ideal_seconds(
-          requests=server["completed"], useful_tokens=server["output_tokens"], slots=f.slots,
-          prefill_s=prefill_s, step_s=costs["step_s"], images=server["image_cache_misses"],
-          tower_s=costs["tower_s"], last_arrival=float(requests["arrival"][last]),
-          last_tokens=int(requests["max_tokens"][last]))
-      run["ideal_tokens_per_s"] = server["output_tokens"] / seconds
-      run["engine_over_ideal"] = server["output_tokens_per_s"] / run["ideal_tokens_per_s"]
-      run["server_over_static"] = (server["output_tokens_per_s"] /
+      run["static"] = run_static(model, run["requests"], paths, run["shared_of"], f.slots,
+                                 compiles)
+      run["server_over_static"] = (run["server_shared_images"]["output_tokens_per_s"] /
                                    run["static"]["output_tokens_per_s"])
+      print(json.dumps({"rate": run["rate"], "static": run["static"]}), flush=True)
   for run in results["runs"]:
     del run["shared_of"]
     run["requests"] = {k: np.asarray(v).tolist() for k, v in run["requests"].items()}
