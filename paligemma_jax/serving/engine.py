@@ -512,12 +512,14 @@ class Engine:
 
     While rows are running, the prompts admitted in one round hold at most max_prefill_tokens
     (padded, image tokens included; at least one prompt, however long): the running rows wait
-    for those prefills, so this bounds how long a burst of arrivals stalls them, to about one
-    decode chunk by default at PaliGemma-3B widths on CPU (a prefill of 288 tokens there costs
-    about half a chunk of 4 steps at 8 rows), while rows still refill as fast as short answers
-    free them. Interleaving whole prompts is the simplest bound: a prompt cannot be prefilled in
-    pieces, since its image tokens and text attend to each other in both directions (the
-    prefix-LM mask), and on CPU a batched prefill costs what its prompts cost one by one. With
+    for those prefills, so this bounds how long a burst of arrivals stalls them: by default
+    about one decode chunk more at PaliGemma-3B widths on CPU (a one-image prompt's prefill
+    costs about 0.6 of a chunk of 4 steps at 8 rows there; measured in docs/serving.md), while
+    rows still refill about as fast as short answers free them (a larger bound trades stalls
+    for throughput). Interleaving whole prompts is the simplest bound: a prompt cannot be
+    prefilled in pieces, since its image tokens and text attend to each other in both
+    directions (the prefix-LM mask), and on CPU a batched prefill costs what its prompts cost
+    one by one. With
     nothing running there is nobody to stall: every prompt that has rows goes in at once."""
     free = [i for i, s in enumerate(self._rows) if s is None]
     budget = self.max_prefill_tokens if self._busy() else None

@@ -432,8 +432,8 @@ def main(argv):
              "checkpoint": f.checkpoint, "runs": []}
   for rate in f.rate:
     requests = request_set(f.requests, rate, f.min_tokens, f.max_tokens, f.seed)
-    results["runs"].append({"rate": rate, "requests": requests,
-                            "shared_of": lambda i, r=requests: int(r["image_choice"][i] % f.images)})
+    shared_of = lambda i, r=requests: int(r["image_choice"][i] % f.images)
+    results["runs"].append({"rate": rate, "requests": requests, "shared_of": shared_of})
   proc = None
   try:
     if f.url:
