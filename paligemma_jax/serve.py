@@ -44,6 +44,9 @@ def define_flags():
                        "get HTTP 429.", lower_bound=0, upper_bound=1_000_000)
   flags.DEFINE_integer("steps_per_call", 4, "Decode steps per device call.", lower_bound=1,
                        upper_bound=1024)
+  flags.DEFINE_integer("max_prefill_tokens", None, "Most prompt tokens (image tokens included) "
+                       "prefilled between two decode chunks while requests run: bounds how long "
+                       "arrivals stall them; default two one-image prompts.", lower_bound=1)
   flags.DEFINE_integer("max_prompt_tokens", 256, "Longest prompt in tokens (image tokens not "
                        "counted).", lower_bound=1, upper_bound=MAX_POSITIONS)
   flags.DEFINE_integer("max_tokens_limit", 256, "Largest max_tokens a request may ask for.",
@@ -73,6 +76,9 @@ def define_flags():
   flags.DEFINE_bool("warmup", True, "Compile the common programs before serving (the rest, and "
                     "with --nowarmup all, compile when first needed; the compilation cache makes "
                     "a restart's warmup cheap).")
+  flags.DEFINE_bool("warmup_every_shape", False, "With --warmup, compile one-image prefills "
+                    "of every batch size for every prompt bucket too (the load generator's "
+                    "timings must not include compiles).")
   flags.DEFINE_string("vae_npz", None, 'Mask decoder weights (big_vision\'s vae-oid.npz), for '
                       'requests with "task": "segment".')
 
@@ -115,11 +121,12 @@ def main(argv):
                              max_tokens_limit=f.max_tokens_limit,
                              image_cache_size=f.image_cache_size,
                              max_images=f.max_images if f["max_images"].present else None,
-                             mesh=mesh, cache_dtype=cli.kv_cache_dtype_from_flags())
+                             mesh=mesh, cache_dtype=cli.kv_cache_dtype_from_flags(),
+                             max_prefill_tokens=f.max_prefill_tokens)
   engine.start()
   if f.warmup:
     logging.info("Compiling the engine's programs ...")
-    engine.warmup()
+    engine.warmup(every_shape=f.warmup_every_shape)
   limits = schema.Limits(max_body_bytes=f.max_body_mib << 20, max_image_pixels=f.max_image_pixels,
                          max_n=f.max_n,
                          allow_image_urls=f.allow_image_urls,

@@ -17,6 +17,10 @@ the image tokens; Event.prompt_tokens counts both.
            running decode batch, runs `steps_per_call` decode steps per device call, streams the new
            tokens to each request's Handle and frees its row as soon as its request ends
            (<eos>, a stop string, max_tokens or cancel), to refill it at the next step.
+           Each round launches its prefills and chunk before reading the previous round's
+           tokens, so the host's copying, detokenizing, stop strings and streaming overlap
+           the device's work (`_step`); while rows run, one round prefills at most
+           max_prefill_tokens of prompts (`_admit`), so arrivals stall them about one chunk.
 
 A request of n choices is prefilled once; its prompt's cache row and last logits are copied into
 n rows, each with its own key: choice i's is fold_in(sampling.seed_key(seed), i), the key
@@ -114,6 +118,18 @@ class _Choice:
   stream: TextStream
   row: int | None = None  # Its row of the decode batch, once admitted.
   finished: bool = False  # Its finishing event was sent.
+  launched: int = 0  # Most tokens the device may have chosen for it in the work launched so far.
+
+
+@dataclasses.dataclass
+class _Launched:
+  """A prefill or decode chunk launched on the device and not read yet: its outputs (device
+  arrays, one row each) and, per output row, the choice it was launched for (None: padding or
+  a free row). Reading them later is what lets the device run while the host streams."""
+  choices: list
+  tokens: jax.Array  # [R] or [R, steps] int32, -1 where a row chose nothing.
+  logprobs: jax.Array  # Same shape.
+  top: tuple | None  # (ids, logprobs) [R, (steps,) K], or None when not computed.
 
 
 def _compile(setup: core.Setup, *, steps: int):
@@ -177,20 +193,23 @@ class Engine:
   def __init__(self, model: loading.Model, *, rows: int = 8, max_queue: int = 64,
                steps_per_call: int = 4, max_prompt_tokens: int = 256, max_tokens_limit: int = 256,
                image_cache_size: int = 64, max_images: int | None = None, mesh=None,
-               cache_dtype=None):
+               cache_dtype=None, max_prefill_tokens: int | None = None):
     """max_prompt_tokens: text tokens of a prompt (<bos>, prompt, "\\n"; the image tokens are
     not counted). max_images: images per request; every row's cache holds max_images * N image
     tokens + max_prompt_tokens + max_tokens_limit. Default DEFAULT_MAX_IMAGES, or as many as fit
     the model's positions where fewer do (one at 896 px). mesh: default the one model.params are
     sharded over, if any; rows are split over its `data` x `fsdp` axes, the weights stay as
     they are sharded. cache_dtype: the KV cache's, default the compute dtype; "int8" holds about
-    twice the rows of a bfloat16 cache (core.Setup.create)."""
+    twice the rows of a bfloat16 cache (core.Setup.create). max_prefill_tokens: most prompt
+    tokens (image tokens included, as padded) prefilled between two decode chunks while rows are
+    running; default two one-image prompts of max_prompt_tokens (see `_admit`)."""
     if rows < 1 or rows & (rows - 1):
       raise ValueError(f"rows must be a power of two, got {rows}.")
     if (steps_per_call < 1 or max_prompt_tokens < 1 or max_tokens_limit < 1 or max_queue < 0 or
-        (max_images is not None and max_images < 1)):
-      raise ValueError("steps_per_call, max_prompt_tokens, max_tokens_limit and max_images must "
-                       "be >= 1.")
+        (max_images is not None and max_images < 1) or
+        (max_prefill_tokens is not None and max_prefill_tokens < 1)):
+      raise ValueError("steps_per_call, max_prompt_tokens, max_tokens_limit, max_images and "
+                       "max_prefill_tokens must be >= 1.")
     params, config, self.tokenizer = model
     self.vocab_size = self.tokenizer.vocab_size
     self.num_rows, self.max_queue, self.steps_per_call = rows, max_queue, steps_per_call
@@ -211,6 +230,8 @@ class Engine:
       max_images = max(1, min(DEFAULT_MAX_IMAGES, (positions - text) // self.num_image_tokens))
     self.max_images = max_images
     self.max_len = max_images * self.num_image_tokens + text
+    self.max_prefill_tokens = max_prefill_tokens or 2 * (
+        self.num_image_tokens + self._text_bucket(max_prompt_tokens))
     if self.max_len > positions:
       raise errors.InputError(
           f"{max_images} x {self.num_image_tokens} image (max_images) + {max_prompt_tokens} "
@@ -218,7 +239,10 @@ class Engine:
           f"the model's {positions} positions.")
     self._embed, self._prefill, self._decode = _compile(self.setup, steps=steps_per_call)
     self._state = self._empty_state()
-    self._rows: list[_Choice | None] = [None] * rows  # The choice in each row, if any.
+    # The choice each row decodes for in the next chunk, if any. A row is freed when its choice
+    # finishes, or once the launched work will have made all of the choice's max_tokens.
+    self._rows: list[_Choice | None] = [None] * rows
+    self._launched: list[_Launched] = []  # In launch order; read at the next step.
     self._pending: collections.deque[_Live] = collections.deque()
     self._images = ImageCache(image_cache_size)
     self._wake = threading.Condition()
@@ -422,30 +446,55 @@ class Engine:
           self._finish_all(live, "error", error=FAILED)
         self._pending.clear()
         self._rows = [None] * self.num_rows
+        self._launched = []
 
   def _step(self, wait: bool = True) -> bool:
-    """One round: drop cancelled requests, prefill waiting ones into free rows, run one decode
-    chunk. Waits for work if `wait`; False once shut down and idle. (Tests call it directly.)"""
+    """One round: drop cancelled requests, launch the prefill of waiting ones into free rows and
+    the next decode chunk, then read what the previous round launched. Waits for work if
+    `wait`; False once shut down and idle. (Tests call it directly.)
+
+    The device never waits for the host: JAX dispatch is asynchronous, so this round's chunk is
+    launched (on the state the previous chunk will leave) before the previous round's tokens are
+    copied out, detokenized, checked for stop strings and streamed; that host work runs while
+    the device computes. What it costs: the host learns of an <eos>, a stop string or a cancel
+    one chunk late, so such a row decodes one more chunk whose tokens are dropped (`_read` skips
+    a finished choice) before its row is refilled. A row that will reach its max_tokens within
+    the launched work is refilled without that delay (`_launch_chunk`)."""
     with self._wake:
       if wait:
-        self._wake.wait_for(lambda: self._pending or self._closing or any(self._rows))
+        self._wake.wait_for(lambda: self._pending or self._closing or self._busy())
       if not self._drain:
         for live in self._requests():
           live.handle.cancelled = True
       self._drop_cancelled()
-      if self._closing and not self._pending and not any(self._rows):
+      if self._closing and not self._pending and not self._busy():
         return False
       admitted = self._admit()
     with self._device:
+      previous = len(self._launched)
       if admitted:
         self._prefill_batches(admitted)
       if any(self._rows):
-        self._decode_chunk()
+        self._launch_chunk()
+      for _ in range(previous):  # The device runs what was just launched meanwhile.
+        self._read(self._launched[0])
+        del self._launched[0]  # Only once read: a failure fails its choices too (`_run`).
     return True
+
+  def _busy(self) -> bool:
+    """Under the lock: a row decodes, or launched work waits to be read."""
+    return any(self._rows) or bool(self._launched)
+
+  def _running(self) -> list[_Choice]:
+    """Under the lock: the admitted choices not finished yet, in a row or in launched work."""
+    found = {id(c): c for c in self._rows if c is not None}
+    for launched in self._launched:
+      found.update((id(c), c) for c in launched.choices if c is not None)
+    return [c for c in found.values() if not c.finished]
 
   def _requests(self) -> list[_Live]:
     """Under the lock: every request waiting or running, once each."""
-    running = {id(c.live): c.live for c in self._rows if c is not None}
+    running = {id(c.live): c.live for c in self._running()}
     return [*self._pending, *running.values()]
 
   def _drop_cancelled(self):
@@ -453,17 +502,34 @@ class Engine:
     for live in [l for l in self._pending if l.handle.cancelled]:
       self._pending.remove(live)
       self._finish_all(live, "cancelled")
-    for choice in filter(None, list(self._rows)):
-      if choice.live.handle.cancelled and not choice.finished:
+    for choice in self._running():
+      if choice.live.handle.cancelled:
         self._finish(choice, "cancelled")
 
   def _admit(self) -> list[_Live]:
     """Under the lock: moves waiting requests (first come, first served) into free rows, each
-    once it has a row for every choice."""
+    once it has a row for every choice.
+
+    While rows are running, the prompts admitted in one round hold at most max_prefill_tokens
+    (padded, image tokens included; at least one prompt, however long): the running rows wait
+    for those prefills, so this bounds how long a burst of arrivals stalls them: by default
+    about one decode chunk more at PaliGemma-3B widths on CPU (a one-image prompt's prefill
+    costs about 0.6 of a chunk of 4 steps at 8 rows there; measured in docs/serving.md), while
+    rows still refill about as fast as short answers free them (a larger bound trades stalls
+    for throughput). Interleaving whole prompts is the simplest bound: a prompt cannot be
+    prefilled in pieces, since its image tokens and text attend to each other in both
+    directions (the prefix-LM mask), and on CPU a batched prefill costs what its prompts cost
+    one by one. With
+    nothing running there is nobody to stall: every prompt that has rows goes in at once."""
     free = [i for i, s in enumerate(self._rows) if s is None]
-    admitted = []
+    budget = self.max_prefill_tokens if self._busy() else None
+    admitted, tokens = [], 0
     while self._pending and len(self._pending[0].choices) <= len(free):
-      live = self._pending.popleft()
+      live = self._pending[0]
+      if admitted and budget is not None and tokens + live.length_bucket > budget:
+        break
+      self._pending.popleft()
+      tokens += live.length_bucket
       for choice in live.choices:
         choice.row = free.pop(0)
         self._rows[choice.row] = choice
@@ -527,8 +593,8 @@ class Engine:
           self._finish_all(live, "error", error=FAILED)
 
   def _prefill_group(self, length: int, group: list[_Live]):
-    """One prefill of the group's prompts (as many images each, `length` tokens padded); each
-    request's n choices start from its one row."""
+    """Launches one prefill of the group's prompts (as many images each, `length` tokens
+    padded); each request's n choices start from its one row."""
     prompts = group + group[:1] * (batching.bucketed(len(group)) - len(group))
     tokens, input_mask = batching.right_pad([l.tokens for l in prompts], length)
     prefix_mask, _ = batching.right_pad([l.prefix_mask for l in prompts], length, bool)
@@ -544,31 +610,49 @@ class Engine:
         input_mask, prefix_mask, source, targets, np.stack([c.key for c in padded]),
         sampling.per_row([c.live.request.sampler for c in padded]),
         np.array([c.live.request.max_tokens for c in padded], np.int32))
-    self._counts["prefill_calls"] += 1
-    self._counts["prefilled_prompts"] += len(group)
-    token, logprob, (top_ids, top_logprobs) = np.asarray(token), np.asarray(logprob), map(
-        np.asarray, top)
+    self._launched.append(_Launched(choices + [None] * (len(padded) - len(choices)), token,
+                                    logprob, top))
     with self._wake:
-      for i, choice in enumerate(choices):
-        if not choice.finished:
-          with self._failing_alone([choice.live]):
-            self._advance(choice, token[i:i + 1], logprob[i:i + 1], top_ids[i:i + 1],
-                          top_logprobs[i:i + 1])
+      self._counts["prefill_calls"] += 1
+      self._counts["prefilled_prompts"] += len(group)
+      for choice in choices:
+        self._launch(choice, 1)
 
-  def _decode_chunk(self):
-    active = np.array([c is not None for c in self._rows])
-    top = any(c is not None and c.live.request.top_logprobs > 0 for c in self._rows)
+  def _launch_chunk(self):
+    """Launches a decode chunk of every row that holds a choice."""
+    choices = list(self._rows)
+    active = np.array([c is not None for c in choices])
+    top = any(c is not None and c.live.request.top_logprobs > 0 for c in choices)
     self._state, out, logprobs, best = self._decode(self._params, self._state, active, top=top)
-    out, logprobs = np.asarray(out), np.asarray(logprobs)
-    top_ids, top_logprobs = (None, None) if best is None else map(np.asarray, best)
-    self._counts["decode_calls"] += 1
+    self._launched.append(_Launched(choices, out, logprobs, best))
     with self._wake:
-      for row, choice in enumerate(self._rows):  # A row freed meanwhile reads None.
-        if choice is not None and active[row]:
-          chosen = out[row] >= 0
+      self._counts["decode_calls"] += 1
+      for choice in filter(None, choices):
+        self._launch(choice, self.steps_per_call)
+
+  def _launch(self, choice: _Choice, tokens: int):
+    """Under the lock: the launched work may choose `tokens` more for `choice`; once that covers
+    its max_tokens the device finishes it there, so its row is free for the next prefill (which
+    the device runs after that work: every call takes the state the previous one returns)."""
+    choice.launched += tokens
+    if choice.launched >= choice.live.request.max_tokens and self._rows[choice.row] is choice:
+      self._rows[choice.row] = None
+
+  def _read(self, launched: _Launched):
+    """Copies launched work's tokens to the host (waiting for the device) and streams them to
+    the choices they were launched for; a choice that finished meanwhile (a stop string, <eos>
+    or a cancel seen in earlier work) takes none."""
+    tokens, logprobs = (np.asarray(x).reshape(len(launched.choices), -1)
+                        for x in (launched.tokens, launched.logprobs))
+    top_ids, top_logprobs = (None, None) if launched.top is None else (
+        np.asarray(x).reshape(*tokens.shape, -1) for x in launched.top)
+    with self._wake:
+      for row, choice in enumerate(launched.choices):
+        if choice is not None and not choice.finished:
+          chosen = tokens[row] >= 0
           with self._failing_alone([choice.live]):
-            self._advance(choice, out[row][chosen], logprobs[row][chosen],
-                          *((None, None) if best is None else
+            self._advance(choice, tokens[row][chosen], logprobs[row][chosen],
+                          *((None, None) if top_ids is None else
                             (top_ids[row][chosen], top_logprobs[row][chosen])))
 
   def _advance(self, choice: _Choice, tokens, logprobs, top_ids=None, top_logprobs=None):

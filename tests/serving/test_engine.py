@@ -69,7 +69,7 @@ def reference(predictor, image, prompt, sampler=GREEDY, seed=0):
 
 
 def run_until_idle(engine):
-  while engine._pending or any(engine._rows):
+  while engine._pending or engine._busy():
     engine._step(wait=False)
 
 
@@ -461,6 +461,121 @@ def test_the_cache_is_sized_for_max_images(model):
     engine_lib.Engine(short, rows=1, max_prompt_tokens=16, max_tokens_limit=12, max_images=3)
 
 
+def read_at_once(engine):
+  """One round as the engine ran before it launched ahead: launch, then read at once."""
+  engine._step(wait=False)
+  previous, engine._launched = engine._launched, []
+  for launched in previous:
+    engine._read(launched)
+
+
+def events_of(handle):
+  """Per choice, its events as (text, token ids, finish, logprobs, top logprobs)."""
+  out = {}
+  for e in handle.events(timeout=0):
+    out.setdefault(e.index, []).append((e.text, e.token_ids, e.finish_reason, e.logprobs,
+                                        e.top_logprobs))
+  return out
+
+
+def test_launching_ahead_streams_what_reading_at_once_streamed(engine, predictor):
+  """The same requests, arriving at the same rounds, through the engine as it runs (each round
+  launches the next chunk before reading the last) and as it ran before (read at once): every
+  choice's events are the same (tokens, text, log-probs, top log-probs, finish reasons), with
+  greedy, sampled, stop-string, n=2, max_tokens=1 and a row refilled mid-run among them."""
+  _, text, _ = reference(predictor, png(0), "caption en")
+  stop = text[len(text) // 2:len(text) // 2 + 2]
+  waves = [[engine_lib.Request("caption en", png(0), MAX_NEW, stop=(stop,)),
+            engine_lib.Request("answer en what is it", png(1), MAX_NEW, TEMPERATURE, seed=3,
+                               top_logprobs=2)],
+           [engine_lib.Request("caption en", png(2), max_tokens=1)],
+           [engine_lib.Request("detect cat", png(2), MAX_NEW, TOP_K, seed=5, n=2)],
+           [engine_lib.Request("ocr", png(3), max_tokens=5, top_logprobs=1)]]
+
+  def run(round_):
+    handles = []
+    for wave in waves:
+      handles += [engine.submit(r) for r in wave]
+      round_(engine)
+    while engine._pending or engine._busy():
+      round_(engine)
+    return [events_of(h) for h in handles]
+
+  ahead = run(lambda e: e._step(wait=False))
+  assert ahead == run(read_at_once)
+  assert [c[-1][2] for h in ahead for c in h.values()] == [
+      "stop", "length", "length", "length", "length", "length"]
+  want = list(predictor.predict([inference.Example(png(2), "detect cat")] * 2,
+                                max_new_tokens=MAX_NEW, sampler=TOP_K, seed=5))
+  assert [sum((e[1] for e in ahead[3][i]), []) for i in (0, 1)] == [w["tokens"] for w in want]
+
+
+def test_a_finished_row_takes_no_tokens_from_the_chunk_launched_after(engine, predictor):
+  """A stop string ends a choice in one chunk while the next chunk, already launched, decodes
+  its row on: those tokens are dropped, the row is freed and refilled, and the request that
+  takes it answers as generate."""
+  tokens, text, _ = reference(predictor, png(0), "caption en")
+  stop = text[len(text) // 2:len(text) // 2 + 2]
+  before = engine.stats()["tokens_total"]
+  handle = engine.submit(engine_lib.Request("caption en", png(0), MAX_NEW, stop=(stop,)))
+  [choice] = engine._pending[0].choices
+  while not choice.finished:
+    engine._step(wait=False)
+  [after] = [l for l in engine._launched if choice in l.choices]  # Launched before it ended.
+  row = after.choices.index(choice)
+  assert (np.asarray(after.tokens)[row] >= 0).any()  # The device did choose more for it.
+  assert engine._rows[row] is None
+  later = engine.submit(engine_lib.Request("caption en", png(3), max_tokens=MAX_NEW))
+  run_until_idle(engine)
+  events = list(handle.events(timeout=0))
+  assert [e.finish_reason for e in events].count("stop") == 1 and events[-1].finish_reason == "stop"
+  assert "".join(e.text for e in events) == text[:text.find(stop)]
+  assert sum((e.token_ids for e in events), []) == tokens[:events[-1].completion_tokens]
+  assert handle._events.empty()  # Nothing sent after the finishing event.
+  assert answer(later) == reference(predictor, png(3), "caption en")
+  assert engine.stats()["tokens_total"] - before == events[-1].completion_tokens + MAX_NEW
+
+
+def test_a_row_is_refilled_as_soon_as_the_launched_work_ends_its_request(engine, predictor):
+  """A request whose max_tokens the launched prefill and chunk cover frees its row before its
+  tokens are read; the next request takes the row at the next round and both answer as
+  generate. A cancel while work is launched drops that work's tokens."""
+  short = engine.submit(engine_lib.Request("caption en", png(1), max_tokens=3))
+  engine._step(wait=False)  # Prefill (1 token) + a chunk of 2: all 3 launched.
+  assert engine.stats()["running_slots"] == 0 and engine._launched
+  assert short._events.empty()  # Not read yet.
+  doomed = engine.submit(engine_lib.Request("ocr", png(2), max_tokens=MAX_NEW))
+  inserted = engine.submit(engine_lib.Request("caption en", png(3), max_tokens=MAX_NEW))
+  engine._step(wait=False)  # Both take rows; the short one's tokens are read.
+  assert engine.stats()["running_slots"] == 2
+  doomed.cancel()
+  run_until_idle(engine)
+  assert [(e.token_ids, e.finish_reason) for e in doomed.events(timeout=0)] == [([], "cancelled")]
+  tokens, text, _ = reference(predictor, png(1), "caption en")
+  assert answer(short) == (tokens[:3], predictor.tokenizer.decode(tokens[:3]), "length")
+  assert answer(inserted) == reference(predictor, png(3), "caption en")
+
+
+def test_a_failed_engine_fails_what_it_had_launched(model):
+  """A device failure while launched work holds a request whose row is already free (its
+  max_tokens launched): that request ends with "error" too, as the one waiting, never hangs."""
+  engine = engine_lib.Engine(model, rows=2, max_queue=2, steps_per_call=2, max_prompt_tokens=16,
+                             max_tokens_limit=12)
+  launched = engine.submit(engine_lib.Request("caption en", png(1), max_tokens=3))
+  engine._step(wait=False)
+  assert engine.stats()["running_slots"] == 0 and engine._launched
+  waiting = engine.submit(engine_lib.Request("ocr", png(2), max_tokens=4))
+
+  def failing(*args, **kwargs):
+    raise RuntimeError("the device is gone")
+
+  engine._decode = failing
+  engine._run()
+  for handle in (launched, waiting):
+    assert handle.result(timeout=0).finish_reason == "error"
+  assert "the device is gone" in engine.health()
+
+
 def test_threaded_streaming_and_draining_shutdown(engine, predictor):
   engine.warmup()  # Shapes of one prompt bucket only here (2 rows): nothing new to compile.
   engine.start()
@@ -520,4 +635,5 @@ def test_per_row_sampler_settings_choose_as_one_sampler_per_batch():
   for i, sampler in enumerate(samplers):
     assert per_row[i] == np.asarray(sample(logits, keys, sampler.as_arrays()))[i]
   assert len(set(per_row)) > 1
+
 
