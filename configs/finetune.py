@@ -81,5 +81,6 @@ def get_config(preset: str = "attn") -> ml_collections.ConfigDict:
   c.eval_every = 0  # 0 = only at the end (when --eval_jsonl is given).
   c.eval_batch_size = 8
   c.eval_max_new_tokens = 64
-  c.eval_num_generate = 256  # Held-out examples scored by greedy exact match (loss uses all).
+  c.eval_num_generate = 256  # Held-out examples scored by greedy exact match (loss uses all; 0:
+  # none, and no merged float model for generation: QLoRA on a small accelerator).
   return c

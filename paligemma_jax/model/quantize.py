@@ -4,13 +4,15 @@ A quantized matrix keeps its path in the parameter tree, its values now int8 or 
 scale beside it named `<name>_scale` (qwix's QArray `qvalue` and `scale` as two plain leaves, so
 that the converter, Orbax, the sharding rules and the loader read it like any other tree):
 
-  kernel [in..., out...] int8 | int4 + kernel_scale [1..., blocks, out...]   (Dense, DenseGeneral)
+  kernel [in..., out...] int8 | int4 + kernel_scale [1 | in..., 1 | blocks, out...]  (Dense,
+                                                        DenseGeneral; int8 | int4)
   input_embedding [V, D] int8 | int4 + input_embedding_scale [V, 1 | blocks]  (the tied table, per
                                                         row, i.e. per output of the LM head)
 
 int8: one scale per output channel, w ~= q * scale with scale = max|w| / 127.5 over the inputs
 (qwix's symmetric bound). int4: one scale per output channel and per block of the last input axis
-(sub-channel quantization; a 4-bit channel-wide scale loses too much to outliers), the block the
+(sub-channel quantization; a 4-bit channel-wide scale loses too much to outliers; attention's
+output kernel [heads, head_dim, D] has its blocks per head), the block the
 largest divisor of that axis in [BLOCK_MIN, BLOCK_MAX] (128 for every Gemma width), the whole
 axis when none divides (SigLIP's MLP, 4304 = 16 x 269). Every other leaf (norms, biases, the patch
 embedding, the position table, the projector) stays float. A model computes with quantized
@@ -23,7 +25,8 @@ Products are qwix's `dot_general` (docs/benchmarks.md, "Quantized weights", for 
   CPU        XLA:CPU does not fuse it: it writes a float copy of the weight first. For int8 with
              few rows (decoding: at most DYNAMIC_MAX_ROWS) the activations are quantized too, per
              row, and qwix runs an int8 x int8 -> int32 product, which reads the weight as int8
-             (log-probs within 2e-3 of weight-only at real widths). One row is padded to two:
+             (log-probs within 0.025 of float32 at real widths; its gradient is the weight-only
+             product's, so LoRA trains over it). One row is padded to two:
              XLA:CPU lowers an int8 matrix-vector product by writing an int32 copy of the whole
              weight, while two rows take its int8 GEMM. Many rows (prefill, scoring) and int4
              stay weight-only: compute-bound, or no int4 GEMM on the CPU.
@@ -38,6 +41,8 @@ import jax.numpy as jnp
 import ml_collections
 import qwix
 
+from paligemma_jax import errors
+
 INT8 = "int8"
 INT4 = "int4"
 QTYPES = {INT8: jnp.int8, INT4: jnp.int4}
@@ -50,7 +55,7 @@ def qtype(config: ml_collections.ConfigDict) -> str | None:
   """"int8", "int4" or None: the weights the model `config` describes computes with."""
   name = config.get("quantize", None)
   if name not in (None, *QTYPES):
-    raise ValueError(f"quantize={name!r}: choose one of {sorted(QTYPES)} or None.")
+    raise errors.InputError(f"quantize={name!r}: choose one of {', '.join(QTYPES)} or None.")
   return name
 
 
@@ -70,10 +75,14 @@ def block_size(n: int) -> int:
 
 def scale_shape(shape: tuple[int, ...], contract: tuple[int, ...], name: str) -> tuple[int, ...]:
   """The scale of a `name` ("int8"/"int4") matrix of `shape` contracted over `contract` axes:
-  1 on the input axes except int4's blocks on the last one, the matrix's size elsewhere."""
+  the matrix's size on the output axes; on the input axes 1 for int8, and for int4 the blocks
+  of the last input axis and a scale per index of the others (attention's output kernel
+  [heads, head_dim, D]: a block never spans two heads)."""
   out = [1 if a in contract else n for a, n in enumerate(shape)]
   if name == INT4:
-    last = max(contract)
+    *lead, last = sorted(contract)
+    for a in lead:
+      out[a] = shape[a]
     out[last] = shape[last] // block_size(shape[last])
   return tuple(out)
 
@@ -84,7 +93,9 @@ def quantize(w, scale_shape_: tuple[int, ...], name: str):
   scale's (size 1: one block)."""
   channelwise = tuple(a for a, (n, s) in enumerate(zip(w.shape, scale_shape_)) if s == n)
   tiled = {a: n // s for a, (n, s) in enumerate(zip(w.shape, scale_shape_)) if 1 < s < n}
-  q = qwix.quantize(w, QTYPES[name], channelwise_axes=channelwise, tiled_axes=tiled)
+  # In float32: a bfloat16 quotient w / scale rounds to 0.5 steps above 64 before the int8 rounding.
+  q = qwix.quantize(w.astype(jnp.float32), QTYPES[name], channelwise_axes=channelwise,
+                    tiled_axes=tiled)
   scale = jnp.where(q.scale == 0, 1.0, q.scale)  # An all-zero channel: q is 0 whatever the scale.
   return q.qvalue, scale.astype(w.dtype)
 
@@ -126,22 +137,48 @@ def matmul(x, q, scale, contract: tuple[int, ...], dtype):
   """x [..., C...] times the quantized matrix (q, scale), contracting x's last len(contract)
   axes with q's `contract` axes -> [..., q's other axes] in `dtype` (qwix's dot_general; the
   product depends on the backend: module docstring)."""
+  rows = math.prod(x.shape[:x.ndim - len(contract)])
+  if jax.default_backend() == "cpu" and q.dtype == jnp.int8 and rows <= DYNAMIC_MAX_ROWS:
+    return _int8_rows(x, q, scale, tuple(contract), jnp.dtype(dtype))
+  return _weight_only(x, q, scale, tuple(contract), dtype)
+
+
+def _weight_only(x, q, scale, contract, dtype):
+  x_axes = tuple(range(x.ndim - len(contract), x.ndim))
+  y = qwix.dot_general(x.astype(dtype), qwix.QArray(q, scale.astype(dtype)),
+                       ((x_axes, contract), ((), ())))
+  return y.astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _int8_rows(x, q, scale, contract, dtype):
+  """The CPU's int8 x int8 product of a few rows (module docstring). Its gradient is the
+  weight-only product's (straight through the activations' rounding, which has none): LoRA
+  over an int8 base trains through it."""
   n = len(contract)
   lead, inner = x.shape[:x.ndim - n], x.shape[x.ndim - n:]
   rows = math.prod(lead)
-  weights = qwix.QArray(q, scale.astype(dtype))
-  if jax.default_backend() == "cpu" and q.dtype == jnp.int8 and rows <= DYNAMIC_MAX_ROWS:
-    x = x.astype(jnp.float32).reshape((rows,) + inner)
-    xq = qwix.quantize(x, jnp.int8, channelwise_axes=(0,))
-    if rows == 1:  # A zero row (scale 1) makes the product a GEMM; dropped after it.
-      xq = qwix.QArray(jnp.pad(xq.qvalue, ((0, 1),) + ((0, 0),) * n),
-                       jnp.pad(xq.scale, ((0, 1),) + ((0, 0),) * n, constant_values=1))
-    y = qwix.dot_general(xq, qwix.QArray(q, scale.astype(jnp.float32)),
-                         ((tuple(range(1, n + 1)), tuple(contract)), ((), ())))
-    return y[:rows].reshape(lead + y.shape[1:]).astype(dtype)
-  x_axes = tuple(range(x.ndim - n, x.ndim))
-  y = qwix.dot_general(x.astype(dtype), weights, ((x_axes, tuple(contract)), ((), ())))
-  return y.astype(dtype)
+  xq = qwix.quantize(x.astype(jnp.float32).reshape((rows,) + inner), jnp.int8,
+                     channelwise_axes=(0,))
+  if rows == 1:  # A zero row (scale 1) makes the product a GEMM; dropped after it.
+    xq = qwix.QArray(jnp.pad(xq.qvalue, ((0, 1),) + ((0, 0),) * n),
+                     jnp.pad(xq.scale, ((0, 1),) + ((0, 0),) * n, constant_values=1))
+  y = qwix.dot_general(xq, qwix.QArray(q, scale.astype(jnp.float32)),
+                       ((tuple(range(1, n + 1)), contract), ((), ())))
+  return y[:rows].reshape(lead + y.shape[1:]).astype(dtype)
+
+
+def _int8_rows_fwd(x, q, scale, contract, dtype):
+  return _int8_rows(x, q, scale, contract, dtype), (x, q, scale)
+
+
+def _int8_rows_bwd(contract, dtype, saved, dy):
+  x, q, scale = saved
+  _, vjp = jax.vjp(lambda x: _weight_only(x, q, scale, contract, dtype), x)
+  return vjp(dy)[0].astype(x.dtype), None, None  # The frozen q and scale have none.
+
+
+_int8_rows.defvjp(_int8_rows_fwd, _int8_rows_bwd)
 
 
 def take(q, scale, rows, dtype):

@@ -162,7 +162,7 @@ def _adapt(next_fun, args, kwargs, context, *, alpha):
   # a quantized layer's float twin does (A is float).
   if isinstance(layer, quantize.Dense):
     down = nn.DenseGeneral(rank, axis=layer.axis, use_bias=False, dtype=layer.dtype,
-                           param_dtype=layer.param_dtype)
+                           param_dtype=layer.param_dtype, parent=None)
   else:
     down = layer.clone(parent=None, features=rank, use_bias=False)
   x_a = down.apply({"params": {"kernel": ab["a"].reshape(*kernel_shape[:-fan_out], rank)}},

@@ -47,7 +47,7 @@ from paligemma_jax.training import workdir as workdir_lib
 _MINIMUM = {"total_steps": 1, "batch_size": 1, "accum_steps": 1, "max_text_len": 1,
             "lora.rank": 1, "num_threads": 1, "log_every": 1, "checkpoint_every": 1,
             "keep_checkpoints": 1, "eval_every": 0, "eval_batch_size": 1,
-            "eval_max_new_tokens": 1, "eval_num_generate": 1, "lr": 0, "eps": 0,
+            "eval_max_new_tokens": 1, "eval_num_generate": 0, "lr": 0, "eps": 0,
             "weight_decay": 0, "momentum": 0, "end_lr_factor": 0, "grad_clip": 0}
 _MAXIMUM_INT = 2**31 - 1  # Steps, sizes and counts become int32 on the device (the schedule's).
 _FRACTIONS = ("warmup_percent", "b1", "b2")
@@ -148,6 +148,9 @@ class HeldOutEvaluator:
         batch = sharding.shard_batch(batch, self.mesh)
       loss_sum, n = multihost.fetch(self.loss_fn(trainable, frozen, batch))
       total, count = total + float(loss_sum), count + float(n)
+    eval_loss = total / count if count else float("nan")  # NaN, not 0 (a perfect loss).
+    if not self.config.eval_num_generate:  # No generation: no merged float model is built.
+      return dict(eval_loss=eval_loss, eval_exact_match=float("nan"), eval_examples=0)
     # In the frozen weights' dtype, as exported: LoRA merged without float32 copies (the float
     # model, also over a quantized base: generation then holds the dequantized weights).
     params = self.parametrization.full(trainable, frozen,
@@ -170,9 +173,7 @@ class HeldOutEvaluator:
       if scored <= 3:
         _info("eval %s: %r -> %r (target %r)", record.where, record.prefix, result["text"],
               record.suffix)
-    # NaN, not 0 (a perfect loss), when no held-out image could be read.
-    return dict(eval_loss=total / count if count else float("nan"),
-                eval_exact_match=hits / max(scored, 1), eval_examples=scored)
+    return dict(eval_loss=eval_loss, eval_exact_match=hits / max(scored, 1), eval_examples=scored)
 
 
 @dataclasses.dataclass
