@@ -43,10 +43,8 @@ def per_preset(model_config, dtype: str = "bfloat16", presets=PRESETS):
     config = finetune_configs.get_config(preset)
     if qtype:
       config.quantize = qtype
-    model_config = float_config
-    if config.quantize:
-      model_config = paligemma.float_config(float_config)
-      model_config.quantize = config.quantize
+    model_config = float_config.copy_and_resolve_references()
+    model_config.quantize = config.quantize or None
     model = paligemma.PaliGemma(model_config)
     shapes = paligemma.param_shapes(model_config)
     layout = data.Layout(paligemma.num_image_tokens(model_config), model_config.image_token_id,

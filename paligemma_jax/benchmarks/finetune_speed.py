@@ -173,11 +173,18 @@ def our_step(config, params, preset: str, batch, max_text_len: int | None):
     params, config = paligemma.quantize_params(params, config, ft.quantize)
   par, trainable, frozen = objective.init_trainable(ft, params, jax.random.PRNGKey(0),
                                                     jnp.dtype(config.param_dtype))
-  tx, schedule = objective.make_optimizer(ft)
   # A copy: the state is donated, and `params` (the frozen tree of other steps) holds its leaves.
-  state = objective.init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.PRNGKey(1))
-  fn = functools.partial(objective.train_step, model=paligemma.PaliGemma(config),
-                         parametrization=par, tx=tx, schedule=schedule, max_text_len=max_text_len)
+  return _step_runner(ft, paligemma.PaliGemma(config), par, jax.tree.map(jnp.copy, trainable),
+                      frozen, batch, max_text_len)
+
+
+def _step_runner(ft, model, parametrization, trainable, frozen, batch, max_text_len):
+  """(run: objective.train_step, jitted with its state donated, on `batch` -> its loss, the
+  step's matmul FLOPs), with the optimizer of the fine-tuning config `ft`."""
+  tx, schedule = objective.make_optimizer(ft)
+  state = objective.init_state(trainable, tx, jax.random.PRNGKey(1))
+  fn = functools.partial(objective.train_step, model=model, parametrization=parametrization,
+                         tx=tx, schedule=schedule, max_text_len=max_text_len)
   flops = matmul_flops(fn, state, frozen, batch)
   step = jax.jit(fn, donate_argnums=0)
 
@@ -190,7 +197,7 @@ def our_step(config, params, preset: str, batch, max_text_len: int | None):
 
 
 def qwix_lora_step(config, params, batch, max_text_len: int):
-  """(run: our LoRA train step with qwix's adapters instead of lora.py's -> its loss): the model
+  """(run, FLOPs) of our LoRA train step with qwix's adapters instead of lora.py's: the model
   under qwix.LoraProvider (same targets, rank and alpha; A drawn like lora.init, B zero), the
   adapters trained as the step's only parameters, the same loss, optimizer and batch."""
   ft = finetune_configs.get_config("lora")
@@ -205,19 +212,10 @@ def qwix_lora_step(config, params, batch, max_text_len: int):
   adapters = {p: (draw.standard_normal(x.shape, np.float32) * np.float32(x.shape[-2]**-0.5)
                   if p.endswith("_lora_a") else np.zeros(x.shape, np.float32))
               for p, x in flat.items() if p.endswith(("_lora_a", "_lora_b"))}
-  tx, schedule = objective.make_optimizer(ft)
-  state = objective.init_state(jax.device_put(traverse_util.unflatten_dict(adapters, sep="/")),
-                               tx, jax.random.PRNGKey(1))
-  step = jax.jit(functools.partial(  # The adapters are the model's own parameters: no LoRA apply.
-      objective.train_step, model=model, parametrization=objective.Parametrization(), tx=tx,
-      schedule=schedule, max_text_len=max_text_len), donate_argnums=0)
-
-  def run():
-    nonlocal state
-    state, metrics = step(state, params, batch)
-    return float(metrics["loss"])
-
-  return run
+  # The adapters are the model's own parameters: trained as `trainable`, no LoRA apply.
+  return _step_runner(ft, model, objective.Parametrization(),
+                      jax.device_put(traverse_util.unflatten_dict(adapters, sep="/")), params,
+                      batch, max_text_len)
 
 
 def transformers_step(model, preset: str, batch):
@@ -323,8 +321,9 @@ def run(f):
     ours, flops = our_step(config, params, preset, batch, f.finetune_text_len)
     before, flops_before = our_step(config, params, preset, batch, None)
     steps, theirs, undo = {"ours": ours, every: before}, None, None
+    step_flops = {"ours": flops, every: flops_before}
     if preset == "lora":
-      steps[QWIX] = qwix_lora_step(config, params, batch, f.finetune_text_len)
+      steps[QWIX], step_flops[QWIX] = qwix_lora_step(config, params, batch, f.finetune_text_len)
     if model is not None:
       theirs = "transformers + PEFT" if preset in uses_peft else "transformers"
       steps[theirs], undo = transformers_step(model, preset, batch)
@@ -332,8 +331,7 @@ def run(f):
     if undo:
       model = undo()
     for name, r in results.items():
-      rows.append((preset, name, r, {"ours": flops, every: flops_before, QWIX: flops}.get(name),
-                   results.get(theirs)))
+      rows.append((preset, name, r, step_flops.get(name), results.get(theirs)))
     losses.append(f"{preset}: " + ", ".join(f"{name} {r['loss']:.4f}"
                                             for name, r in results.items()))
     del steps, ours, before

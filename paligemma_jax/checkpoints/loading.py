@@ -93,9 +93,7 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
     checkpoint after it is read (memory then peaks at the float weights plus the quantized ones);
     None: as stored (a checkpoint converted with --quantize=int8|int4 is quantized).
   """
-  if quantize not in (None, *quantize_lib.QTYPES):
-    raise errors.InputError(
-        f"quantize={quantize!r}: choose one of {', '.join(quantize_lib.QTYPES)} or None.")
+  quantize_lib.checked(quantize)
   dtype = dtype or default_dtype()
   param_dtype = param_dtype or dtype
   cast = None if param_dtype == STORED else param_dtype

@@ -180,8 +180,7 @@ def quantize_params(params, config: ml_collections.ConfigDict, qtype: str = quan
   if quantize.enabled(config):
     return params, config
   config = config.copy_and_resolve_references()
-  config.quantize = qtype
-  quantize.qtype(config)  # Checks the name.
+  config.quantize = quantize.checked(qtype)
   return quantize.quantize_tree(params, param_shapes(config)), config
 
 

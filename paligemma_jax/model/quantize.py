@@ -51,12 +51,16 @@ DYNAMIC_MAX_ROWS = 64  # CPU, int8: rows (batch x tokens) up to which activation
 BLOCK_MIN, BLOCK_MAX = 32, 128  # int4 block sizes along the last input axis.
 
 
-def qtype(config: ml_collections.ConfigDict) -> str | None:
-  """"int8", "int4" or None: the weights the model `config` describes computes with."""
-  name = config.get("quantize", None)
+def checked(name: str | None) -> str | None:
+  """`name` if it is "int8", "int4" or None; else InputError naming the choices."""
   if name not in (None, *QTYPES):
     raise errors.InputError(f"quantize={name!r}: choose one of {', '.join(QTYPES)} or None.")
   return name
+
+
+def qtype(config: ml_collections.ConfigDict) -> str | None:
+  """"int8", "int4" or None: the weights the model `config` describes computes with."""
+  return checked(config.get("quantize", None))
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
