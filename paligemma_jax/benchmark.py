@@ -7,8 +7,9 @@ converts it with our converter, and times both on the same prompt (image + text 
 prefill latency, decode ms/token at each batch size, decode tokens/s, the teacher-forced scoring
 of --choices answers to the prompt (evaluate --task=score), and our compile time, each
 with the ratio transformers / ours (> 1 means we are faster). Decode at every batch size is also
-reported against the memory-bandwidth limit: bytes of decoder weights read per step / measured
-bandwidth (a step reads every weight once, whatever the batch).
+reported against its limit, the larger of two: bytes of decoder weights read per step / measured
+bandwidth (a step reads every weight once, whatever the batch), and 2 FLOPs per weight and row /
+the measured matrix-product peak (with enough rows a step is arithmetic, not reads).
 Beam search at each of --beam_sizes (decode ms per generated token, against transformers'
 num_beams and against our greedy decode at the same batch) follows in a second table.
 Medians over --repeats. Results go to docs/benchmarks.md by hand. --quantize=int8|int4 times ours
@@ -53,7 +54,7 @@ def define_flags():
   flags.DEFINE_integer("text_tokens", 12, "Prompt tokens after the image tokens.")
   flags.DEFINE_integer("new_tokens", 32, "Tokens generated per row.")
   flags.DEFINE_list("batch_sizes", ["1", "4", "8", "16"], "Batch sizes to time decode at "
-                    "(each against the bandwidth limit).")
+                    "(each against the bandwidth and arithmetic limits).")
   flags.DEFINE_integer("repeats", 3, "Timed repetitions (medians are reported).", lower_bound=1)
   flags.DEFINE_list("beam_sizes", ["2", "3"], "Beam sizes to time beam search at, against greedy "
                     "(at each batch size; empty: none).")

@@ -224,10 +224,11 @@ def _restore_with_orbax(directory, path, config, dtype, shardings):
 def load(directory: str, dtype=None, shardings=None, scan_layers: bool = True):
   """(params, config). `dtype` casts every float leaf (config.param_dtype follows); `shardings`
   is one jax.sharding.Sharding for all leaves or a matching tree of them (default: the first
-  device); scan_layers=False returns the decoder's layers apart (paligemma.unstack_layers).
+  device); scan_layers=False returns the CPU decoding layout (paligemma.decoding_layout).
 
-  A checkpoint that mapped.py can map is not copied on CPU, its layers apart neither, and
-  goes straight from the page cache to an accelerator; any other is restored through Orbax."""
+  A checkpoint that mapped.py can map is not copied on CPU (in the decoding layout its layers
+  apart neither; its transposed MLP kernels are, once) and goes straight from the page cache to
+  an accelerator; any other is restored through Orbax."""
   config = load_config(directory)
   path = _part(directory, PARAMS)
   dtype = None if dtype is None else jnp.dtype(dtype)
@@ -243,13 +244,13 @@ def load(directory: str, dtype=None, shardings=None, scan_layers: bool = True):
     host = None  # Over a mesh, Orbax casts each device's slice alone, never a whole leaf.
   if host is not None:
     _check_shapes(directory, host, config)
-    if not scan_layers and one_sharding:  # Views of views: layers apart cost nothing.
-      host = paligemma.unstack_layers(host)
+    if not scan_layers and one_sharding:  # Views of views, copied only where transposed.
+      host = paligemma.decoding_layout(host)
     params = _place(host, dtype, shardings)
   else:
     params = _restore_with_orbax(directory, path, config, dtype, shardings)
   if not scan_layers and "layers" in params["llm"]:
-    params = paligemma.unstack_layers(params)
+    params = paligemma.decoding_layout(params)
   if dtype is not None:
     config.param_dtype = dtype.name
   config.scan_layers = scan_layers

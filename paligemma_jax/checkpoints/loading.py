@@ -65,13 +65,13 @@ def _quantizes_once_read(quantize, config) -> bool:
 
 def _to_devices(host, config, mesh, scan_layers, quantize):
   """Host (numpy) parameters onto the devices: sharded over `mesh`, else onto the default device,
-  which on CPU keeps their aligned buffers (host_memory.py), layers apart as views if asked."""
+  which on CPU keeps their aligned buffers (host_memory.py), in the decoding layout if asked."""
   if mesh is not None:
     return sharding.shard_params(host, mesh)
   if _quantizes_once_read(quantize, config):
     return host  # quantize_tree moves it a leaf at a time: the float model never on the device.
   if not scan_layers:
-    host = paligemma.unstack_layers(host)
+    host = paligemma.decoding_layout(host)
   return jax.device_put(host)
 
 
@@ -131,7 +131,7 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
       config.quantize = quantize_lib.qtype(stored)
     expected = paligemma.param_shapes(config)
     if "layers" not in params["llm"]:
-      expected = jax.eval_shape(paligemma.unstack_layers, expected)
+      expected = jax.eval_shape(paligemma.decoding_layout, expected)
     if jax.tree.map(lambda x: x.shape, params) != jax.tree.map(lambda x: x.shape, expected):
       raise errors.InputError("The --config model does not match the checkpoint's parameter shapes.")
     stored = config
@@ -139,7 +139,7 @@ def load_model(path: str, *, dtype: str | None = None, param_dtype: str | None =
     params, stored = paligemma.quantize_params(params, stored, quantize)
     params = jax.device_put(params) if mesh is None else sharding.shard_params(params, mesh)
   if not scan_layers and "layers" in params["llm"]:
-    params = paligemma.unstack_layers(params)
+    params = paligemma.decoding_layout(params)
   result = stored.copy_and_resolve_references()
   result.dtype, result.remat, result.scan_layers = dtype, remat, scan_layers
   if cast is not None:

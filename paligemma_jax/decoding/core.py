@@ -35,7 +35,7 @@ from paligemma_jax.model import paligemma
 
 
 def default_scan_layers() -> bool:
-  """The decoding layout by default (see Setup.create): layers apart on CPU."""
+  """The decoding layout by default (see Setup.create): on CPU, paligemma.decoding_layout."""
   return jax.default_backend() != "cpu"
 
 
@@ -60,9 +60,11 @@ class Setup:
     cache_dtype: the KV cache's keys and values; default the compute dtype (`config.dtype`);
     "int8": int8 with a scale per token and kv head, read back in the compute dtype (kv_cache.py).
 
-    scan_layers: decode over the checkpoint's stacked [L, ...] weights; False: over one weight
-    array per layer. Default: False on CPU, where XLA copies a weight sliced out of a stacked
-    array before each matrix-vector product (2.4x slower decoding); True elsewhere: per-layer
+    scan_layers: decode over the checkpoint's stacked [L, ...] weights; False: over the CPU
+    decoding layout (paligemma.decoding_layout: one weight array per layer, MLP kernels
+    [out, in]). Default: False on CPU, where XLA copies a weight sliced out of a stacked array
+    before each matrix-vector product (2.4x slower decoding) and repacks a product's right
+    operand (an [in, out] kernel) on every call; True elsewhere: per-layer
     weights cost a second copy of the decoder weights while the caller keeps the stacked ones,
     which GPU and TPU memory, sized for the largest models, cannot spare.
     """
@@ -90,7 +92,7 @@ class Setup:
     """Checkpoint-layout params (or their shapes, under jax.eval_shape) in the decoding layout."""
     stacked = "layers" in params["llm"]
     if stacked and not self.scan_layers:
-      return paligemma.unstack_layers(params)
+      return paligemma.decoding_layout(params)
     if not stacked and self.scan_layers:
       raise ValueError("This generator takes the checkpoint's stacked layers (`llm/layers`).")
     return params

@@ -95,13 +95,32 @@ class Mlp(nn.Module):
   dtype: jnp.dtype
   param_dtype: jnp.dtype
   qtype: str | None = None
+  out_in: bool = False  # Float kernels stored [out, in] (OutInDense): the CPU decoding layout.
 
   @nn.compact
   def __call__(self, x):
     kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
-    Dense = quantize.layer(self.qtype, nn.Dense)
+    Dense = OutInDense if self.out_in else quantize.layer(self.qtype, nn.Dense)
     gate = jax.nn.gelu(Dense(self.mlp_dim, name="gate", **kw)(x), approximate=True)
     return Dense(x.shape[-1], name="down", **kw)(gate * Dense(self.mlp_dim, name="up", **kw)(x))
+
+
+class OutInDense(nn.Module):
+  """nn.Dense without bias whose kernel is stored transposed, `kernel_out_in` [out, in], and
+  multiplied by `dot_out_in`: the MLP's layout for decoding on CPU, where a weight on the right
+  of a product with a few rows is repacked on every call (see dot_out_in). Only the decoding
+  layout (paligemma.decoding_layout) has it; checkpoints and training keep nn.Dense's [in, out]."""
+  features: int
+  use_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    assert not self.use_bias, "The decoder's layers have no biases."
+    kernel = self.param("kernel_out_in", nn.initializers.lecun_normal(in_axis=1, out_axis=0),
+                        (self.features, x.shape[-1]), self.param_dtype)
+    return dot_out_in(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
 class Block(nn.Module):
@@ -110,6 +129,7 @@ class Block(nn.Module):
   dtype: jnp.dtype
   param_dtype: jnp.dtype
   qtype: str | None = None
+  decoding_layout: bool = False  # Float MLP kernels [out, in] (paligemma.decoding_layout).
 
   @nn.compact
   def __call__(self, carry, layer_inputs, positions, full_mask, sliding_mask):
@@ -123,7 +143,8 @@ class Block(nn.Module):
     h, cache = Attention(cfg, self.dtype, self.param_dtype, self.qtype, name="attn")(
         norm("pre_attention_norm")(x), positions, mask, cache, layer)
     x = x + (norm("post_attention_norm")(h) if post_norms else h)
-    h = Mlp(cfg.mlp_dim, self.dtype, self.param_dtype, self.qtype, name="mlp")(
+    h = Mlp(cfg.mlp_dim, self.dtype, self.param_dtype, self.qtype,
+            out_in=self.decoding_layout and self.qtype is None, name="mlp")(
         norm("pre_ffw_norm")(x))
     x = x + (norm("post_ffw_norm")(h) if post_norms else h)
     return (x, cache), None
@@ -137,9 +158,11 @@ class Decoder(nn.Module):
   remat: bool = False
   qtype: str | None = None  # "int8" | "int4" matrices and embedding table (quantize.py).
   # True: one scanned block over stacked [L, ...] weights (`layers`), so compile time does not
-  # grow with depth. False: separate blocks `layers_0`..`layers_{L-1}`, for decoding: XLA on CPU
-  # copies a weight sliced out of a stacked array before a matrix-vector product, which costs
-  # more than the product itself (`paligemma.unstack_layers` converts the parameters).
+  # grow with depth. False: the CPU decoding layout (`paligemma.decoding_layout` converts the
+  # parameters): separate blocks `layers_0`..`layers_{L-1}`, as XLA on CPU copies a weight sliced
+  # out of a stacked array before a matrix-vector product, which costs more than the product
+  # itself; and float MLP kernels stored [out, in] (OutInDense), as XLA:CPU repacks a product's
+  # right operand on every call.
   scan_layers: bool = True
 
   def setup(self):
@@ -152,8 +175,8 @@ class Decoder(nn.Module):
                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.depth)(
                                 cfg, self.dtype, self.param_dtype, self.qtype)
     else:
-      self.blocks = [block(cfg, self.dtype, self.param_dtype, self.qtype, name=f"layers_{i}")
-                     for i in range(cfg.depth)]
+      self.blocks = [block(cfg, self.dtype, self.param_dtype, self.qtype, decoding_layout=True,
+                           name=f"layers_{i}") for i in range(cfg.depth)]
     self.final_norm = RMSNorm(cfg.norm_eps, self.param_dtype)
 
   def embed(self, tokens):
@@ -210,28 +233,31 @@ class Embedder(nn.Module):
     if self.qtype:
       return quantize.matmul(hidden, self.input_embedding, self.input_embedding_scale, (1,),
                              self.dtype)
-    return tied_head(hidden, self.input_embedding.astype(self.dtype))
+    return dot_out_in(hidden, self.input_embedding.astype(self.dtype))  # The table is [V, D].
 
 
-# Up to this many rows, XLA:CPU runs the head as table @ hidden.T (see tied_head).
-HEAD_TABLE_FIRST_MAX_ROWS = 128
+# Up to this many rows, XLA:CPU runs dot_out_in with the weight on the left.
+WEIGHT_FIRST_MAX_ROWS = 128
 
 
-def tied_head(hidden, table):
-  """hidden [..., D] @ table [V, D].T -> logits [..., V].
+def dot_out_in(x, w):
+  """x [..., in] @ w [out, in].T -> [..., out]: the tied head (w the [V, D] table) and the CPU
+  decoding layout's MLP (OutInDense).
 
-  On CPU, 2 to HEAD_TABLE_FIRST_MAX_ROWS rows (decode steps, beams, prefill's last positions) are
-  computed as table @ hidden.T ([V, R]) and transposed: XLA:CPU's library GEMM streams its left
-  operand and repacks its right one per call, so with the 2.1 GB table on the left an 8-row
-  head reads the table about once (~70 ms, at the bandwidth limit) instead of ~250 ms; the
-  barrier keeps XLA from folding the transpose back into the product. One row keeps
-  `hidden @ table.T`, which XLA runs as a matrix-vector product at the limit, and more rows
-  (compute-bound) keep it too. Results equal within float rounding (the summation order).
+  On CPU, up to WEIGHT_FIRST_MAX_ROWS rows (decode steps, beams, prefill's last positions) are
+  computed as w @ x.T ([out, R]) and transposed: XLA:CPU's library GEMM streams its left operand
+  and repacks its right one per call, so with the weight on the left an 8-row product reads it
+  about once, at the bandwidth limit (the 2.1 GB head: ~70 ms instead of ~250 ms; a [2048, 16384]
+  MLP kernel 4.4 instead of 9.3 ms, docs/benchmarks.md); the barrier keeps XLA from folding the
+  transpose back into the product. One row is then a matrix-vector product, whereas `x @ w.T`
+  of one row can make XLA transpose w whole first (a [2048, 16384] kernel: 290 ms instead of 8).
+  More rows (compute-bound) keep `x @ w.T`, as fast there as an [in, out] weight. Results equal
+  within float rounding (the summation order).
   """
-  rows = math.prod(hidden.shape[:-1])
-  if jax.default_backend() != "cpu" or not 1 < rows <= HEAD_TABLE_FIRST_MAX_ROWS:
-    # `hidden @ table.T` lowers to a faster XLA CPU dot than einsum("btd,vd->btv") (2x at batch 1).
-    return hidden @ table.T
-  flat = hidden.reshape(rows, hidden.shape[-1])
-  by_vocab = jax.lax.dot_general(table, flat, (((1,), (1,)), ((), ())))  # [V, R]
-  return jax.lax.optimization_barrier(by_vocab).T.reshape(*hidden.shape[:-1], table.shape[0])
+  rows = math.prod(x.shape[:-1])
+  if jax.default_backend() != "cpu" or rows > WEIGHT_FIRST_MAX_ROWS:
+    # `x @ w.T` lowers to a faster XLA CPU dot than einsum("btd,vd->btv") (2x at batch 1).
+    return x @ w.T
+  flat = x.reshape(rows, x.shape[-1])
+  by_output = jax.lax.dot_general(w, flat, (((1,), (1,)), ((), ())))  # [out, R]
+  return jax.lax.optimization_barrier(by_output).T.reshape(*x.shape[:-1], w.shape[0])

@@ -65,9 +65,17 @@ def test_component_tables_run_end_to_end(capsys):
   components.run(f)
   out = capsys.readouterr().out
   assert out.count("| decode ms/token |") == 2 and out.count("| beam 2 |") == 2
-  assert out.count("| decode / bandwidth limit (") == 2
-  assert "| batch | ours ms/token | bandwidth limit ms/token | ours / limit |" in out
+  assert out.count("| decode / limit (") == 2
+  assert "| batch | ours ms/step | bandwidth limit ms | arithmetic limit ms | ours / limit |" in out
   assert "score ms" in out and "compile time" in out
+
+
+def test_decode_limits_read_every_weight_once_and_multiply_it_per_row():
+  llm = {"w": np.zeros((1000, 500), np.float32), "norm": np.zeros(500, np.float32),
+         "q": np.zeros((10, 20, 5), np.int8)}
+  bandwidth_ms, arithmetic_ms = components.decode_limits_ms(llm, 4, 1.0, 1.0)  # GB/s, GFLOP/s.
+  assert bandwidth_ms == (4 * 500_000 + 4 * 500 + 1000) / 1e6
+  assert arithmetic_ms == 4 * 2 * (500_000 + 1000) / 1e6  # Norms are no products.
 
 
 def test_matmul_flops_counts_each_scan_iteration():

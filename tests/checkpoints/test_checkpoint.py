@@ -74,7 +74,7 @@ def test_save_takes_the_stacked_layout(tiny, tmp_path):
   unstacked = config.copy_and_resolve_references()
   unstacked.scan_layers = False
   with pytest.raises(ValueError, match="stacked"):
-    checkpoint.save(str(tmp_path / "ckpt"), paligemma.unstack_layers(params), unstacked)
+    checkpoint.save(str(tmp_path / "ckpt"), paligemma.decoding_layout(params), unstacked)
   assert os.listdir(tmp_path) == []
 
 
@@ -225,7 +225,7 @@ def test_checkpoints_of_the_earlier_writers_load(tiny, tmp_path, writer):
   assert mapped.read(str(directory / checkpoint.PARAMS)) is None
   for scan_layers in (True, False):
     loaded, loaded_config = checkpoint.load(str(directory), scan_layers=scan_layers)
-    want = params if scan_layers else paligemma.unstack_layers(params)
+    want = params if scan_layers else paligemma.decoding_layout(params)
     jax.tree.map(np.testing.assert_array_equal, loaded, want)
     assert loaded_config.scan_layers == scan_layers
 
@@ -245,12 +245,13 @@ def test_restore_maps_the_files_instead_of_copying_them(tiny, saved):
   assert mapped.read(os.path.join(saved, checkpoint.PARAMS)) is not None
   for scan_layers in (True, False):
     loaded, _ = checkpoint.load(saved, scan_layers=scan_layers)
-    want = params if scan_layers else paligemma.unstack_layers(params)
+    want = params if scan_layers else paligemma.decoding_layout(params)
     jax.tree.map(np.testing.assert_array_equal, loaded, want)
     llm = loaded["llm"]
+    # Layers apart are views; the decoding layout's transposed MLP kernels are copies.
+    layer = llm["layers"] if scan_layers else llm["layers_1"]
     for name, leaf in [("llm.embedder.input_embedding", llm["embedder"]["input_embedding"]),
-                       ("llm.layers.mlp.gate.kernel",
-                        (llm["layers"] if scan_layers else llm["layers_1"])["mlp"]["gate"]["kernel"])]:
+                       ("llm.layers.attn.q.kernel", layer["attn"]["q"]["kernel"])]:
       pointer = leaf.unsafe_buffer_pointer()
       assert any(a <= pointer < b for a, b in _mapped_ranges(os.sep + name + os.sep)), name
 

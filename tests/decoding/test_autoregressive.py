@@ -46,7 +46,7 @@ def test_load_model_puts_each_kind_on_the_device_in_the_layout_asked(converted_c
   assert (stacked.config.scan_layers, apart.config.scan_layers) == (True, False)
   assert "layers" in stacked.params["llm"] and "layers" not in apart.params["llm"]
   jax.tree.map(np.testing.assert_array_equal, apart.params,
-               paligemma.unstack_layers(stacked.params))
+               paligemma.decoding_layout(stacked.params))
   override = loading.load_model(path, scan_layers=False, config=stacked.config)  # --config.
   jax.tree.map(np.testing.assert_array_equal, override.params, apart.params)
   other = stacked.config.copy_and_resolve_references()

@@ -264,7 +264,7 @@ def test_loss_at_the_text_positions_equals_the_loss_at_every_position(tiny_param
   assert count == want_count == batch["loss_mask"][:4].sum() == 4 + 8 + 9 + 7
   np.testing.assert_allclose(total, want_total, rtol=1e-5)
   # Float rounding only: on the CPU the head over a few rows sums in another order
-  # (gemma.tied_head) than over every position.
+  # (gemma.dot_out_in) than over every position.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads,
                want_grads)
   assert objective.loss_positions(jnp.asarray(batch["loss_mask"]), 12).shape == (5, 12)
