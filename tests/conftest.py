@@ -54,8 +54,22 @@ def converted_checkpoint(tmp_path_factory, spm_model_path):
 ATTENTION_GAIN = 30  # See `real_width_model`.
 
 
+# The tests that use these are marked xdist_group("real_width"): one worker builds the model once
+# (`--dist loadgroup`; two workers each built one, and each ran the float model's generation).
+
+
 @pytest.fixture(scope="session")
-def real_width_model(tmp_path_factory):
+def real_width_checkpoint(tmp_path_factory):
+  """The directory of a real-width random PaliGemma 2 as transformers saves it (2.8 GB): the
+  parity test and `real_width_model` share it. transformers loads it back in under a second
+  (from_pretrained maps the file), so the model is not kept in memory for the session."""
+  import hf_fixtures
+  return hf_fixtures.make_hf_paligemma(str(tmp_path_factory.mktemp("hf") / "ckpt"), version=2,
+                                       real_widths=True).path
+
+
+@pytest.fixture(scope="session")
+def real_width_model(real_width_checkpoint):
   """(params, config) of a real-width random PaliGemma 2, its post-attention norm scaled by
   ATTENTION_GAIN: the model the int8 KV cache and quantized weights are judged on. As built, the
   random model's residual is dominated by the tied embedding: it repeats its last input token with
@@ -64,13 +78,40 @@ def real_width_model(tmp_path_factory):
   of an int8 cache, measured at other gains: 2e-5 (x1), 0.010 (x30), 0.03-0.06 (x40-x70), 0.11
   (x100, where attention alone decides among near-ties of a random model's flat distributions)."""
   import numpy as np
-  import hf_fixtures
   from paligemma_jax.checkpoints import hf
-  ref = hf_fixtures.make_hf_paligemma(str(tmp_path_factory.mktemp("hf") / "ckpt"), version=2,
-                                      real_widths=True)
-  params, config, _ = hf.load_hf(ref.path)
-  del ref
+  params, config, _ = hf.load_hf(real_width_checkpoint)
   layers = dict(params["llm"]["layers"])
   scale = np.asarray(layers["post_attention_norm"]["scale"])
   layers["post_attention_norm"] = {"scale": (1 + scale) * ATTENTION_GAIN - 1}  # RMSNorm's 1 + w.
   return {**params, "llm": {**params["llm"], "layers": layers}}, config
+
+
+REAL_WIDTH_NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="session")
+def real_width_greedy(real_width_model):
+  """greedy(params=None, config=None, cache_dtype=None) -> the greedy Generation of
+  `real_width_model` (or of `params`, `config`: its quantized weights) for prompts of 3, 11 and 20
+  text tokens, REAL_WIDTH_NEW_TOKENS new tokens each (any id below the image token; no <eos>).
+  The float model's run with the float cache, the reference of both the int8 cache
+  (test_kv_cache.py) and the quantized weights (test_quantize.py), is made once."""
+  from paligemma_jax.decoding import autoregressive
+  import hf_fixtures
+  float_params, float_config = real_width_model
+  tokens, images, mask = hf_fixtures.text_prompts(float_config, [3, 11, 20])
+  runs = {}
+
+  def greedy(params=None, config=None, cache_dtype=None):
+    reference = params is None and cache_dtype is None
+    if reference and "float" in runs:
+      return runs["float"]
+    generator = autoregressive.Generator(
+        float_params if params is None else params, config or float_config, eos_id=-1,
+        vocab_size=float_config.image_token_id, cache_dtype=cache_dtype)
+    out = generator.generate(tokens, images, mask, mask, max_new_tokens=REAL_WIDTH_NEW_TOKENS)
+    if reference:
+      runs["float"] = out
+    return out
+
+  return greedy

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+import torch
 
 import hf_fixtures
 from hf_fixtures import max_error, padded_batch, reference_logits
@@ -132,15 +133,20 @@ def test_parity_tolerance_catches_broken_code(break_name, monkeypatch, tmp_path)
   assert error > 10 * RTOL, f"breaking '{break_name}' went unnoticed ({error:.2e})"
 
 
-def test_real_widths_match_transformers(tmp_path):
-  """So400m + Gemma 2 2B widths (one layer each), 224 px, the real 257216-token vocabulary."""
-  ref = hf_fixtures.make_hf_paligemma(str(tmp_path / "ckpt"), version=2, real_widths=True)
-  params, config, _ = hf.load_hf(ref.path)
+@pytest.mark.xdist_group("real_width")
+def test_real_widths_match_transformers(real_width_checkpoint):
+  """So400m + Gemma 2 2B widths (one layer each), 224 px, the real 257216-token vocabulary
+  (conftest.py's checkpoint, as transformers saved it and loads it back)."""
+  import transformers
+  reference = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
+      real_width_checkpoint).eval()
+  assert reference.dtype == torch.float32
+  params, config, _ = hf.load_hf(real_width_checkpoint)
   assert config.vision.image_size == 224 and config.text.vocab_size == 257216
   n = paligemma.num_image_tokens(config)
   assert n == 256
   batch = padded_batch(config, [n + 12, n + 7], [n + 6, n + 7])
-  ours, theirs = our_logits(params, config, *batch), reference_logits(ref.model, *batch)
+  ours, theirs = our_logits(params, config, *batch), reference_logits(reference, *batch)
   text = batch[2] & (np.arange(batch[0].shape[1]) >= n)
   assert max_error(ours, theirs, text) < RTOL
   # Image-token positions (whose logits are never read) carry the vision tower's float32 rounding
