@@ -20,9 +20,12 @@ RTOL = 1e-4  # Of the logit scale (max |logit|).
 
 
 
-def our_logits(params, config, tokens, images, input_mask, prefix_mask):
-  return np.asarray(paligemma.PaliGemma(config).apply({"params": params}, tokens, images, input_mask,
-                                                      prefix_mask))
+def our_logits(params, config, tokens, images, input_mask, prefix_mask, jit=True):
+  """Jitted (one program a shape), or op by op (each op compiled once a shape and reused: faster
+  for the tolerance tests below, which run many configs over one batch)."""
+  apply = lambda p, *batch: paligemma.PaliGemma(config).apply({"params": p}, *batch)
+  return np.asarray((jax.jit(apply) if jit else apply)(params, tokens, images, input_mask,
+                                                        prefix_mask))
 
 
 
@@ -88,13 +91,13 @@ def test_parity_tolerance_catches_every_broken_detail(version, tmp_path):
   n = paligemma.num_image_tokens(config)
   batch = padded_batch(config, [n + 26, n + 20], [n + 9, n + 6], seed=1)
   theirs = reference_logits(ref.model, *batch)
-  assert max_error(our_logits(params, config, *batch), theirs, batch[2]) < RTOL
+  assert max_error(our_logits(params, config, *batch, jit=False), theirs, batch[2]) < RTOL
   for name, brk in BREAKS.items():
     if version == 1 and ("softcap" in name or "window" in name or "sliding" in name or "head_dim" in name):
       continue  # PaliGemma 1 has none of these (and scales queries by head_dim).
     broken = config.copy_and_resolve_references()
     brk(broken)
-    error = max_error(our_logits(params, broken, *batch), theirs, batch[2])
+    error = max_error(our_logits(params, broken, *batch, jit=False), theirs, batch[2])
     assert error > 10 * RTOL, f"breaking '{name}' went unnoticed ({error:.2e})"
 
 
@@ -129,7 +132,7 @@ def test_parity_tolerance_catches_broken_code(break_name, monkeypatch, tmp_path)
   batch = padded_batch(config, [n + 26, n + 20], [n + 9, n + 6], seed=2)
   theirs = reference_logits(ref.model, *batch)
   monkeypatch.setattr(*CODE_BREAKS[break_name])
-  error = max_error(our_logits(params, config, *batch), theirs, batch[2])
+  error = max_error(our_logits(params, config, *batch, jit=False), theirs, batch[2])
   assert error > 10 * RTOL, f"breaking '{break_name}' went unnoticed ({error:.2e})"
 
 
