@@ -91,7 +91,10 @@ def cache_spec(generator, config, batch, field="k"):
   prefill, _ = generator.compiled(NEW_TOKENS)
   args = sharding.shard_batch(prompt_inputs(config, batch), generator.mesh)
   keys = core.row_keys(jax.random.PRNGKey(0), range(args[0].shape[0]))
-  state = prefill(generator.params, *args, keys, sampling.Sampler().as_arrays())
+  # Placed as Generator.generate places them: the prefill it compiled runs, none compiles anew.
+  keys, settings = jax.device_put((keys, sampling.Sampler().as_arrays()),
+                                  sharding.replicated(generator.mesh))
+  state = prefill(generator.params, *args, keys, settings, image_index=None)
   return str(getattr(state.rows.cache, field).sharding.spec), str(state.tokens.sharding.spec)
 
 
@@ -158,7 +161,8 @@ def max_diff(a, b):
 def model_params(config):
   """Random parameters with a smaller embedding table, so that the next-token distributions
   are spread out (sampling has choices, log-probabilities are far from 0)."""
-  params = paligemma.init_params(config, jax.random.PRNGKey(0))
+  # Jitted: op by op, the initializers compile one small program each (4 s a model).
+  params = jax.jit(lambda rng: paligemma.init_params(config, rng))(jax.random.PRNGKey(0))
   table = params["llm"]["embedder"]["input_embedding"]
   return {**params, "llm": {**params["llm"], "embedder": {"input_embedding": table * 0.1}}}
 
@@ -176,7 +180,9 @@ def main(meshes):
     last = variant_meshes[-1]
     samplers = {k: v for k, v in SAMPLERS.items() if k == "greedy" or variant == "tiny-pg2"}
     presets = ("all", "lora") if variant == "tiny-pg2" else ()
-    reference = {k: generate(config, params, batch, s)[0] for k, s in samplers.items()}
+    reference, generator = {}, None
+    for name, sampler in samplers.items():
+      reference[name], generator = generate(config, params, batch, sampler, generator=generator)
     ref_train = {p: train_step(config, params, batch, p) for p in presets}
     with tempfile.TemporaryDirectory() as tmp:
       checkpoint.save(os.path.join(tmp, "ckpt"), params, config)
@@ -193,9 +199,12 @@ def main(meshes):
         runs = [(name, sampler, None) for name, sampler in samplers.items()
                 if name == "greedy" or spec == last]
         runs += [("greedy_stacked_layers", SAMPLERS["greedy"], True)] if spec == last else []
+        generators = {}  # By weight layout: the samplers share one (their settings are traced).
         for name, sampler, scan_layers in runs:
           # Mesh taken from the params.
-          out, generator = generate(config, sharded, batch, sampler, scan_layers=scan_layers)
+          out, generator = generate(config, sharded, batch, sampler, scan_layers=scan_layers,
+                                    generator=generators.get(scan_layers))
+          generators[scan_layers] = generator
           ref = reference[name.removesuffix("_stacked_layers")]
           r["generate"][name] = dict(
               tokens_equal=bool(np.array_equal(out.tokens, ref.tokens)), tokens=out.tokens.tolist(),

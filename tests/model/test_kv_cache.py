@@ -141,21 +141,15 @@ def test_every_loop_decodes_over_an_int8_cache_alike(converted_checkpoint):
   np.testing.assert_allclose(int8[2:].sum(1), beams.scores, atol=1e-4)
 
 
-NEW_TOKENS = 16
-
-
-def test_int8_cache_keeps_greedy_tokens_and_log_probs_at_real_widths(real_width_model):
-  """Prompts of different lengths, 16 new tokens: the same greedy tokens as the float cache and
-  log-probs within 0.05."""
-  params, config = real_width_model
+@pytest.mark.xdist_group("real_width")
+def test_int8_cache_keeps_greedy_tokens_and_log_probs_at_real_widths(real_width_model,
+                                                                    real_width_greedy):
+  """Prompts of 3, 11 and 20 text tokens, 16 new tokens (conftest.py): the same greedy tokens as
+  the float cache and log-probs within 0.05."""
+  _, config = real_width_model
   assert config.text.head_dim == 256 and config.text.vocab_size == 257216
-  tokens, images, mask = hf_fixtures.text_prompts(config, [3, 11, 20])
-  out = {}
-  for dtype in (None, "int8"):
-    generator = autoregressive.Generator(params, config, vocab_size=config.image_token_id,
-                                         eos_id=-1, cache_dtype=dtype)
-    out[dtype] = generator.generate(tokens, images, mask, mask, max_new_tokens=NEW_TOKENS)
-  want, got = out[None], out["int8"]
+  want, got = real_width_greedy(), real_width_greedy(cache_dtype="int8")
+  assert want.tokens.shape[1] == 16
   assert want.logprobs.min() < -0.3  # Not saturated: log-probs near 0 would hide any error.
   np.testing.assert_array_equal(got.tokens, want.tokens)
   error = np.abs(got.logprobs - want.logprobs).max()

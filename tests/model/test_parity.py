@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+import torch
 
 import hf_fixtures
 from hf_fixtures import max_error, padded_batch, reference_logits
@@ -19,9 +20,12 @@ RTOL = 1e-4  # Of the logit scale (max |logit|).
 
 
 
-def our_logits(params, config, tokens, images, input_mask, prefix_mask):
-  return np.asarray(paligemma.PaliGemma(config).apply({"params": params}, tokens, images, input_mask,
-                                                      prefix_mask))
+def our_logits(params, config, tokens, images, input_mask, prefix_mask, jit=True):
+  """Jitted (one program a shape), or op by op (each op compiled once a shape and reused: faster
+  for the tolerance tests below, which run many configs over one batch)."""
+  apply = lambda p, *batch: paligemma.PaliGemma(config).apply({"params": p}, *batch)
+  return np.asarray((jax.jit(apply) if jit else apply)(params, tokens, images, input_mask,
+                                                        prefix_mask))
 
 
 
@@ -87,13 +91,13 @@ def test_parity_tolerance_catches_every_broken_detail(version, tmp_path):
   n = paligemma.num_image_tokens(config)
   batch = padded_batch(config, [n + 26, n + 20], [n + 9, n + 6], seed=1)
   theirs = reference_logits(ref.model, *batch)
-  assert max_error(our_logits(params, config, *batch), theirs, batch[2]) < RTOL
+  assert max_error(our_logits(params, config, *batch, jit=False), theirs, batch[2]) < RTOL
   for name, brk in BREAKS.items():
     if version == 1 and ("softcap" in name or "window" in name or "sliding" in name or "head_dim" in name):
       continue  # PaliGemma 1 has none of these (and scales queries by head_dim).
     broken = config.copy_and_resolve_references()
     brk(broken)
-    error = max_error(our_logits(params, broken, *batch), theirs, batch[2])
+    error = max_error(our_logits(params, broken, *batch, jit=False), theirs, batch[2])
     assert error > 10 * RTOL, f"breaking '{name}' went unnoticed ({error:.2e})"
 
 
@@ -128,19 +132,24 @@ def test_parity_tolerance_catches_broken_code(break_name, monkeypatch, tmp_path)
   batch = padded_batch(config, [n + 26, n + 20], [n + 9, n + 6], seed=2)
   theirs = reference_logits(ref.model, *batch)
   monkeypatch.setattr(*CODE_BREAKS[break_name])
-  error = max_error(our_logits(params, config, *batch), theirs, batch[2])
+  error = max_error(our_logits(params, config, *batch, jit=False), theirs, batch[2])
   assert error > 10 * RTOL, f"breaking '{break_name}' went unnoticed ({error:.2e})"
 
 
-def test_real_widths_match_transformers(tmp_path):
-  """So400m + Gemma 2 2B widths (one layer each), 224 px, the real 257216-token vocabulary."""
-  ref = hf_fixtures.make_hf_paligemma(str(tmp_path / "ckpt"), version=2, real_widths=True)
-  params, config, _ = hf.load_hf(ref.path)
+@pytest.mark.xdist_group("real_width")
+def test_real_widths_match_transformers(real_width_checkpoint):
+  """So400m + Gemma 2 2B widths (one layer each), 224 px, the real 257216-token vocabulary
+  (conftest.py's checkpoint, as transformers saved it and loads it back)."""
+  import transformers
+  reference = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
+      real_width_checkpoint).eval()
+  assert reference.dtype == torch.float32
+  params, config, _ = hf.load_hf(real_width_checkpoint)
   assert config.vision.image_size == 224 and config.text.vocab_size == 257216
   n = paligemma.num_image_tokens(config)
   assert n == 256
   batch = padded_batch(config, [n + 12, n + 7], [n + 6, n + 7])
-  ours, theirs = our_logits(params, config, *batch), reference_logits(ref.model, *batch)
+  ours, theirs = our_logits(params, config, *batch), reference_logits(reference, *batch)
   text = batch[2] & (np.arange(batch[0].shape[1]) >= n)
   assert max_error(ours, theirs, text) < RTOL
   # Image-token positions (whose logits are never read) carry the vision tower's float32 rounding

@@ -220,22 +220,17 @@ def greedy(config, params, tokens, images, mask, steps):
 
 
 @pytest.fixture(scope="module")
-def real_width_generations(real_width_model):
+def real_width_generations(real_width_model, real_width_greedy):
   """Greedy generations of the real-width model (conftest.py) with float32, int8 and int4
   weights: prompts of 3, 11 and 20 text tokens, 16 new tokens each."""
-  from paligemma_jax.decoding import autoregressive
-  import hf_fixtures
   params, config = real_width_model
-  tokens, images, mask = hf_fixtures.text_prompts(config, [3, 11, 20])
-  out = {}
-  for qtype in (None, "int8", "int4"):
-    p, c = (params, config) if qtype is None else paligemma.quantize_params(params, config, qtype)
-    generator = autoregressive.Generator(p, c, vocab_size=config.image_token_id, eos_id=-1)
-    out[qtype] = generator.generate(tokens, images, mask, mask, max_new_tokens=16)
-    del p
+  out = {None: real_width_greedy()}  # Shared with test_kv_cache.py.
+  for qtype in ("int8", "int4"):
+    out[qtype] = real_width_greedy(*paligemma.quantize_params(params, config, qtype))
   return out
 
 
+@pytest.mark.xdist_group("real_width")
 @pytest.mark.parametrize("qtype, bound", [("int8", 0.05), ("int4", 0.3)])
 def test_quantized_weights_keep_greedy_tokens_and_log_probs_at_real_widths(
     real_width_generations, qtype, bound):

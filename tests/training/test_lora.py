@@ -154,7 +154,8 @@ def test_adapters_on_activations_match_merged_weights():
   config = get_config("tiny-pg2")
   config.remat = True  # As fine-tuning runs it: remat inside nn.scan.
   model = paligemma.PaliGemma(config)
-  base = paligemma.init_params(config, jax.random.PRNGKey(1))
+  # Jitted: op by op, init's forward pass dispatches (and compiles) every operation on its own.
+  base = jax.jit(lambda rng: paligemma.init_params(config, rng))(jax.random.PRNGKey(1))
   adapters = _with_random_b(lora.init(base, jax.random.PRNGKey(0), rank=3, targets=_EVERY_KIND))
   batch = _batch(config, np.random.default_rng(4))
   parametrization = objective.Parametrization(use_lora=True, lora_alpha=6.0)
