@@ -184,10 +184,20 @@ def step(setup: Setup, params, state: State, active=None, top: int = 0):
   return state, token, logprob, running, best
 
 
+_ROW_FIELDS = ("token", "step", "limit", "done", "rng", "sampler")  # State's [B, ...] arrays.
+
+
 def insert(state: State, rows, new: State) -> State:
   """`state` with rows `rows` [b] replaced by `new`'s b rows (its cache may be shorter); rows
   out of range are dropped (padding)."""
   put = lambda old, value: old.at[rows].set(value, mode="drop")
   return State(cache=kv_cache.put_rows(state.cache, rows, new.cache),
-               **{f: jax.tree.map(put, getattr(state, f), getattr(new, f))
-                  for f in ("token", "step", "limit", "done", "rng", "sampler")})
+               **{f: jax.tree.map(put, getattr(state, f), getattr(new, f)) for f in _ROW_FIELDS})
+
+
+def take(state: State, rows) -> State:
+  """Rows `rows` [b] of `state` (copies, in range; per-row sampler arrays): the rows a narrower
+  decode runs on, or rows that move (`insert` puts them back, or elsewhere)."""
+  at = lambda x: jnp.take(x, rows, axis=0)
+  return State(cache=kv_cache.take_rows(state.cache, rows),
+               **{f: jax.tree.map(at, getattr(state, f)) for f in _ROW_FIELDS})

@@ -7,8 +7,8 @@ Event.logprobs (one per token id) and top_logprobs (Request.top_logprobs alterna
 id), Event.index (the choice, for Request.n > 1), exception Closed (submit after shutdown),
 Handle.result(timeout) / results(timeout), Engine.stats() keys requests_finished,
 finish_<reason> (per choice), image_cache_entries, prefill_calls, prefilled_prompts,
-decode_calls, error. Sampler(...) itself raises ValueError for bad values (the server builds it
-and maps that to a 400). max_prompt_tokens counts the text tokens (<bos> + prompt + "\n"), not
+decode_calls, decode_rows (the rows those computed, summed), error. Sampler(...) itself raises
+ValueError for bad values (the server builds it and maps that to a 400). max_prompt_tokens counts the text tokens (<bos> + prompt + "\n"), not
 the image tokens; Event.prompt_tokens counts both.
 
   submit   validates a Request at once (InputError, QueueFull) and queues it;
@@ -41,6 +41,9 @@ rows never see each other, and its sampler settings, max_tokens and PRNG key
 (fold_in(sampling.seed_key(seed), choice), then folded with the step index, as
 `autoregressive.Generator` keys its rows) are per-row arrays. Greedy answers equal `generate`'s;
 sampled ones equal `generate`'s for a single example with the same seed (choice i: for example i).
+Only the float rounding of its log-probs may change with how many rows run beside it (a chunk
+computes the rows in use, and its products' shapes move the last bits, as generate's batch
+sizes do).
 
 Beside it: requests.py (what a caller holds), image_cache.py (identical images run the image
 tower once), text_stream.py (tokens -> the text a client may see, stop strings).
@@ -48,8 +51,9 @@ tower once), text_stream.py (tokens -> the text a client may see, stop strings).
 Shapes, hence compiles: prefill batches of 1, 2, 4 .. `rows` rows, for each image count K of
 1 .. max_images, prompt text padded to 16, 32, 64 .. max_prompt_tokens tokens after the K * N
 image tokens (and for requests with n > 1, each count of choices: 1, 2, 4 .. `rows`); image-tower
-batches of 1, 2, 4 .. `rows` images; two decode chunks, without and with the top log-probs (the
-latter runs only while some row asked for top_logprobs). `warmup` compiles the common ones of one
+batches of 1, 2, 4 .. `rows` images; decode chunks of the first 1, 2, 4 .. `rows` rows (the rows
+in use, `_narrow`), each without and with the top log-probs (the latter runs only while some
+row asked for top_logprobs); one program moving rows. `warmup` compiles the common ones of one
 image (or all of them); shapes of several images compile when first needed.
 Multi-host meshes are not supported (one process drives the device).
 """
@@ -159,11 +163,15 @@ def _compile(setup: core.Setup, *, steps: int):
     return (state.replace(cache=setup.split_cache(state.cache)), setup.replicate(new.token),
             setup.replicate(logprob), setup.replicate(top))
 
-  def decode_chunk(params, state: core.State, active, top: bool):
-    """`steps` decode steps of every active, unfinished row -> (state, tokens [S, steps] with
-    -1 where a row chose nothing, their logprobs, and with the static `top` each step's top
-    (ids, logprobs) [S, steps, K], else None). Without `top` nothing more is computed."""
-    num_rows = state.token.shape[0]
+  def decode_chunk(params, state: core.State, active, top: bool, width: int):
+    """`steps` decode steps of every active [W], unfinished row among the first `width` (static;
+    the rest are neither computed nor changed) -> (state, tokens [W, steps] with -1 where a
+    row chose nothing, their logprobs, and with the static `top` each step's top (ids,
+    logprobs) [W, steps, K], else None). Without `top` nothing more is computed."""
+    head = np.arange(width)
+    full = state
+    state = state if width == full.token.shape[0] else core.take(full, head)
+    num_rows = width
 
     def body(i, carry):
       s, out, out_logprobs, *best = carry
@@ -180,11 +188,20 @@ def _compile(setup: core.Setup, *, steps: int):
       init += (jnp.zeros((num_rows, steps, top_k), jnp.int32),
                jnp.zeros((num_rows, steps, top_k), jnp.float32))
     state, out, out_logprobs, *best = jax.lax.fori_loop(0, steps, body, init)
+    if width < full.token.shape[0]:
+      state = core.insert(full, head, state)
+      state = state.replace(cache=setup.split_cache(state.cache))
     return (state, setup.replicate(out), setup.replicate(out_logprobs),
             setup.replicate(tuple(best)) if top else None)
 
+  def move_rows(state: core.State, source, target):
+    """`state` with rows source [M] copied into rows target [M] (out of range: padding)."""
+    state = core.insert(state, target, core.take(state, source))
+    return state.replace(cache=setup.split_cache(state.cache))
+
   return (jax.jit(embed_images), jax.jit(prefill_insert, donate_argnums=1),
-          jax.jit(decode_chunk, donate_argnums=1, static_argnames="top"))
+          jax.jit(decode_chunk, donate_argnums=1, static_argnames=("top", "width")),
+          jax.jit(move_rows, donate_argnums=0))
 
 
 class Engine:
@@ -237,7 +254,8 @@ class Engine:
           f"{max_images} x {self.num_image_tokens} image (max_images) + {max_prompt_tokens} "
           f"prompt (max_prompt_tokens) + {max_tokens_limit} new tokens (max_tokens_limit) exceed "
           f"the model's {positions} positions.")
-    self._embed, self._prefill, self._decode = _compile(self.setup, steps=steps_per_call)
+    self._embed, self._prefill, self._decode, self._move = _compile(self.setup,
+                                                                     steps=steps_per_call)
     self._state = self._empty_state()
     # The choice each row decodes for in the next chunk, if any. A row is freed when its choice
     # finishes, or once the launched work will have made all of the choice's max_tokens.
@@ -357,7 +375,7 @@ class Engine:
                   **{k: self._counts[k] for k in (
                       "requests_total", "requests_finished", "tokens_total", "image_cache_hits",
                       "image_cache_misses", "prefill_calls", "prefilled_prompts",
-                      "decode_calls")},
+                      "decode_calls", "decode_rows")},
                   error=self._error)
 
   # Lifecycle.
@@ -385,9 +403,12 @@ class Engine:
     with self._device:
       feature = self._embed(self._params, pixels(1))[0]
       jobs = [functools.partial(self._embed.lower, self._params, pixels(b)) for b in sizes[1:]]
-      for top in (False, True):
-        jobs.append(functools.partial(self._decode.lower, self._params, self._state,
-                                      np.zeros((self.num_rows,), bool), top=top))
+      for width in sizes:
+        for top in (False, True):
+          jobs.append(functools.partial(self._decode.lower, self._params, self._state,
+                                        np.zeros((width,), bool), top=top, width=width))
+      if self.num_rows > 1:
+        jobs.append(functools.partial(self._move.lower, self._state, *self._no_moves()))
       for b in sizes:
         features = jnp.stack([feature] * b)
         for length in self.text_buckets if every_shape or b == 1 else self.text_buckets[:1]:
@@ -566,7 +587,8 @@ class Engine:
           self._images.put(key, features[i])
 
   def _prefill_batches(self, admitted: list[_Live]):
-    """Prefills the admitted requests, one batch per prompt bucket, into their rows. A failure
+    """Prefills the admitted requests into their rows: per prompt bucket, batches of
+    decreasing powers of two (`_binary_parts`). A failure
     fails the requests it concerns alone, unless the running batch's state was lost with it."""
     with self._failing_alone(admitted):
       self._image_features(admitted)
@@ -575,8 +597,9 @@ class Engine:
       if live.ready():
         groups[live.prefill_shape].append(live)
     for (_, length), group in groups.items():
-      with self._failing_alone(group):
-        self._prefill_group(length, group)
+      for part in _binary_parts(group):
+        with self._failing_alone(part):
+          self._prefill_group(length, part)
 
   @contextlib.contextmanager
   def _failing_alone(self, group: list[_Live]):
@@ -619,16 +642,48 @@ class Engine:
         self._launch(choice, 1)
 
   def _launch_chunk(self):
-    """Launches a decode chunk of every row that holds a choice."""
-    choices = list(self._rows)
+    """Launches a decode chunk of every row that holds a choice: of the first `width` rows only
+    (`_narrow`), so that few running requests do not pay for the empty rows."""
+    width = self._narrow()
+    choices = self._rows[:width]
     active = np.array([c is not None for c in choices])
     top = any(c is not None and c.live.request.top_logprobs > 0 for c in choices)
-    self._state, out, logprobs, best = self._decode(self._params, self._state, active, top=top)
+    self._state, out, logprobs, best = self._decode(self._params, self._state, active, top=top,
+                                                    width=width)
     self._launched.append(_Launched(choices, out, logprobs, best))
     with self._wake:
       self._counts["decode_calls"] += 1
+      self._counts["decode_rows"] += width
       for choice in filter(None, choices):
         self._launch(choice, self.steps_per_call)
+
+  def _narrow(self) -> int:
+    """The next chunk's width: the rows in use, rounded up to a power of two (a compiled
+    shape), once any choice in a row at or past it has moved into a free row below it (one
+    device call copying those rows; it happens as answers end and fewer rows run).
+
+    Why: a decode step's cost grows with its rows (the KV cache each row reads, and on CPU
+    the products: PaliGemma-3B widths step in 92 ms at 1 row, 132 ms at 8, docs/benchmarks.md),
+    so one request alone on an 8-row engine, or the last ones draining, would otherwise decode
+    at the full batch's cost. Rows are admitted lowest first, so moves are rare."""
+    used = [i for i, c in enumerate(self._rows) if c is not None]
+    width = batching.bucketed(len(used))
+    moving = [i for i in used if i >= width]
+    if moving:  # Then width <= rows / 2: at most rows / 2 moves.
+      source, target = self._no_moves()
+      free = [i for i in range(width) if self._rows[i] is None]
+      with self._wake:
+        for k, (old, new) in enumerate(zip(moving, free)):
+          source[k], target[k] = old, new
+          choice = self._rows[old]
+          self._rows[old], self._rows[new], choice.row = None, choice, new
+      self._state = self._move(self._state, source, target)
+    return width
+
+  def _no_moves(self):
+    """(source, target) [rows / 2] for `_move`, every entry padding (dropped)."""
+    half = self.num_rows // 2
+    return np.zeros((half,), np.int32), np.full((half,), self.num_rows, np.int32)
 
   def _launch(self, choice: _Choice, tokens: int):
     """Under the lock: the launched work may choose `tokens` more for `choice`; once that covers
@@ -687,6 +742,19 @@ class Engine:
     for choice in live.choices:
       if not choice.finished:
         self._finish(choice, finish, error=error)
+
+
+def _binary_parts(items: list) -> list[list]:
+  """`items` in runs of decreasing powers of two (7 -> 4, 2, 1): batch sizes that compile, none
+  padded. A prefill costs about what its rows cost one by one (its products have hundreds of
+  tokens a prompt: compute-bound on CPU and accelerators alike), so padding 5 prompts to 8
+  would spend three prompts' prefill on nothing; a few more calls cost little beside it."""
+  parts, start = [], 0
+  while start < len(items):
+    size = 1 << ((len(items) - start).bit_length() - 1)
+    parts.append(items[start:start + size])
+    start += size
+  return parts
 
 
 def _is_int(value) -> bool:

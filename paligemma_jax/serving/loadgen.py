@@ -320,7 +320,8 @@ def measure_costs(model, slots: int, steps_per_call: int, max_tokens: int, image
   active = np.ones((slots,), bool)
 
   def chunk():
-    engine._state, out, _, _ = engine._decode(params, engine._state, active, top=False)
+    engine._state, out, _, _ = engine._decode(params, engine._state, active, top=False,
+                                                  width=slots)
     return out
   costs["chunk_s"] = _median_seconds(chunk, repeats)
   costs["step_s"] = costs["chunk_s"] / steps_per_call
