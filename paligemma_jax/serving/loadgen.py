@@ -25,7 +25,10 @@ For each --rate (arrivals per second, Poisson; 0: all at once, the saturated cas
    batches, the images the server encoded in full tower batches, and (useful tokens - requests)
    / slots decode steps at the full batch (each request's first token comes from its prefill);
    or, where later, the last arrival plus its own prefill and decode. Reported as engine / ideal
-   (output tokens per second).
+   (output tokens per second). Beside it, the same costs served in order of arrival
+   (`first_come_seconds`): a slot refilled the step it frees, so a burst's last requests end
+   with slots empty, which no first-come-first-served server avoids; engine / that is what the
+   engine's own losses (chunks, the prefill bound, the host) leave.
 
 Per phase: requests/s, output tokens/s, time to first token (TTFT) and time per output token
 (TPOT) p50/p99, and the stall: the longest gap between two streamed chunks of one request
@@ -35,6 +38,7 @@ cost the running ones. --output_json writes everything. Every phase ends within 
 
 import asyncio
 import base64
+import collections
 import io
 import ipaddress
 import json
@@ -137,7 +141,7 @@ def percentiles(values) -> dict:
   return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99))}
 
 
-async def _one(client, body: dict, start: float, at: float, out: list):
+async def _one(client, body: dict, start: float, at: float, out: list, index: int):
   await asyncio.sleep(max(0.0, start + at - time.monotonic()))
   sent = time.monotonic()
   times = []  # Of the chunks that carried text.
@@ -157,7 +161,7 @@ async def _one(client, body: dict, start: float, at: float, out: list):
         if choice["delta"].get("content"):
           times.append(time.monotonic())
   end = time.monotonic()
-  out.append({"status": 200, "sent": sent, "first": times[0] if times else None,
+  out.append({"status": 200, "index": index, "sent": sent, "first": times[0] if times else None,
               "last": times[-1] if times else end, "end": end, "tokens": tokens,
               "gap": float(np.max(np.diff(times))) if len(times) > 1 else None})
 
@@ -183,7 +187,7 @@ async def run_phase(url: str, requests: dict, images: list[bytes], image_of, max
                   {"type": "text", "text": prompt},
                   {"type": "image_url", "image_url": {"url": urls[image_of(i)]}}]}]}
       tasks.append(asyncio.create_task(_one(client, body, start, float(requests["arrival"][i]),
-                                            out)))
+                                            out, i)))
     done, pending = await asyncio.wait(tasks, timeout=max_seconds)
     for task in pending:
       task.cancel()
@@ -198,12 +202,16 @@ async def run_phase(url: str, requests: dict, images: list[bytes], image_of, max
   tpot = [(r["last"] - r["first"]) / (r["tokens"] - 1) for r in ok
           if r["first"] is not None and r["tokens"] > 1]
   gaps = [r["gap"] for r in ok if r["gap"] is not None]
+  tokens_by_request = [0] * len(requests["prompt"])
+  for r in ok:
+    tokens_by_request[r["index"]] = r["tokens"]
   return {"requests": len(requests["prompt"]), "completed": len(ok),
           "refused": sum(r["status"] != 200 for r in out), "unfinished": len(pending),
           "seconds": span, "requests_per_s": len(ok) / span, "output_tokens": tokens,
           "output_tokens_per_s": tokens / span, "ttft_s": percentiles(ttft),
           "tpot_s": percentiles(tpot),
           "stall_s": {**percentiles(gaps), "max": max(gaps) if gaps else None},
+          "tokens_by_request": tokens_by_request,
           **{k: after.get(k, 0) - before.get(k, 0) for k in (
               "image_cache_hits", "image_cache_misses", "decode_calls", "prefill_calls",
               "prefilled_prompts")}}
@@ -343,6 +351,31 @@ def ideal_seconds(*, requests: int, useful_tokens: int, slots: int, prefill_s: f
   return max(work, last_arrival + prefill_s / slots + (last_tokens - 1) * step_s)
 
 
+def first_come_seconds(arrival, tokens, *, slots: int, prefill_s, step_s: float,
+                       images: int = 0, tower_s: float = 0.0) -> float:
+  """Continuous batching that loses only what serving in order of arrival must: on the ideal's
+  costs (a prompt's prefill prefill_s[i] / slots, its share of a full batch; every decode step
+  step_s, the full batch's; `images` in full tower batches), request i takes a free slot at the
+  first step by which it has arrived and decodes its tokens[i] - 1 later tokens (its prefill
+  chose the first) one a step beside the others, its slot free again the step it ends; the
+  device waits only when nothing has arrived. What it adds to `ideal_seconds`: slots that empty
+  as the last requests end (a burst drains), and the steps a slot waits for an arrival."""
+  order = collections.deque(int(i) for i in np.argsort(np.asarray(arrival), kind="stable"))
+  now, running = images * tower_s / slots, []  # Tokens each running request has yet to decode.
+  while order or running:
+    while order and len(running) < slots and arrival[order[0]] <= now:
+      i = order.popleft()
+      now += prefill_s[i] / slots
+      if tokens[i] > 1:
+        running.append(tokens[i] - 1)
+    if running:
+      now += step_s
+      running = [left - 1 for left in running if left > 1]
+    elif order:
+      now = max(now, float(arrival[order[0]]))
+  return now
+
+
 def _check_loopback(url: str):
   host = urllib.parse.urlsplit(url).hostname or ""
   try:
@@ -404,6 +437,8 @@ def table(results: dict) -> str:
     if run.get("ideal_tokens_per_s"):
       rows.append(f"| {rate} | ideal continuous batching | - | {run['ideal_tokens_per_s']:.2f} | "
                   "- | - | - | - |")
+      rows.append(f"| {rate} | ideal, in order of arrival | - | "
+                  f"{run['first_come_tokens_per_s']:.2f} | - | - | - | - |")
   lines = ["\n".join(rows)]
   costs = results.get("costs")
   if costs:
@@ -413,7 +448,8 @@ def table(results: dict) -> str:
                  f"({results['steps_per_call']} steps)")
   for run in results["runs"]:
     if "engine_over_ideal" in run:
-      lines.append(f"rate {run['rate']:g}: server / ideal {run['engine_over_ideal']:.2f}" + (
+      lines.append(f"rate {run['rate']:g}: server / ideal {run['engine_over_ideal']:.2f}, "
+                   f"server / ideal in order of arrival {run['engine_over_first_come']:.2f}" + (
           f", server / static {run['server_over_static']:.2f}" if "static" in run else ""))
   return "\n".join(lines)
 
@@ -475,6 +511,13 @@ def main(argv):
         last_tokens=int(requests["max_tokens"][last]))
     run["ideal_tokens_per_s"] = server["output_tokens"] / seconds
     run["engine_over_ideal"] = server["output_tokens_per_s"] / run["ideal_tokens_per_s"]
+    seconds = first_come_seconds(
+        requests["arrival"], server["tokens_by_request"], slots=f.slots,
+        prefill_s=[costs["prefill_s"][costs["prompt_length"][p]] for p in requests["prompt"]],
+        step_s=costs["step_s"], images=server["image_cache_misses"], tower_s=costs["tower_s"])
+    run["first_come_tokens_per_s"] = server["output_tokens"] / seconds
+    run["engine_over_first_come"] = (server["output_tokens_per_s"] /
+                                     run["first_come_tokens_per_s"])
   if f.static:
     directory = tempfile.mkdtemp(prefix="loadgen-")
     paths = []

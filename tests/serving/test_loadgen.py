@@ -43,6 +43,25 @@ def test_ideal_counts_full_batches_of_prefill_and_decode_steps():
                                step_s=1.0) == pytest.approx(6.0)
 
 
+def test_in_order_of_arrival_the_last_requests_drain_with_slots_empty():
+  """2 slots, 1 s steps, free prefills: requests of 3, 5 and 2 tokens at once decode 2, 4 and 1
+  tokens after their prefills' first; the third takes the first's slot after step 2 and ends
+  at step 3, the second runs alone at step 4: 4 s where the ideal counts 7 / 2 = 3.5 s. A late
+  arrival waits for nothing but itself; prefills and images add their share of a batch."""
+  tokens, free = [3, 5, 2], dict(slots=2, prefill_s=[0.0] * 3, step_s=1.0)
+  assert loadgen.first_come_seconds(np.zeros(3), tokens, **free) == pytest.approx(4.0)
+  assert loadgen.ideal_seconds(requests=3, useful_tokens=10, slots=2, prefill_s=0.0,
+                               step_s=1.0) == pytest.approx(3.5)
+  assert loadgen.first_come_seconds(np.array([0.0, 0.0, 10.0]), tokens, **free) == pytest.approx(11.0)
+  # Arrival order, whatever the order given; one-token answers take no step.
+  assert loadgen.first_come_seconds(np.array([10.0, 0.0, 0.0]), [2, 1, 1], **free) == pytest.approx(11.0)
+  assert loadgen.first_come_seconds(np.zeros(3), tokens, slots=2, prefill_s=[2.0, 2.0, 4.0],
+                                    step_s=1.0, images=2, tower_s=1.0) == pytest.approx(9.0)
+  # Enough slots for all: the longest answer alone bounds it.
+  assert loadgen.first_come_seconds(np.zeros(3), tokens, slots=4, prefill_s=[0.0] * 3,
+                                    step_s=1.0) == pytest.approx(4.0)
+
+
 def test_request_sets_saturated_and_poisson():
   at_once = loadgen.request_set(5, 0.0, 2, 4, seed=1)
   assert (at_once["arrival"] == 0).all()
