@@ -8,8 +8,9 @@ id), Event.index (the choice, for Request.n > 1), exception Closed (submit after
 Handle.result(timeout) / results(timeout), Engine.stats() keys requests_finished,
 finish_<reason> (per choice), image_cache_entries, prefill_calls, prefilled_prompts,
 decode_calls, decode_rows (the rows those computed, summed), error. Sampler(...) itself raises
-ValueError for bad values (the server builds it and maps that to a 400). max_prompt_tokens counts the text tokens (<bos> + prompt + "\n"), not
-the image tokens; Event.prompt_tokens counts both.
+ValueError for bad values (the server builds it and maps that to a 400). max_prompt_tokens
+counts the text tokens (<bos> + prompt + "\n"), not the image tokens; Event.prompt_tokens counts
+both.
 
   submit   validates a Request at once (InputError, QueueFull) and queues it;
   thread   the engine thread owns the device: it prefills queued requests in batches (grouped
@@ -587,9 +588,9 @@ class Engine:
           self._images.put(key, features[i])
 
   def _prefill_batches(self, admitted: list[_Live]):
-    """Prefills the admitted requests into their rows: per prompt bucket, batches of
-    decreasing powers of two (`_binary_parts`). A failure
-    fails the requests it concerns alone, unless the running batch's state was lost with it."""
+    """Prefills the admitted requests into their rows: per prompt bucket, in batches of
+    decreasing powers of two (`_binary_parts`). A failure fails the requests it concerns
+    alone, unless the running batch's state was lost with it."""
     with self._failing_alone(admitted):
       self._image_features(admitted)
     groups = collections.defaultdict(list)

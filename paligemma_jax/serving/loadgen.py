@@ -213,8 +213,8 @@ async def run_phase(url: str, requests: dict, images: list[bytes], image_of, max
           "stall_s": {**percentiles(gaps), "max": max(gaps) if gaps else None},
           "tokens_by_request": tokens_by_request,
           **{k: after.get(k, 0) - before.get(k, 0) for k in (
-              "image_cache_hits", "image_cache_misses", "decode_calls", "prefill_calls",
-              "prefilled_prompts")}}
+              "image_cache_hits", "image_cache_misses", "decode_calls", "decode_rows",
+              "prefill_calls", "prefilled_prompts")}}
 
 
 async def _scrape(client) -> dict:
