@@ -65,6 +65,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
 import threading
 
@@ -257,6 +258,10 @@ class Engine:
           f"the model's {positions} positions.")
     self._embed, self._prefill, self._decode, self._move = _compile(self.setup,
                                                                      steps=steps_per_call)
+    # Chunks narrow to the rows in use (`_narrow`) unless the mesh splits the rows: there the
+    # first rows sit on the first devices, and a narrowed chunk would move them across.
+    self._narrows = self.mesh is None or math.prod(
+        self.mesh.shape.get(axis, 1) for axis in sharding.BATCH) == 1
     self._state = self._empty_state()
     # The choice each row decodes for in the next chunk, if any. A row is freed when its choice
     # finishes, or once the launched work will have made all of the choice's max_tokens.
@@ -390,25 +395,29 @@ class Engine:
 
   def warmup(self, every_shape: bool = False) -> None:
     """Compiles what most traffic needs: the image tower for every image batch size, the decode
-    chunk, prefill + insert of one-image prompts for every batch size of the shortest prompt
-    bucket and for one row of every longer bucket (every_shape: every (batch size, bucket) pair;
-    the others, and every prompt of several images, compile when first needed). Changes no row.
+    chunks of every width, prefill + insert of one-image prompts for every batch size of the
+    shortest prompt bucket and for one row of every longer bucket (every_shape: every (batch
+    size, bucket) pair; the others, and every prompt of several images, compile when first
+    needed). Changes no row.
 
     Ahead of time (lower + compile fills jit's cache) and in threads, as XLA compiles without
-    the GIL; nothing runs but one image-tower batch. The arguments are built as the engine thread
-    builds them (the committed state, features indexed out of the tower's output), or the first
-    request would compile again. With the persistent compilation cache a restart loads them."""
+    the GIL. The arguments are built as the engine thread builds them (the committed state,
+    features indexed out of the tower's output), or the first request would compile again.
+    With the persistent compilation cache a restart loads them. What runs: one image-tower
+    batch, and the widest narrowed chunk and a row move once with no row active: they copy
+    up to half the rows' cache beside the cache, so an engine sized to fill the device's
+    memory fails here, at start, rather than when its load first drops."""
     sizes = [1 << i for i in range(self.num_rows.bit_length())]
     s = self.image_size
     pixels = lambda b: np.zeros((b, s, s, 3), np.float32)
     with self._device:
       feature = self._embed(self._params, pixels(1))[0]
       jobs = [functools.partial(self._embed.lower, self._params, pixels(b)) for b in sizes[1:]]
-      for width in sizes:
+      for width in sizes if self._narrows else sizes[-1:]:
         for top in (False, True):
           jobs.append(functools.partial(self._decode.lower, self._params, self._state,
                                         np.zeros((width,), bool), top=top, width=width))
-      if self.num_rows > 1:
+      if self._narrows and self.num_rows > 1:
         jobs.append(functools.partial(self._move.lower, self._state, *self._no_moves()))
       for b in sizes:
         features = jnp.stack([feature] * b)
@@ -423,6 +432,12 @@ class Engine:
               sampling.per_row([sampling.Sampler()] * b), np.ones((b,), np.int32)))
       with futures.ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
         list(pool.map(lambda lower: lower().compile(), jobs))  # Raises what a compile raised.
+      if self._narrows and self.num_rows > 1:
+        half = self.num_rows // 2
+        self._state, *_ = self._decode(self._params, self._state, np.zeros((half,), bool),
+                                       top=False, width=half)
+        self._state = self._move(self._state, *self._no_moves())
+        jax.block_until_ready(self._state)
 
   def shutdown(self, drain: bool = True) -> None:
     """Stops accepting; drain=True finishes what runs and what waits, False cancels it. Returns
@@ -666,9 +681,12 @@ class Engine:
     Why: a decode step's cost grows with its rows (the KV cache each row reads, and on CPU
     the products: PaliGemma-3B widths step in 92 ms at 1 row, 132 ms at 8, docs/benchmarks.md),
     so one request alone on an 8-row engine, or the last ones draining, would otherwise decode
-    at the full batch's cost. Rows are admitted lowest first, so moves are rare."""
+    at the full batch's cost. Rows are admitted lowest first, so moves are rare. The price: a
+    narrowed chunk works on a copy of its rows' cache (at most half the rows; `warmup` claims
+    that memory at start), which it reads and writes once a chunk. Not on a mesh that splits
+    the rows (`_narrows`). Measured on CPU (docs/serving.md), not yet on an accelerator."""
     used = [i for i, c in enumerate(self._rows) if c is not None]
-    width = batching.bucketed(len(used))
+    width = batching.bucketed(len(used)) if self._narrows else self.num_rows
     moving = [i for i in used if i >= width]
     if moving:  # Then width <= rows / 2: at most rows / 2 moves.
       source, target = self._no_moves()

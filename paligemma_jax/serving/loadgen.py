@@ -355,17 +355,22 @@ def first_come_seconds(arrival, tokens, *, slots: int, prefill_s, step_s: float,
                        images: int = 0, tower_s: float = 0.0) -> float:
   """Continuous batching that loses only what serving in order of arrival must: on the ideal's
   costs (a prompt's prefill prefill_s[i] / slots, its share of a full batch; every decode step
-  step_s, the full batch's; `images` in full tower batches), request i takes a free slot at the
-  first step by which it has arrived and decodes its tokens[i] - 1 later tokens (its prefill
-  chose the first) one a step beside the others, its slot free again the step it ends; the
-  device waits only when nothing has arrived. What it adds to `ideal_seconds`: slots that empty
-  as the last requests end (a burst drains), and the steps a slot waits for an arrival."""
-  order = collections.deque(int(i) for i in np.argsort(np.asarray(arrival), kind="stable"))
-  now, running = images * tower_s / slots, []  # Tokens each running request has yet to decode.
+  step_s, the full batch's, however few rows run; `images` in full tower batches, shared out
+  over the requests' prefills), request i takes a free slot at the first step by which it has
+  arrived and decodes its tokens[i] - 1 later tokens (its prefill chose the first) one a step
+  beside the others, its slot free again the step it ends; the device waits only when nothing
+  has arrived. Requests that answered nothing (tokens 0: refused, unfinished) are left out.
+  What it adds to `ideal_seconds`: slots that empty as the last requests end (a burst drains),
+  and the steps a slot waits for an arrival. (An engine that decodes only the rows in use pays
+  less than step_s for a draining step, so it may come out above this bound.)"""
+  served = [i for i in np.argsort(np.asarray(arrival), kind="stable") if tokens[i] > 0]
+  order = collections.deque(int(i) for i in served)
+  tower = images * tower_s / max(len(served), 1)  # Each prompt's share of the image batches.
+  now, running = 0.0, []  # Tokens each running request has yet to decode.
   while order or running:
     while order and len(running) < slots and arrival[order[0]] <= now:
       i = order.popleft()
-      now += prefill_s[i] / slots
+      now += (prefill_s[i] + tower) / slots
       if tokens[i] > 1:
         running.append(tokens[i] - 1)
     if running:

@@ -86,7 +86,7 @@ def engine_compiles():
 
   def listener(event, duration, fun_name="", **kwargs):
     if event == "/jax/core/compile/jaxpr_to_mlir_module_duration" and any(
-        p in fun_name for p in ("prefill_insert", "decode_chunk", "embed_images")):
+        p in fun_name for p in ("prefill_insert", "decode_chunk", "embed_images", "move_rows")):
       names.append(fun_name)
 
   jax.monitoring.register_event_duration_secs_listener(listener)
@@ -667,8 +667,17 @@ def test_an_int8_cache_answers_as_generate_over_one(model):
     assert answer(handle) == want and len(set(want[0])) > 1
 
 
-def test_prefill_batches_are_powers_of_two_never_padded():
-  """Prompts admitted together run in batches of decreasing powers of two, in order."""
+def test_prefill_batches_are_powers_of_two_never_padded(model, predictor):
+  """Three prompts admitted together on a 4-row engine run as prefills of 2 and 1 (not one
+  batch padded to 4), and answer as generate; the split itself, in order."""
+  engine = engine_lib.Engine(model, rows=4, steps_per_call=2, max_prompt_tokens=16,
+                             max_tokens_limit=MAX_NEW)
+  handles = [engine.submit(engine_lib.Request("caption en", png(i), MAX_NEW)) for i in range(3)]
+  engine._step(wait=False)
+  assert (engine.stats()["prefill_calls"], engine.stats()["prefilled_prompts"]) == (2, 3)
+  run_until_idle(engine)
+  for i, handle in enumerate(handles):
+    assert answer(handle) == reference(predictor, png(i), "caption en")
   assert engine_lib._binary_parts(list(range(7))) == [[0, 1, 2, 3], [4, 5], [6]]
   assert engine_lib._binary_parts(list(range(8))) == [list(range(8))]
   assert engine_lib._binary_parts([5]) == [[5]] and engine_lib._binary_parts([]) == []

@@ -57,6 +57,12 @@ def test_in_order_of_arrival_the_last_requests_drain_with_slots_empty():
   assert loadgen.first_come_seconds(np.array([10.0, 0.0, 0.0]), [2, 1, 1], **free) == pytest.approx(11.0)
   assert loadgen.first_come_seconds(np.zeros(3), tokens, slots=2, prefill_s=[2.0, 2.0, 4.0],
                                     step_s=1.0, images=2, tower_s=1.0) == pytest.approx(9.0)
+  # Requests that answered nothing are left out; image batches are charged as prompts need
+  # them, not before the first arrival.
+  assert loadgen.first_come_seconds(np.zeros(3), [3, 0, 2], slots=2, prefill_s=[2.0] * 3,
+                                    step_s=1.0) == pytest.approx(4.0)
+  assert loadgen.first_come_seconds(np.array([0.0, 10.0]), [2, 2], slots=2, prefill_s=[0.0] * 2,
+                                    step_s=1.0, images=2, tower_s=1.0) == pytest.approx(11.5)
   # Enough slots for all: the longest answer alone bounds it.
   assert loadgen.first_come_seconds(np.zeros(3), tokens, slots=4, prefill_s=[0.0] * 3,
                                     step_s=1.0) == pytest.approx(4.0)
