@@ -514,15 +514,14 @@ def main(argv):
         prefill_s=prefill_s, step_s=costs["step_s"], images=server["image_cache_misses"],
         tower_s=costs["tower_s"], last_arrival=float(requests["arrival"][last]),
         last_tokens=int(requests["max_tokens"][last]))
-    run["ideal_tokens_per_s"] = server["output_tokens"] / seconds
-    run["engine_over_ideal"] = server["output_tokens_per_s"] / run["ideal_tokens_per_s"]
-    seconds = first_come_seconds(
+    first_come = first_come_seconds(
         requests["arrival"], server["tokens_by_request"], slots=f.slots,
         prefill_s=[costs["prefill_s"][costs["prompt_length"][p]] for p in requests["prompt"]],
         step_s=costs["step_s"], images=server["image_cache_misses"], tower_s=costs["tower_s"])
-    run["first_come_tokens_per_s"] = server["output_tokens"] / seconds
-    run["engine_over_first_come"] = (server["output_tokens_per_s"] /
-                                     run["first_come_tokens_per_s"])
+    for name, bound in (("ideal", seconds), ("first_come", first_come)):
+      per_s = server["output_tokens"] / bound if bound > 0 else 0.0  # Nothing answered: 0.
+      run[f"{name}_tokens_per_s"] = per_s
+      run[f"engine_over_{name}"] = server["output_tokens_per_s"] / per_s if per_s else float("nan")
   if f.static:
     directory = tempfile.mkdtemp(prefix="loadgen-")
     paths = []

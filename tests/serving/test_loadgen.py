@@ -61,6 +61,8 @@ def test_in_order_of_arrival_the_last_requests_drain_with_slots_empty():
   # them, not before the first arrival.
   assert loadgen.first_come_seconds(np.zeros(3), [3, 0, 2], slots=2, prefill_s=[2.0] * 3,
                                     step_s=1.0) == pytest.approx(4.0)
+  assert loadgen.first_come_seconds(np.zeros(2), [0, 0], slots=2, prefill_s=[2.0] * 2,
+                                    step_s=1.0, images=1, tower_s=1.0) == 0.0  # main: rate 0.
   assert loadgen.first_come_seconds(np.array([0.0, 10.0]), [2, 2], slots=2, prefill_s=[0.0] * 2,
                                     step_s=1.0, images=2, tower_s=1.0) == pytest.approx(11.5)
   # Enough slots for all: the longest answer alone bounds it.
