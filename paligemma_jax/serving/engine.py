@@ -170,10 +170,8 @@ def _compile(setup: core.Setup, *, steps: int):
     the rest are neither computed nor changed) -> (state, tokens [W, steps] with -1 where a
     row chose nothing, their logprobs, and with the static `top` each step's top (ids,
     logprobs) [W, steps, K], else None). Without `top` nothing more is computed."""
-    head = np.arange(width)
-    full = state
-    state = state if width == full.token.shape[0] else core.take(full, head)
-    num_rows = width
+    head, narrow = np.arange(width), width < state.token.shape[0]
+    full, state = state, core.take(state, head) if narrow else state
 
     def body(i, carry):
       s, out, out_logprobs, *best = carry
@@ -184,13 +182,13 @@ def _compile(setup: core.Setup, *, steps: int):
       best = [buffer.at[:, i].set(x) for buffer, x in zip(best, chosen_best or ())]
       return (s, out, out_logprobs, *best)
 
-    init = (state, jnp.full((num_rows, steps), -1, jnp.int32),
-            jnp.zeros((num_rows, steps), jnp.float32))
+    init = (state, jnp.full((width, steps), -1, jnp.int32),
+            jnp.zeros((width, steps), jnp.float32))
     if top:
-      init += (jnp.zeros((num_rows, steps, top_k), jnp.int32),
-               jnp.zeros((num_rows, steps, top_k), jnp.float32))
+      init += (jnp.zeros((width, steps, top_k), jnp.int32),
+               jnp.zeros((width, steps, top_k), jnp.float32))
     state, out, out_logprobs, *best = jax.lax.fori_loop(0, steps, body, init)
-    if width < full.token.shape[0]:
+    if narrow:
       state = core.insert(full, head, state)
       state = state.replace(cache=setup.split_cache(state.cache))
     return (state, setup.replicate(out), setup.replicate(out_logprobs),

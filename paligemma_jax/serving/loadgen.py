@@ -506,18 +506,18 @@ def main(argv):
   print(json.dumps({"costs": results["costs"]}), flush=True)
   for run in results["runs"]:
     requests, server = run["requests"], run["server_shared_images"]
-    prefill_s = float(np.mean([costs["prefill_s"][costs["prompt_length"][p]]
-                               for p in requests["prompt"]]))
+    prefill_each = [costs["prefill_s"][costs["prompt_length"][p]] for p in requests["prompt"]]
     last = int(np.argmax(requests["arrival"]))
     seconds = ideal_seconds(
         requests=server["completed"], useful_tokens=server["output_tokens"], slots=f.slots,
-        prefill_s=prefill_s, step_s=costs["step_s"], images=server["image_cache_misses"],
-        tower_s=costs["tower_s"], last_arrival=float(requests["arrival"][last]),
+        prefill_s=float(np.mean(prefill_each)), step_s=costs["step_s"],
+        images=server["image_cache_misses"], tower_s=costs["tower_s"],
+        last_arrival=float(requests["arrival"][last]),
         last_tokens=int(requests["max_tokens"][last]))
     first_come = first_come_seconds(
         requests["arrival"], server["tokens_by_request"], slots=f.slots,
-        prefill_s=[costs["prefill_s"][costs["prompt_length"][p]] for p in requests["prompt"]],
-        step_s=costs["step_s"], images=server["image_cache_misses"], tower_s=costs["tower_s"])
+        prefill_s=prefill_each, step_s=costs["step_s"], images=server["image_cache_misses"],
+        tower_s=costs["tower_s"])
     for name, bound in (("ideal", seconds), ("first_come", first_come)):
       per_s = server["output_tokens"] / bound if bound > 0 else 0.0  # Nothing answered: 0.
       run[f"{name}_tokens_per_s"] = per_s
