@@ -20,11 +20,10 @@ For each --rate (arrivals per second, Poisson; 0: all at once, the saturated cas
    request's own max_tokens are not counted). The idle waits are counted, not slept. A batch
    that compiled is run again, timed.
 4. The ideal of continuous batching on the same hardware (`ideal_seconds`), from the engine's own
-   programs timed here (`measure_costs`: a prefill of --slots prompts with their image features
-   and the LM head over their last tokens, an image-tower batch, a decode chunk at the full
-   batch): every prompt prefilled in full batches, the images the server encoded in full tower
-   batches, and (useful tokens - requests) / slots decode steps at the full batch (each
-   request's first token comes from its prefill: cheaper than the engine's way, a step's row);
+   programs timed here (`measure_costs`: a prefill of --slots prompts with their image features,
+   an image-tower batch, a decode chunk at the full batch): every prompt prefilled in full
+   batches, the images the server encoded in full tower batches, and (useful tokens - requests)
+   / slots decode steps at the full batch (each request's first token comes from its prefill);
    or, where later, the last arrival plus its own prefill and decode. Reported as engine / ideal
    (output tokens per second). Beside it, the same costs served in order of arrival
    (`first_come_seconds`): a slot refilled the step it frees, so a burst's last requests end
@@ -179,7 +178,7 @@ async def run_phase(url: str, requests: dict, images: list[bytes], image_of, max
   async with httpx.AsyncClient(base_url=url, timeout=max_seconds, limits=limits,
                                headers=headers) as client:
     before = await _scrape(client)
-    start, cpu = time.monotonic(), time.process_time()
+    start = time.monotonic()
     tasks = []
     for i, prompt in enumerate(requests["prompt"]):
       body = {"model": "x", "stream": True, "stream_options": {"include_usage": True},
@@ -195,7 +194,6 @@ async def run_phase(url: str, requests: dict, images: list[bytes], image_of, max
     for task in done:
       if task.exception() is not None:
         out.append({"status": type(task.exception()).__name__})
-    cpu = time.process_time() - cpu  # This client's share of the machine the server runs on.
     after = await _scrape(client)
   ok = [r for r in out if r["status"] == 200]
   span = (max(r["end"] for r in ok) - start) if ok else float("nan")
@@ -213,7 +211,7 @@ async def run_phase(url: str, requests: dict, images: list[bytes], image_of, max
           "output_tokens_per_s": tokens / span, "ttft_s": percentiles(ttft),
           "tpot_s": percentiles(tpot),
           "stall_s": {**percentiles(gaps), "max": max(gaps) if gaps else None},
-          "tokens_by_request": tokens_by_request, "client_cpu_s": cpu,
+          "tokens_by_request": tokens_by_request,
           **{k: after.get(k, 0) - before.get(k, 0) for k in (
               "image_cache_hits", "image_cache_misses", "decode_calls", "decode_rows",
               "prefill_calls", "prefilled_prompts")}}
@@ -300,11 +298,7 @@ def measure_costs(model, slots: int, steps_per_call: int, max_tokens: int, image
   """The engine's own programs at the server's settings, each timed alone at the full batch:
   an image-tower batch of `slots` images, a prefill + insert of `slots` prompts (image features
   given) for each prompt-text bucket of PROMPTS, a decode chunk of `slots` rows. Medians of
-  `repeats` after a compiling call.
-
-  The engine's prefill runs no LM head (the next chunk's first step chooses the first tokens);
-  prefill_s adds the head's cost at the full batch (head_s), so that the ideal chooses each
-  first token in its prefill, for less than a decode step's share: the stricter bound."""
+  `repeats` after a compiling call."""
   from paligemma_jax.serving import engine as engine_lib
   engine = engine_lib.Engine(model, rows=slots, steps_per_call=steps_per_call,
                              max_prompt_tokens=MAX_PROMPT_TOKENS, max_tokens_limit=max_tokens,
@@ -318,11 +312,6 @@ def measure_costs(model, slots: int, steps_per_call: int, max_tokens: int, image
     tokens, prefix_mask, _ = processor.build_prompt(
         engine.tokenizer, prompt, n, engine.config.image_token_id)
     buckets.setdefault(engine._text_bucket(len(tokens) - n) + n, (tokens, prefix_mask))
-  model_lib = engine.setup.model
-  hidden = np.zeros((slots, 1, engine.config.text.width), jax.numpy.dtype(engine.config.dtype))
-  head = jax.jit(lambda p, h: model_lib.apply({"params": p}, h,
-                                              method=lambda m, h: m.llm.logits(h)))
-  costs["head_s"] = _median_seconds(lambda: head(params, hidden), repeats)
   costs["prefill_s"] = {}
   rows = np.arange(slots, dtype=np.int32)
   for length, (tokens, prefix_mask) in sorted(buckets.items()):
@@ -330,12 +319,12 @@ def measure_costs(model, slots: int, steps_per_call: int, max_tokens: int, image
     prefix, _ = batching.right_pad([prefix_mask] * slots, length, bool)
 
     def prefill():
-      engine._state = engine._prefill(
+      engine._state, token, _, _ = engine._prefill(
           params, engine._state, ids, features, mask, prefix, None, rows,
           np.zeros((slots, 2), np.uint32), sampling.per_row([sampling.Sampler()] * slots),
           np.full((slots,), max_tokens, np.int32))
-      return engine._state.token
-    costs["prefill_s"][length] = _median_seconds(prefill, repeats) + costs["head_s"]
+      return token
+    costs["prefill_s"][length] = _median_seconds(prefill, repeats)
   active = np.ones((slots,), bool)
 
   def chunk():
@@ -459,8 +448,7 @@ def table(results: dict) -> str:
   costs = results.get("costs")
   if costs:
     prefill = ", ".join(f"{ms(v)} ({k} tokens)" for k, v in costs["prefill_s"].items())
-    lines.append(f"measured at {results['slots']} rows: prefill {prefill} ms (LM head "
-                 f"{ms(costs['head_s'])} ms of it), image tower "
+    lines.append(f"measured at {results['slots']} rows: prefill {prefill} ms, image tower "
                  f"{ms(costs['tower_s'])} ms, decode chunk {ms(costs['chunk_s'])} ms "
                  f"({results['steps_per_call']} steps)")
   for run in results["runs"]:

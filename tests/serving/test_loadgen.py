@@ -97,4 +97,4 @@ def test_static_run_and_costs_on_the_tiny_model(converted_checkpoint, tmp_path):
   costs = loadgen.measure_costs(model, 2, 2, 8, model.config.vision.image_size, repeats=1)
   assert costs["chunk_s"] > 0 and costs["step_s"] == costs["chunk_s"] / 2 and costs["tower_s"] > 0
   assert set(costs["prefill_s"]) == set(costs["prompt_length"].values())
-  assert all(v > costs["head_s"] > 0 for v in costs["prefill_s"].values())
+  assert all(v > 0 for v in costs["prefill_s"].values())
