@@ -7,19 +7,17 @@
            next key), limit, done, PRNG key, sampler settings (scalars, or [B] per row).
   prefill  images (one or several per row), or image features already computed (the server's
            image cache), and right-padded prompts -> a cache of `cache_len` slots and each
-           row's last logits (or, head=False, its last hidden state).
-  start    the first token of each row from the prefill's logits -> State;
-           start_in_step: a State whose first `step` chooses it, from the hidden state.
+           row's last logits.
+  start    the first token of each row from the prefill's logits -> State.
   step     one token for every active, unfinished row (`forward` + `choose`), and on demand
            each row's most likely ids with their log-probs (`top_logprobs`).
 
-The loops keep only what is their own: `autoregressive.Generator` is a while_loop over `step`
-writing its output buffers; the serving engine a fori_loop over `step` with an active mask,
-taking new rows in with `insert` (`start_in_step`: its prefills run no LM head); beam search
-`forward` plus its candidate selection and `kv_cache.take_rows` of the parents; scoring
-`prefill` plus `PaliGemma.extend` on copies of a row. Row b's key at its step s is
-fold_in(rng[b], s), so a row's samples depend on its own key only, whatever else runs beside
-it. These are pure functions, called inside jit.
+The loops keep only what is their own: `autoregressive.Generator` is a while_loop over `step` writing
+its output buffers; the serving engine a fori_loop over `step` with an active mask, taking new
+rows in with `insert`; beam search `forward` plus its candidate selection and
+`kv_cache.take_rows` of the parents; scoring `prefill` plus `PaliGemma.extend` on copies of a
+row. Row b's key at its step s is fold_in(rng[b], s), so a row's samples depend on its own key
+only, whatever else runs beside it. These are pure functions, called inside jit.
 """
 
 import dataclasses
@@ -121,9 +119,6 @@ class State:
   done: jax.Array  # [B] bool: chose <eos> or reached its limit.
   rng: jax.Array  # [B, 2] uint32: the row's key.
   sampler: dict  # `sampling.Sampler.as_arrays()` (scalars) or `sampling.per_row` ([B] each).
-  # [B, D] or None: each row's prompt's last hidden state, from which a row at step 0 chooses
-  # its first token in its first `step` (`start_in_step`); None where `start` chose them all.
-  hidden: jax.Array | None = None
 
 
 def row_keys(key, indices):
@@ -132,24 +127,20 @@ def row_keys(key, indices):
 
 
 def prefill(setup: Setup, params, tokens, input_mask, prefix_mask, *, cache_len: int,
-            images=None, features=None, image_index=None, head: bool = True):
+            images=None, features=None, image_index=None):
   """Right-padded prompts [B, T] with their images [M, S, S, 3] or image features [M, N, D]
   (row b's are those at image_index[b], see `paligemma`; None: one per row, M = B)
-  -> (last-token logits [B, V], cache of `cache_len` slots holding the prompts); head=False:
-  the last token's hidden state [B, D] instead of its logits (for `start_in_step`)."""
+  -> (last-token logits [B, V], cache of `cache_len` slots holding the prompts)."""
   cache = setup.split_cache(setup.init_cache(tokens.shape[0], cache_len))
-  last, cache = setup.model.apply({"params": params}, tokens, images, input_mask, prefix_mask,
-                                  cache, features=features, image_index=image_index, head=head,
-                                  method=setup.model.prefill)
-  return last, setup.split_cache(cache)
+  logits, cache = setup.model.apply({"params": params}, tokens, images, input_mask, prefix_mask,
+                                    cache, features=features, image_index=image_index,
+                                    method=setup.model.prefill)
+  return logits, setup.split_cache(cache)
 
 
-def forward(setup: Setup, params, tokens, cache: kv_cache.KVCache, pending=None,
-            is_pending=None):
-  """tokens [B] at each row's cache end -> (logits [B, V], cache advanced by one slot); rows
-  `is_pending` [B] take theirs from their hidden state `pending` [B, D] (`State.hidden`)."""
-  return setup.model.apply({"params": params}, tokens, cache, pending, is_pending,
-                           method=setup.model.decode_step)
+def forward(setup: Setup, params, tokens, cache: kv_cache.KVCache):
+  """tokens [B] at each row's cache end -> (logits [B, V], cache advanced by one slot)."""
+  return setup.model.apply({"params": params}, tokens, cache, method=setup.model.decode_step)
 
 
 def choose(setup: Setup, logits, rng, step, sampler):
@@ -177,41 +168,23 @@ def start(setup: Setup, logits, cache: kv_cache.KVCache, rng, sampler, limit):
   return state, logprob
 
 
-def start_in_step(setup: Setup, hidden, cache: kv_cache.KVCache, rng, sampler, limit) -> State:
-  """The prefill's last hidden states [B, D] (head=False) -> a State whose first `step` chooses
-  each row's first token from them, as `start` would from their logits (same key, step 0).
-
-  Why: the serving engine prefills a few prompts at a time while rows decode; the LM head
-  streams the whole token table (2.1 GB in float32 for PaliGemma's 257,216 ids), which a
-  prefill of one prompt would stream for one row, and the next decode step streams anyway."""
-  batch = hidden.shape[0]
-  limit = jnp.broadcast_to(jnp.asarray(limit, jnp.int32), (batch,))
-  zeros = jnp.zeros((batch,), jnp.int32)
-  return State(cache=cache, token=zeros + setup.pad_id, step=zeros, limit=limit, done=limit < 1,
-               rng=rng, sampler=sampler, hidden=hidden)
-
-
 def step(setup: Setup, params, state: State, active=None, top: int = 0):
   """One token for every active row that is not done -> (state, token [B], log-prob [B],
   running [B]: the rows that chose one, top: `top_logprobs(setup, logits, top)` for a static
-  top > 0, else None). Other rows keep their token, step and cache end. A row at step 0 with
-  a `hidden` state (`start_in_step`) chooses its first token from it; no token of its is run,
-  so its cache end stays."""
+  top > 0, else None). Other rows keep their token, step and cache end."""
   running = ~state.done if active is None else active & ~state.done
-  first = None if state.hidden is None else state.step == 0
-  logits, cache = forward(setup, params, state.token, state.cache, state.hidden, first)
+  logits, cache = forward(setup, params, state.token, state.cache)
   token, logprob = choose(setup, logits, state.rng, state.step, state.sampler)
   best = top_logprobs(setup, logits, top) if top else None
   token = jnp.where(running, token, state.token)
   count = state.step + running
-  advanced = running if first is None else running & ~first
-  cache = cache.replace(end=jnp.where(advanced, cache.end, state.cache.end))
+  cache = cache.replace(end=jnp.where(running, cache.end, state.cache.end))
   done = state.done | (running & ((token == setup.eos_id) | (count >= state.limit)))
   state = state.replace(cache=setup.split_cache(cache), token=token, step=count, done=done)
   return state, token, logprob, running, best
 
 
-ROW_FIELDS = ("token", "step", "limit", "done", "rng", "sampler", "hidden")  # [B, ...] (or None).
+_ROW_FIELDS = ("token", "step", "limit", "done", "rng", "sampler")  # State's [B, ...] arrays.
 
 
 def insert(state: State, rows, new: State) -> State:
@@ -219,7 +192,7 @@ def insert(state: State, rows, new: State) -> State:
   out of range are dropped (padding)."""
   put = lambda old, value: old.at[rows].set(value, mode="drop")
   return State(cache=kv_cache.put_rows(state.cache, rows, new.cache),
-               **{f: jax.tree.map(put, getattr(state, f), getattr(new, f)) for f in ROW_FIELDS})
+               **{f: jax.tree.map(put, getattr(state, f), getattr(new, f)) for f in _ROW_FIELDS})
 
 
 def take(state: State, rows) -> State:
@@ -227,4 +200,4 @@ def take(state: State, rows) -> State:
   decode runs on, or rows that move (`insert` puts them back, or elsewhere)."""
   at = lambda x: jnp.take(x, rows, axis=0)
   return State(cache=kv_cache.take_rows(state.cache, rows),
-               **{f: jax.tree.map(at, getattr(state, f)) for f in ROW_FIELDS})
+               **{f: jax.tree.map(at, getattr(state, f)) for f in _ROW_FIELDS})

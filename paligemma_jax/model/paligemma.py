@@ -13,7 +13,7 @@ Inputs, for a batch of B examples of T tokens (see `processor.build_prompt`):
 Four entry points share one layer stack:
   __call__     logits at every position, or at the given ones (training's loss), no cache;
   prefill      runs the image and the right-padded prompt, fills a KV cache, returns each row's
-               last-token logits (or hidden state);
+               last-token logits;
   extend       causal tokens after the cached ones (scoring suffixes against one cached prompt);
   decode_step  one new token per row, read from and written to the cache (`extend` by one).
 """
@@ -87,12 +87,9 @@ class PaliGemma(nn.Module):
     return self.llm.logits(hidden)
 
   def prefill(self, tokens, images, input_mask, prefix_mask, cache: kv_cache_lib.KVCache,
-              features=None, image_index=None, head=True):
+              features=None, image_index=None):
     """Runs right-padded prompts into an empty cache; returns (last-token logits [B, V], cache).
-    `features` [M, N, D] (then images is None): image features computed before (an image cache).
-    head=False: the last token's hidden state [B, D] instead of its logits, for a `decode_step`
-    to choose the first token from (`pending`): the serving engine's prefill then skips the LM
-    head, whose weights (the whole token table) the next decode step streams anyway."""
+    `features` [M, N, D] (then images is None): image features computed before (an image cache)."""
     input_mask, prefix_mask = input_mask.astype(bool), prefix_mask.astype(bool)
     b, t = tokens.shape
     pad = [(0, 0), (0, cache.max_len - t)]
@@ -104,7 +101,7 @@ class PaliGemma(nn.Module):
                              cache=cache)
     lengths = input_mask.sum(axis=1).astype(jnp.int32)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
-    return (self.llm.logits(last) if head else last)[:, 0], cache.replace(end=lengths)
+    return self.llm.logits(last)[:, 0], cache.replace(end=lengths)
 
   def extend(self, tokens, cache: kv_cache_lib.KVCache):
     """Causal text tokens [B, S] written from slot cache.end on -> (hidden [B, S, D], cache
@@ -116,15 +113,9 @@ class PaliGemma(nn.Module):
     hidden, cache = self.llm(self.embed(tokens, None), slots, *masks, cache=cache)
     return hidden, cache.replace(end=cache.end + tokens.shape[1])
 
-  def decode_step(self, tokens, cache: kv_cache_lib.KVCache, pending=None, is_pending=None):
-    """tokens [B] at slot cache.end -> (logits [B, V], cache advanced by one slot).
-
-    pending [B, D] with is_pending [B] bool: those rows' logits are the head's of `pending` (a
-    `prefill(head=False)`'s last hidden state: their first token, which no step ran yet), and
-    what their `tokens` wrote at cache.end is for the caller to drop (not advance their end)."""
+  def decode_step(self, tokens, cache: kv_cache_lib.KVCache):
+    """tokens [B] at slot cache.end -> (logits [B, V], cache advanced by one slot)."""
     hidden, cache = self.extend(tokens[:, None], cache)
-    if pending is not None:
-      hidden = jnp.where(is_pending[:, None, None], pending[:, None].astype(hidden.dtype), hidden)
     return self.llm.logits(hidden)[:, 0], cache
 
 

@@ -23,11 +23,10 @@ both.
            the device's work (`_step`); while rows run, one round prefills at most
            max_prefill_tokens of prompts (`_admit`), so arrivals stall them about one chunk.
 
-A request of n choices is prefilled once; its prompt's cache row and last hidden state are
-copied into n rows, each with its own key: choice i's is fold_in(sampling.seed_key(seed), i),
-the key `inference.Predictor` gives example i of a run, so choice 0 is the answer of n=1. It
-starts when n rows are free at once (first come, first served: the requests behind it wait
-too).
+A request of n choices is prefilled once; its prompt's cache row and last logits are copied into
+n rows, each with its own key: choice i's is fold_in(sampling.seed_key(seed), i), the key
+`inference.Predictor` gives example i of a run, so choice 0 is the answer of n=1. It starts when
+n rows are free at once (first come, first served: the requests behind it wait too).
 
 A request holds 1 to max_images images (Request.image, or Request.images in prompt order): its
 prompt is K * N image tokens (each image's N in order), <bos>, the prompt, "\n", as generate's
@@ -130,13 +129,13 @@ class _Choice:
 
 @dataclasses.dataclass
 class _Launched:
-  """A decode chunk launched on the device and not read yet: its outputs (device arrays, one
-  row each) and, per row, the choice it was launched for (None: a free row). Reading them
-  later is what lets the device run while the host streams."""
+  """A prefill or decode chunk launched on the device and not read yet: its outputs (device
+  arrays, one row each) and, per output row, the choice it was launched for (None: padding or
+  a free row). Reading them later is what lets the device run while the host streams."""
   choices: list
-  tokens: jax.Array  # [R, steps] int32, -1 where a row chose nothing.
+  tokens: jax.Array  # [R] or [R, steps] int32, -1 where a row chose nothing.
   logprobs: jax.Array  # Same shape.
-  top: tuple | None  # (ids, logprobs) [R, steps, K], or None when not computed.
+  top: tuple | None  # (ids, logprobs) [R, (steps,) K], or None when not computed.
 
 
 def _compile(setup: core.Setup, *, steps: int):
@@ -150,20 +149,21 @@ def _compile(setup: core.Setup, *, steps: int):
                      rows, rng, sampler, limit):
     """Prefills B prompts from the features of their K images each, [B * K, N, D] (prompt b's
     are b * K .. b * K + K - 1 in order, which its K * N image tokens take one after the other),
-    gives choice c [C] a copy of prompt source[c]'s cache row and last hidden state (source
-    None: C = B, choice b is prompt b), and writes the choices into rows `rows` [C] of the
-    running batch (rows marked _DROP are padding and are not written) -> state. No LM head
-    runs here: the next decode chunk's first step chooses their first tokens
-    (`core.start_in_step`), with the head it runs for every row anyway."""
+    gives choice c [C] a copy of prompt source[c]'s cache row and logits (source None: C = B,
+    choice b is prompt b), and writes the choices into rows `rows` [C] of the running batch
+    (rows marked _DROP are padding and are not written); returns (state, first tokens [C], their
+    logprobs, top (ids, logprobs) [C, K])."""
     features = features.reshape(tokens.shape[0], -1, features.shape[-1])  # [B, K * N, D]
-    hidden, cache = core.prefill(setup, params, tokens, input_mask, prefix_mask,
-                                 features=features, cache_len=tokens.shape[1], head=False)
+    logits, cache = core.prefill(setup, params, tokens, input_mask, prefix_mask,
+                                 features=features, cache_len=tokens.shape[1])
     if source is not None:  # A prompt with n choices is prefilled once, copied into n rows.
-      hidden, cache = hidden[source], kv_cache.take_rows(cache, source)
-    new = core.start_in_step(setup, hidden, cache, rng, sampler, limit)
+      logits, cache = logits[source], kv_cache.take_rows(cache, source)
+    new, logprob = core.start(setup, logits, cache, rng, sampler, limit)
+    top = core.top_logprobs(setup, logits, top_k)  # Once per prefill: a small cost beside it.
     rows = jnp.where(rows == _DROP, state.token.shape[0], rows)  # Out of range: dropped.
     state = core.insert(state, rows, new)
-    return state.replace(cache=setup.split_cache(state.cache))
+    return (state.replace(cache=setup.split_cache(state.cache)), setup.replicate(new.token),
+            setup.replicate(logprob), setup.replicate(top))
 
   def decode_chunk(params, state: core.State, active, top: bool, width: int):
     """`steps` decode steps of every active [W], unfinished row among the first `width` (static;
@@ -283,14 +283,13 @@ class Engine:
     zeros = np.zeros((s,), np.int32)
     state = core.State(cache=self.setup.init_cache(s, self.max_len), token=zeros, step=zeros,
                        limit=zeros, done=np.ones((s,), bool), rng=np.zeros((s, 2), np.uint32),
-                       sampler=sampling.per_row([sampling.Sampler()] * s),
-                       hidden=np.zeros((s, self.config.text.width), jnp.dtype(self.config.dtype)))
+                       sampler=sampling.per_row([sampling.Sampler()] * s))
     if self.mesh is None:  # Committed, as every state a jitted step returns: else the second
       return jax.device_put(state, jax.devices()[0])  # request's arguments differ: a recompile.
     return jax.device_put(state, core.State(
         cache=sharding.cache_shardings(state.cache, self.mesh),
         **{f: jax.tree.map(lambda x: sharding.batch_sharding(x.shape, self.mesh), getattr(state, f))
-           for f in core.ROW_FIELDS}))
+           for f in ("token", "step", "limit", "done", "rng", "sampler")}))
 
   # Caller side.
 
@@ -643,14 +642,18 @@ class Engine:
       source = np.array([i for i, l in enumerate(group) for _ in l.choices] +
                         [0] * (len(padded) - len(choices)), np.int32)
     targets = np.array([c.row for c in choices] + [_DROP] * (len(padded) - len(choices)), np.int32)
-    self._state = self._prefill(
+    self._state, token, logprob, top = self._prefill(
         self._params, self._state, tokens, jnp.stack([f for l in prompts for f in l.features]),
         input_mask, prefix_mask, source, targets, np.stack([c.key for c in padded]),
         sampling.per_row([c.live.request.sampler for c in padded]),
         np.array([c.live.request.max_tokens for c in padded], np.int32))
+    self._launched.append(_Launched(choices + [None] * (len(padded) - len(choices)), token,
+                                    logprob, top))
     with self._wake:
       self._counts["prefill_calls"] += 1
       self._counts["prefilled_prompts"] += len(group)
+      for choice in choices:
+        self._launch(choice, 1)
 
   def _launch_chunk(self):
     """Launches a decode chunk of every row that holds a choice: of the first `width` rows only

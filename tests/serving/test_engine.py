@@ -511,12 +511,10 @@ def test_launching_ahead_streams_what_reading_at_once_streamed(engine, predictor
 
   def run(round_):
     handles = []
-    for wave in waves:  # Each once the last has rows (the queue holds 2 rows' requests).
+    for wave in waves:
       handles += [engine.submit(r) for r in wave]
       round_(engine)
-      while engine._pending:
-        round_(engine)
-    while engine._busy():
+    while engine._pending or engine._busy():
       round_(engine)
     return [events_of(h) for h in handles]
 
@@ -556,11 +554,11 @@ def test_a_finished_row_takes_no_tokens_from_the_chunk_launched_after(engine, pr
 
 
 def test_a_row_is_refilled_as_soon_as_the_launched_work_ends_its_request(engine, predictor):
-  """A request whose max_tokens the launched chunk covers frees its row before its tokens are
-  read; the next request takes the row at the next round and both answer as generate. A
-  cancel while work is launched drops that work's tokens."""
-  short = engine.submit(engine_lib.Request("caption en", png(1), max_tokens=2))
-  engine._step(wait=False)  # Prefill (no token) + a chunk of 2: both launched.
+  """A request whose max_tokens the launched prefill and chunk cover frees its row before its
+  tokens are read; the next request takes the row at the next round and both answer as
+  generate. A cancel while work is launched drops that work's tokens."""
+  short = engine.submit(engine_lib.Request("caption en", png(1), max_tokens=3))
+  engine._step(wait=False)  # Prefill (1 token) + a chunk of 2: all 3 launched.
   assert engine.stats()["running_slots"] == 0 and engine._launched
   assert short._events.empty()  # Not read yet.
   doomed = engine.submit(engine_lib.Request("ocr", png(2), max_tokens=MAX_NEW))
@@ -571,7 +569,7 @@ def test_a_row_is_refilled_as_soon_as_the_launched_work_ends_its_request(engine,
   run_until_idle(engine)
   assert [(e.token_ids, e.finish_reason) for e in doomed.events(timeout=0)] == [([], "cancelled")]
   tokens, text, _ = reference(predictor, png(1), "caption en")
-  assert answer(short) == (tokens[:2], predictor.tokenizer.decode(tokens[:2]), "length")
+  assert answer(short) == (tokens[:3], predictor.tokenizer.decode(tokens[:3]), "length")
   assert answer(inserted) == reference(predictor, png(3), "caption en")
 
 
@@ -604,7 +602,7 @@ def test_a_failed_engine_fails_what_it_had_launched(model):
   max_tokens launched): that request ends with "error" too, as the one waiting, never hangs."""
   engine = engine_lib.Engine(model, rows=2, max_queue=2, steps_per_call=2, max_prompt_tokens=16,
                              max_tokens_limit=12)
-  launched = engine.submit(engine_lib.Request("caption en", png(1), max_tokens=2))
+  launched = engine.submit(engine_lib.Request("caption en", png(1), max_tokens=3))
   engine._step(wait=False)
   assert engine.stats()["running_slots"] == 0 and engine._launched
   waiting = engine.submit(engine_lib.Request("ocr", png(2), max_tokens=4))
