@@ -33,7 +33,8 @@ For each --rate (arrivals per second, Poisson; 0: all at once, the saturated cas
 Per phase: requests/s, output tokens/s, time to first token (TTFT) and time per output token
 (TPOT) p50/p99, and the stall: the longest gap between two streamed chunks of one request
 (p99 and max over requests, also in decode chunks), which is what prefills of arriving requests
-cost the running ones. --output_json writes everything. Every phase ends within --max_seconds.
+cost the running ones; in the JSON also the load generator's own CPU seconds (client_cpu_s: on
+a machine of few cores the client competes with the server it measures). --output_json writes everything. Every phase ends within --max_seconds.
 """
 
 import asyncio
@@ -178,7 +179,7 @@ async def run_phase(url: str, requests: dict, images: list[bytes], image_of, max
   async with httpx.AsyncClient(base_url=url, timeout=max_seconds, limits=limits,
                                headers=headers) as client:
     before = await _scrape(client)
-    start = time.monotonic()
+    start, cpu = time.monotonic(), time.process_time()
     tasks = []
     for i, prompt in enumerate(requests["prompt"]):
       body = {"model": "x", "stream": True, "stream_options": {"include_usage": True},
@@ -194,6 +195,7 @@ async def run_phase(url: str, requests: dict, images: list[bytes], image_of, max
     for task in done:
       if task.exception() is not None:
         out.append({"status": type(task.exception()).__name__})
+    cpu = time.process_time() - cpu  # This client's share of the machine the server runs on.
     after = await _scrape(client)
   ok = [r for r in out if r["status"] == 200]
   span = (max(r["end"] for r in ok) - start) if ok else float("nan")
@@ -211,7 +213,7 @@ async def run_phase(url: str, requests: dict, images: list[bytes], image_of, max
           "output_tokens_per_s": tokens / span, "ttft_s": percentiles(ttft),
           "tpot_s": percentiles(tpot),
           "stall_s": {**percentiles(gaps), "max": max(gaps) if gaps else None},
-          "tokens_by_request": tokens_by_request,
+          "tokens_by_request": tokens_by_request, "client_cpu_s": cpu,
           **{k: after.get(k, 0) - before.get(k, 0) for k in (
               "image_cache_hits", "image_cache_misses", "decode_calls", "decode_rows",
               "prefill_calls", "prefilled_prompts")}}

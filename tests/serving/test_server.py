@@ -682,6 +682,7 @@ def test_loadgen_measures_a_streaming_server():
   want = sum(min(len(p.split()) + 1, m) for p, m in zip(requests["prompt"], requests["max_tokens"]))
   assert result["output_tokens"] == want  # Counted from the streamed usage.
   assert result["ttft_s"]["p50"] > 0 and result["output_tokens_per_s"] > 0
+  assert 0 < result["client_cpu_s"] < 60  # The client's own CPU time, not the clock's.
   assert result["image_cache_hits"] == 0  # The fake's stats do not change.
   with pytest.raises(errors.InputError, match="only targets this machine"):
     loadgen._check_loopback("http://10.0.0.1:8000")
