@@ -184,7 +184,7 @@ def step(setup: Setup, params, state: State, active=None, top: int = 0):
   return state, token, logprob, running, best
 
 
-_ROW_FIELDS = ("token", "step", "limit", "done", "rng", "sampler")  # State's [B, ...] arrays.
+ROW_FIELDS = ("token", "step", "limit", "done", "rng", "sampler")  # State's [B, ...] arrays.
 
 
 def insert(state: State, rows, new: State) -> State:
@@ -192,7 +192,7 @@ def insert(state: State, rows, new: State) -> State:
   out of range are dropped (padding)."""
   put = lambda old, value: old.at[rows].set(value, mode="drop")
   return State(cache=kv_cache.put_rows(state.cache, rows, new.cache),
-               **{f: jax.tree.map(put, getattr(state, f), getattr(new, f)) for f in _ROW_FIELDS})
+               **{f: jax.tree.map(put, getattr(state, f), getattr(new, f)) for f in ROW_FIELDS})
 
 
 def take(state: State, rows) -> State:
@@ -200,4 +200,4 @@ def take(state: State, rows) -> State:
   decode runs on, or rows that move (`insert` puts them back, or elsewhere)."""
   at = lambda x: jnp.take(x, rows, axis=0)
   return State(cache=kv_cache.take_rows(state.cache, rows),
-               **{f: jax.tree.map(at, getattr(state, f)) for f in _ROW_FIELDS})
+               **{f: jax.tree.map(at, getattr(state, f)) for f in ROW_FIELDS})

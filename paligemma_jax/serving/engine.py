@@ -289,7 +289,7 @@ class Engine:
     return jax.device_put(state, core.State(
         cache=sharding.cache_shardings(state.cache, self.mesh),
         **{f: jax.tree.map(lambda x: sharding.batch_sharding(x.shape, self.mesh), getattr(state, f))
-           for f in ("token", "step", "limit", "done", "rng", "sampler")}))
+           for f in core.ROW_FIELDS}))
 
   # Caller side.
 
@@ -631,10 +631,10 @@ class Engine:
 
   def _prefill_group(self, length: int, group: list[_Live]):
     """Launches one prefill of the group's prompts (as many images each, `length` tokens
-    padded); each request's n choices start from its one row."""
-    prompts = group + group[:1] * (batching.bucketed(len(group)) - len(group))
-    tokens, input_mask = batching.right_pad([l.tokens for l in prompts], length)
-    prefix_mask, _ = batching.right_pad([l.prefix_mask for l in prompts], length, bool)
+    padded; a power of two of them, `_binary_parts`: no dummy prompts); each request's n
+    choices start from its one row."""
+    tokens, input_mask = batching.right_pad([l.tokens for l in group], length)
+    prefix_mask, _ = batching.right_pad([l.prefix_mask for l in group], length, bool)
     choices = [c for l in group for c in l.choices]
     padded = choices + choices[:1] * (batching.bucketed(len(choices)) - len(choices))
     source = None  # Every request has one choice: choice i is prompt i (no copies compiled).
@@ -643,7 +643,7 @@ class Engine:
                         [0] * (len(padded) - len(choices)), np.int32)
     targets = np.array([c.row for c in choices] + [_DROP] * (len(padded) - len(choices)), np.int32)
     self._state, token, logprob, top = self._prefill(
-        self._params, self._state, tokens, jnp.stack([f for l in prompts for f in l.features]),
+        self._params, self._state, tokens, jnp.stack([f for l in group for f in l.features]),
         input_mask, prefix_mask, source, targets, np.stack([c.key for c in padded]),
         sampling.per_row([c.live.request.sampler for c in padded]),
         np.array([c.live.request.max_tokens for c in padded], np.int32))

@@ -34,7 +34,8 @@ Per phase: requests/s, output tokens/s, time to first token (TTFT) and time per 
 (TPOT) p50/p99, and the stall: the longest gap between two streamed chunks of one request
 (p99 and max over requests, also in decode chunks), which is what prefills of arriving requests
 cost the running ones; in the JSON also the load generator's own CPU seconds (client_cpu_s: on
-a machine of few cores the client competes with the server it measures). --output_json writes everything. Every phase ends within --max_seconds.
+a machine of few cores the client competes with the server it measures). --output_json writes
+everything. Every phase ends within --max_seconds.
 """
 
 import asyncio
